@@ -1,0 +1,45 @@
+"""Exception hierarchy of embresume."""
+
+from __future__ import annotations
+
+
+class EmbResumeError(Exception):
+    """Base class of every error raised by embresume."""
+
+
+class ConfigError(EmbResumeError, ValueError):
+    """A configuration value is missing, malformed or out of range."""
+
+
+class ProtocolError(EmbResumeError, ValueError):
+    """A control message is malformed.  ``field`` names the offending field."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"protocol error in field {field!r}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class AllocatorError(EmbResumeError, RuntimeError):
+    """Invalid use of the block allocator (double free, foreign block, ...)."""
+
+
+class BlockSizeMismatch(EmbResumeError, ValueError):
+    """``allocated_tokens // len(dst_blocks)`` does not equal the block size."""
+
+
+class TransferError(EmbResumeError, RuntimeError):
+    """A data transfer failed."""
+
+
+class PeerError(EmbResumeError, ConnectionError):
+    """The peer is dead, unreachable or did not answer in time."""
+
+
+class TransferFailed(EmbResumeError, RuntimeError):
+    """A request ended in the ``Failed`` status.  ``room`` names the request."""
+
+    def __init__(self, room: int, reason: str):
+        super().__init__(f"room {room} failed: {reason}")
+        self.room = room
+        self.reason = reason

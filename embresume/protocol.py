@@ -1,0 +1,340 @@
+"""Control messages and their compact binary codec (no pickle).
+
+Every frame starts with an 8-byte header::
+
+    0        4        5       6          8
+    +--------+--------+-------+----------+-------------------------+
+    | "EMBR" | version| kind  | reserved | body (little endian)    |
+    +--------+--------+-------+----------+-------------------------+
+
+Bodies (``str`` = u16 length + UTF-8, ``blob`` = u32 length + UTF-8 JSON,
+``u32[]`` = u32 count + items):
+
+    REGISTER  role u8, tp_rank u16, pid u32, session_id str, node_id str, transport str, desc blob
+    INIT      room u64, dst_port u32, required_dst_info_num u16, allocated_tokens u64,
+              endpoint str, session_id str, dst_blocks u32[]
+    RESUME    INIT's fields + sent_tokens u64
+    STATUS    room u64, status u8, seq u32, sent_tokens u64, chunk_tokens u32, total_tokens u64, reason str
+    ABORT     room u64, reason str
+    HEARTBEAT seq u64, time_ns u64
+    BYE       reason str
+
+:func:`decode` validates every field and raises :class:`ProtocolError` naming
+the first bad one; it never returns a partially valid message.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+from array import array
+from dataclasses import dataclass, field
+from typing import Union
+
+from .errors import ProtocolError
+from .status import Status
+
+MAGIC = b"EMBR"
+VERSION = 1
+MAX_BLOCKS = 1 << 24
+MAX_STR = 4096
+MAX_BLOB = 1 << 20
+
+_HDR = struct.Struct("<4sBBH")
+
+
+class Kind(enum.IntEnum):
+    REGISTER = 1
+    INIT = 2
+    RESUME = 3
+    STATUS = 4
+    ABORT = 5
+    HEARTBEAT = 6
+    BYE = 7
+
+
+class Role(enum.IntEnum):
+    ENCODER = 0
+    LANGUAGE = 1
+
+
+@dataclass(frozen=True)
+class Register:
+    role: Role
+    session_id: str
+    node_id: str
+    pid: int
+    tp_rank: int = 0
+    transport: str = ""
+    desc: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Init:
+    room: int
+    endpoint: str
+    dst_port: int
+    session_id: str
+    dst_blocks: tuple[int, ...]
+    required_dst_info_num: int
+    allocated_tokens: int
+
+
+@dataclass(frozen=True)
+class Resume:
+    room: int
+    endpoint: str
+    dst_port: int
+    session_id: str
+    dst_blocks: tuple[int, ...]
+    required_dst_info_num: int
+    allocated_tokens: int
+    sent_tokens: int
+
+
+@dataclass(frozen=True)
+class StatusMsg:
+    room: int
+    status: Status
+    seq: int = 0
+    sent_tokens: int = 0
+    chunk_tokens: int = 0
+    total_tokens: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Abort:
+    room: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    seq: int
+    time_ns: int
+
+
+@dataclass(frozen=True)
+class Bye:
+    reason: str = ""
+
+
+Message = Union[Register, Init, Resume, StatusMsg, Abort, Heartbeat, Bye]
+
+_U8, _U16, _U32, _U64 = (struct.Struct(f"<{c}") for c in "BHIQ")
+_LIMITS = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFFFFFF, "Q": 0xFFFFFFFFFFFFFFFF}
+
+
+# ---------------------------------------------------------------- encoding
+class _Writer:
+    __slots__ = ("parts",)
+
+    def __init__(self, kind: Kind):
+        self.parts = [_HDR.pack(MAGIC, VERSION, int(kind), 0)]
+
+    def num(self, name: str, fmt: str, v) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _LIMITS[fmt]:
+            raise ProtocolError(name, f"{v!r} does not fit an unsigned {struct.calcsize(fmt) * 8}-bit field")
+        self.parts.append(struct.pack("<" + fmt, v))
+
+    def str(self, name: str, s: str) -> None:
+        if not isinstance(s, str):
+            raise ProtocolError(name, f"expected str, got {type(s).__name__}")
+        b = s.encode()
+        if len(b) > MAX_STR:
+            raise ProtocolError(name, f"{len(b)} bytes exceeds {MAX_STR}")
+        self.parts += [_U16.pack(len(b)), b]
+
+    def blob(self, name: str, obj) -> None:
+        try:
+            b = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(name, f"not JSON-serialisable: {e}") from None
+        if len(b) > MAX_BLOB:
+            raise ProtocolError(name, f"{len(b)} bytes exceeds {MAX_BLOB}")
+        self.parts += [_U32.pack(len(b)), b]
+
+    def blocks(self, name: str, blocks) -> None:
+        try:
+            a = array("I", blocks)
+        except (OverflowError, TypeError) as e:
+            raise ProtocolError(name, f"block indices must be u32: {e}") from None
+        if len(a) > MAX_BLOCKS:
+            raise ProtocolError(name, f"{len(a)} blocks exceeds {MAX_BLOCKS}")
+        self.parts += [_U32.pack(len(a)), a.tobytes()]
+
+    def bytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def encode(msg: Message) -> bytes:
+    if isinstance(msg, Register):
+        w = _Writer(Kind.REGISTER)
+        w.num("role", "B", int(msg.role))
+        w.num("tp_rank", "H", msg.tp_rank)
+        w.num("pid", "I", msg.pid)
+        w.str("session_id", msg.session_id)
+        w.str("node_id", msg.node_id)
+        w.str("transport", msg.transport)
+        w.blob("desc", msg.desc)
+    elif isinstance(msg, (Init, Resume)):
+        w = _Writer(Kind.INIT if isinstance(msg, Init) else Kind.RESUME)
+        w.num("room", "Q", msg.room)
+        w.num("dst_port", "I", msg.dst_port)
+        w.num("required_dst_info_num", "H", msg.required_dst_info_num)
+        w.num("allocated_tokens", "Q", msg.allocated_tokens)
+        w.str("endpoint", msg.endpoint)
+        w.str("session_id", msg.session_id)
+        w.blocks("dst_blocks", msg.dst_blocks)
+        if isinstance(msg, Resume):
+            w.num("sent_tokens", "Q", msg.sent_tokens)
+    elif isinstance(msg, StatusMsg):
+        w = _Writer(Kind.STATUS)
+        w.num("room", "Q", msg.room)
+        w.num("status", "B", int(msg.status))
+        w.num("seq", "I", msg.seq)
+        w.num("sent_tokens", "Q", msg.sent_tokens)
+        w.num("chunk_tokens", "I", msg.chunk_tokens)
+        w.num("total_tokens", "Q", msg.total_tokens)
+        w.str("reason", msg.reason)
+    elif isinstance(msg, Abort):
+        w = _Writer(Kind.ABORT)
+        w.num("room", "Q", msg.room)
+        w.str("reason", msg.reason)
+    elif isinstance(msg, Heartbeat):
+        w = _Writer(Kind.HEARTBEAT)
+        w.num("seq", "Q", msg.seq)
+        w.num("time_ns", "Q", msg.time_ns)
+    elif isinstance(msg, Bye):
+        w = _Writer(Kind.BYE)
+        w.str("reason", msg.reason)
+    else:
+        raise ProtocolError("kind", f"cannot encode {type(msg).__name__}")
+    return w.bytes()
+
+
+# ---------------------------------------------------------------- decoding
+class _Reader:
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: memoryview, pos: int):
+        self.buf, self.pos = buf, pos
+
+    def _take(self, name: str, n: int) -> memoryview:
+        end = self.pos + n
+        if end > len(self.buf):
+            raise ProtocolError(name, f"truncated: needs {n} bytes at offset {self.pos}, frame has {len(self.buf)}")
+        out = self.buf[self.pos:end]
+        self.pos = end
+        return out
+
+    def num(self, name: str, st: struct.Struct) -> int:
+        return st.unpack(self._take(name, st.size))[0]
+
+    def str(self, name: str) -> str:
+        n = self.num(name, _U16)
+        if n > MAX_STR:
+            raise ProtocolError(name, f"length {n} exceeds {MAX_STR}")
+        try:
+            return bytes(self._take(name, n)).decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(name, "not valid UTF-8") from None
+
+    def blob(self, name: str) -> dict:
+        n = self.num(name, _U32)
+        if n > MAX_BLOB:
+            raise ProtocolError(name, f"length {n} exceeds {MAX_BLOB}")
+        raw = bytes(self._take(name, n))
+        try:
+            obj = json.loads(raw)
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(name, "not valid JSON") from None
+        if not isinstance(obj, dict):
+            raise ProtocolError(name, "must be a JSON object")
+        return obj
+
+    def blocks(self, name: str) -> tuple[int, ...]:
+        n = self.num(name, _U32)
+        if n > MAX_BLOCKS:
+            raise ProtocolError(name, f"count {n} exceeds {MAX_BLOCKS}")
+        a = array("I")
+        a.frombytes(self._take(name, 4 * n))
+        return tuple(a)
+
+    def end(self) -> None:
+        if self.pos != len(self.buf):
+            raise ProtocolError("frame", f"{len(self.buf) - self.pos} trailing bytes")
+
+
+def _check_blocks(name: str, blocks: tuple[int, ...]) -> None:
+    if not blocks:
+        raise ProtocolError(name, "is empty")
+    if len(set(blocks)) != len(blocks):
+        raise ProtocolError(name, "contains duplicate block indices")
+
+
+def decode(data) -> Message:
+    buf = memoryview(data).cast("B")
+    if len(buf) < _HDR.size:
+        raise ProtocolError("header", f"frame of {len(buf)} bytes is shorter than the {_HDR.size}-byte header")
+    magic, version, kind, _ = _HDR.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise ProtocolError("magic", f"{bytes(magic)!r} is not {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError("version", f"peer speaks protocol version {version}, this side {VERSION}")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise ProtocolError("kind", f"unknown message kind {kind}") from None
+    r = _Reader(buf, _HDR.size)
+    if kind is Kind.REGISTER:
+        role = r.num("role", _U8)
+        try:
+            role = Role(role)
+        except ValueError:
+            raise ProtocolError("role", f"unknown role {role}") from None
+        msg = Register(role=role, tp_rank=r.num("tp_rank", _U16), pid=r.num("pid", _U32),
+                       session_id=r.str("session_id"), node_id=r.str("node_id"),
+                       transport=r.str("transport"), desc=r.blob("desc"))
+    elif kind in (Kind.INIT, Kind.RESUME):
+        room = r.num("room", _U64)
+        dst_port = r.num("dst_port", _U32)
+        req = r.num("required_dst_info_num", _U16)
+        alloc = r.num("allocated_tokens", _U64)
+        endpoint = r.str("endpoint")
+        session = r.str("session_id")
+        blocks = r.blocks("dst_blocks")
+        if req < 1:
+            raise ProtocolError("required_dst_info_num", "must be >= 1")
+        if alloc <= 0:
+            raise ProtocolError("allocated_tokens", "must be positive")
+        _check_blocks("dst_blocks", blocks)
+        if kind is Kind.INIT:
+            msg = Init(room, endpoint, dst_port, session, blocks, req, alloc)
+        else:
+            sent = r.num("sent_tokens", _U64)
+            if sent <= 0:
+                raise ProtocolError("sent_tokens", "a resume must follow at least one sent chunk")
+            msg = Resume(room, endpoint, dst_port, session, blocks, req, alloc, sent)
+    elif kind is Kind.STATUS:
+        room = r.num("room", _U64)
+        st = r.num("status", _U8)
+        try:
+            st = Status(st)
+        except ValueError:
+            raise ProtocolError("status", f"unknown status {st}") from None
+        msg = StatusMsg(room, st, seq=r.num("seq", _U32), sent_tokens=r.num("sent_tokens", _U64),
+                        chunk_tokens=r.num("chunk_tokens", _U32), total_tokens=r.num("total_tokens", _U64),
+                        reason=r.str("reason"))
+        if msg.sent_tokens > msg.total_tokens and msg.status in (Status.Transferring, Status.Success):
+            raise ProtocolError("sent_tokens", f"{msg.sent_tokens} exceeds total_tokens {msg.total_tokens}")
+    elif kind is Kind.ABORT:
+        msg = Abort(r.num("room", _U64), r.str("reason"))
+    elif kind is Kind.HEARTBEAT:
+        msg = Heartbeat(r.num("seq", _U64), r.num("time_ns", _U64))
+    else:
+        msg = Bye(r.str("reason"))
+    r.end()
+    return msg

@@ -1,0 +1,116 @@
+"""What the encoder sends: a finished embedding, as tensors or as pool blocks.
+
+Both kinds expose the same per-token view the planner and the copy kernels
+need: ``rows(start, n)`` of embeddings ``[n, hidden]``, fill_ids ``[n]`` and
+mrope positions ``[3, n]`` — without copying.  A chunk always starts at a
+multiple of the block size, so a source block maps onto a destination block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .blocks import BlockPool
+from .errors import ConfigError
+
+
+@dataclass
+class TensorSource:
+    """Contiguous tensors straight from the model: no staging copy."""
+
+    embeddings: torch.Tensor        # [T, hidden]
+    fill_ids: torch.Tensor          # int32 [T]
+    mrope_positions: torch.Tensor   # int32 [3, T]
+    mrope_delta: int = 0
+
+    def __post_init__(self) -> None:
+        e, f, m = self.embeddings, self.fill_ids, self.mrope_positions
+        if e.dim() != 2:
+            raise ConfigError(f"embeddings must be [T, hidden], got shape {tuple(e.shape)}")
+        T = e.shape[0]
+        if T <= 0:
+            raise ConfigError("an embedding needs at least one token")
+        if f.shape != (T,):
+            raise ConfigError(f"fill_ids must be [{T}], got {tuple(f.shape)}")
+        if m.shape != (3, T):
+            raise ConfigError(f"mrope_positions must be [3, {T}], got {tuple(m.shape)}")
+        if f.dtype != torch.int32 or m.dtype != torch.int32:
+            raise ConfigError("fill_ids and mrope_positions must be int32")
+        if not e.is_contiguous():
+            self.embeddings = e.contiguous()
+
+    @property
+    def total_tokens(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.embeddings.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeddings.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    def block_rows(self, block: int, block_size: int, n: int):
+        """Views of ``n`` tokens starting at token ``block * block_size``."""
+        s = block * block_size
+        return (self.embeddings[s:s + n], self.fill_ids[s:s + n], self.mrope_positions[:, s:s + n])
+
+
+@dataclass
+class BlockSource:
+    """Blocks of the encoder's own pool (the original design)."""
+
+    pool: BlockPool
+    blocks: Sequence[int]
+    total_tokens: int
+    mrope_delta: int = 0
+
+    def __post_init__(self) -> None:
+        bs = self.pool.layout.block_size
+        if self.total_tokens <= 0:
+            raise ConfigError("total_tokens must be positive")
+        need = -(-self.total_tokens // bs)
+        if len(self.blocks) < need:
+            raise ConfigError(f"{self.total_tokens} tokens need {need} source blocks, got {len(self.blocks)}")
+        nb = self.pool.layout.num_blocks
+        for b in self.blocks:
+            if not 0 <= int(b) < nb:
+                raise ConfigError(f"source block {b} out of range [0, {nb})")
+        self.blocks = [int(b) for b in self.blocks]
+
+    @property
+    def hidden(self) -> int:
+        return self.pool.layout.hidden
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pool.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.device
+
+    def block_rows(self, block: int, block_size: int, n: int):
+        if block_size != self.pool.layout.block_size:
+            raise ConfigError("source pool block size differs from the destination's")
+        b = self.blocks[block]
+        p = self.pool
+        return (p.embeddings[b, :n], p.fill_ids[b, :n], p.mrope[b, :, :n])
+
+
+Source = TensorSource | BlockSource
+
+
+def make_aux(total_tokens: int, mrope_delta: int, aux_ints: int) -> torch.Tensor:
+    aux = torch.zeros(aux_ints, dtype=torch.int32)
+    aux[0] = total_tokens
+    aux[1] = mrope_delta
+    return aux

@@ -1,0 +1,50 @@
+"""Same-host CPU transport: the language rank's pool lives in POSIX shared
+memory; the encoder maps it once at handshake and copies blocks straight
+into it (one copy, no staging)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..blocks import BlockLayout, BlockPool
+from ..errors import TransferError
+from ..kernels import scatter_chunk
+from ..planner import ChunkPlan
+from ..transport.base import PeerPool, Transport
+from .shm import ShmBacking
+
+
+class ShmPeer(PeerPool):
+    def __init__(self, layout: BlockLayout, desc: dict, pool: BlockPool):
+        super().__init__(layout, desc)
+        self.pool = pool
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+class ShmTransport(Transport):
+    name = "shm"
+
+    def export_pool(self, pool: BlockPool) -> dict:
+        backing = pool.backing
+        if not isinstance(backing, ShmBacking):
+            raise TransferError("the shm transport needs a pool backed by POSIX shared memory")
+        return {"segment": backing.segment.name, "nbytes": pool.layout.nbytes, "layout": pool.layout.to_dict()}
+
+    def unexport_pool(self, pool: BlockPool) -> None:
+        if isinstance(pool.backing, ShmBacking):
+            pool.backing.segment.unlink()
+
+    def open_peer(self, desc: dict) -> ShmPeer:
+        layout = BlockLayout.from_dict(desc["layout"])
+        nbytes = int(desc["nbytes"])
+        if nbytes < layout.nbytes:
+            raise TransferError(f"peer pool of {nbytes} bytes is smaller than its layout needs ({layout.nbytes})")
+        backing = ShmBacking.attach(desc["segment"], layout.nbytes)
+        return ShmPeer(layout, desc, BlockPool(layout, backing))
+
+    def write_chunk(self, peer: ShmPeer, src, plan: ChunkPlan, aux: Optional[torch.Tensor]) -> None:
+        scatter_chunk(peer.pool, plan.dst_blocks, src, plan.src_block_start, plan.tokens, aux)

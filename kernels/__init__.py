@@ -1,0 +1,33 @@
+"""Block scatter/gather kernels.
+
+``scatter_chunk`` writes one chunk of a source (tensors or pool blocks) into
+destination pool blocks; ``gather_chunk`` builds the merged contiguous tensors
+from pool blocks.  Pools on a CUDA device use the CuPy kernels of
+:mod:`embresume.kernels.cuda`; everything else uses the torch implementations of
+:mod:`embresume.kernels.cpu`, which define the reference semantics.
+"""
+
+from __future__ import annotations
+
+from . import cpu
+
+
+def _on_cuda(t) -> bool:
+    return getattr(t, "is_cuda", False)
+
+
+def scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux=None) -> None:
+    if _on_cuda(dst.embeddings):
+        from . import cuda
+        return cuda.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
+    return cpu.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
+
+
+def gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0) -> None:
+    if _on_cuda(src_pool.embeddings):
+        from . import cuda
+        return cuda.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
+    return cpu.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
+
+
+__all__ = ["scatter_chunk", "gather_chunk", "cpu"]
