@@ -79,6 +79,8 @@ class Config:
     cache_buffers: Optional[int] = None
     pool_blocks: Optional[int] = None
     aux_ints: int = 16
+    #: cap on the tokens one allocation (init or resume) asks for; None = no cap
+    max_chunk_tokens: Optional[int] = None
     #: "cpu" or "cuda[:N]" — where the block pools live
     device: str = "cpu"
     #: "auto" picks shm/cuda_ipc on the same node and mooncake across nodes
@@ -121,6 +123,8 @@ class Config:
             positive(name)
         if self.pool_blocks is not None:
             positive("pool_blocks")
+        if self.max_chunk_tokens is not None:
+            positive("max_chunk_tokens")
         if self.aux_ints < 16:
             raise ConfigError(f"aux_ints must be >= 16, got {self.aux_ints}")
         if self.block_size > 1 << 20:

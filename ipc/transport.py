@@ -28,6 +28,11 @@ class ShmPeer(PeerPool):
 class ShmTransport(Transport):
     name = "shm"
 
+    def create_backing(self, nbytes: int, device: str, prefault: bool = True) -> ShmBacking:
+        if device != "cpu":
+            raise TransferError("the shm transport carries CPU pools only; use cuda_ipc for GPU pools")
+        return ShmBacking.create(nbytes, prefault=prefault)
+
     def export_pool(self, pool: BlockPool) -> dict:
         backing = pool.backing
         if not isinstance(backing, ShmBacking):

@@ -48,6 +48,11 @@ class Transport(abc.ABC):
     name: ClassVar[str]
 
     # ------------------------------------------------------ language side
+    def create_backing(self, nbytes: int, device: str, prefault: bool = True):
+        """Memory for a receive pool this transport can export."""
+        from ..blocks import TorchBacking
+        return TorchBacking(nbytes, device)
+
     @abc.abstractmethod
     def export_pool(self, pool: BlockPool) -> dict:
         """Make ``pool`` writable by a peer; return a JSON-able description."""

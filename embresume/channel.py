@@ -1,0 +1,190 @@
+"""Control channels: how protocol messages travel between two endpoints.
+
+A :class:`Channel` carries encoded :mod:`embresume.protocol` messages in both
+directions between one language rank and one encoder.  ``send`` may be
+called from any thread; incoming messages are delivered on the channel's own
+reader thread to the ``on_message`` callback given to :meth:`Channel.start`.
+Frames that fail to decode are reported to ``on_error`` and dropped: one bad
+frame never stops the channel.
+
+Implementations: the shm ring pair (:mod:`embresume.ipc.channel`, same host)
+and ZeroMQ (this module, across hosts; also carries the handshake).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import threading
+from typing import Callable, Optional
+
+import zmq
+
+from . import protocol
+from .errors import PeerError, ProtocolError
+
+log = logging.getLogger("embresume.channel")
+
+OnMessage = Callable[["Channel", protocol.Message], None]
+OnError = Callable[["Channel", Exception], None]
+
+
+class Channel(abc.ABC):
+    kind: str = "?"
+
+    def __init__(self) -> None:
+        self.on_message: Optional[OnMessage] = None
+        self.on_error: Optional[OnError] = None
+        self.on_closed: Optional[Callable[["Channel"], None]] = None
+
+    def start(self, on_message: OnMessage, on_error: OnError, on_closed=None) -> None:
+        self.on_message, self.on_error, self.on_closed = on_message, on_error, on_closed
+
+    def deliver(self, data: bytes) -> None:
+        try:
+            msg = protocol.decode(data)
+        except ProtocolError as e:
+            if self.on_error:
+                self.on_error(self, e)
+            return
+        if self.on_message:
+            try:
+                self.on_message(self, msg)
+            except Exception as e:  # a handler bug must not kill the reader
+                log.exception("handler failed on %s", type(msg).__name__)
+                if self.on_error:
+                    self.on_error(self, e)
+
+    @abc.abstractmethod
+    def send_bytes(self, data: bytes) -> None: ...
+
+    def send(self, msg: protocol.Message) -> None:
+        self.send_bytes(protocol.encode(msg))
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------- ZeroMQ
+_ctx_lock = threading.Lock()
+
+
+def zmq_context() -> zmq.Context:
+    with _ctx_lock:
+        return zmq.Context.instance()
+
+
+class ZmqHub:
+    """One ROUTER (encoder) or DEALER (language) socket owned by one thread.
+
+    Other threads send through an inproc PUSH socket guarded by a lock; the
+    hub thread forwards.  Incoming frames go to ``on_frames(identity, data)``
+    (identity is ``b""`` for a DEALER).
+    """
+
+    def __init__(self, sock_type: int, *, bind: Optional[str] = None, connect: Optional[str] = None,
+                 on_frames: Callable[[bytes, bytes], None], name: str = "hub"):
+        ctx = zmq_context()
+        self.sock = ctx.socket(sock_type)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock_type = sock_type
+        if bind:
+            try:
+                self.sock.bind(bind)
+            except zmq.ZMQError as e:
+                self.sock.close()
+                raise PeerError(f"cannot bind {bind}: {e}") from None
+            self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        else:
+            self.sock.connect(connect)
+            self.address = connect
+        self._inproc = f"inproc://embresume-{name}-{id(self):x}"
+        self._pull = ctx.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.bind(self._inproc)
+        self._push = ctx.socket(zmq.PUSH)
+        self._push.setsockopt(zmq.LINGER, 0)
+        self._push.connect(self._inproc)
+        self._push_lock = threading.Lock()
+        self._on_frames = on_frames
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name=f"embresume-{name}", daemon=True)
+        self._thread.start()
+
+    def send(self, identity: bytes, data: bytes) -> None:
+        with self._push_lock:
+            if self._stop:
+                raise PeerError("ZeroMQ hub is closed")
+            self._push.send_multipart([identity, data], copy=False)
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._pull, zmq.POLLIN)
+        router = self.sock_type == zmq.ROUTER
+        while not self._stop:
+            try:
+                events = dict(poller.poll(100))
+            except zmq.ZMQError:
+                break
+            if self._pull in events:
+                while True:
+                    try:
+                        ident, data = self._pull.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    try:
+                        if router:
+                            self.sock.send_multipart([ident, data], zmq.NOBLOCK)
+                        else:
+                            self.sock.send(data, zmq.NOBLOCK)
+                    except zmq.ZMQError as e:  # peer gone / HWM: the monitor notices silence
+                        log.debug("dropping outgoing frame: %s", e)
+            if self.sock in events:
+                while True:
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if router:
+                        if len(frames) != 2:
+                            log.warning("ignoring ROUTER message with %d frames", len(frames))
+                            continue
+                        ident, data = frames
+                    else:
+                        if len(frames) != 1:
+                            log.warning("ignoring DEALER message with %d frames", len(frames))
+                            continue
+                        ident, data = b"", frames[0]
+                    try:
+                        self._on_frames(ident, data)
+                    except Exception:
+                        log.exception("ZeroMQ frame handler failed")
+
+    def close(self) -> None:
+        with self._push_lock:
+            self._stop = True
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+        for s in (self._push, self._pull, self.sock):
+            s.close(linger=0)
+
+
+class ZmqChannel(Channel):
+    """A channel to one peer over a :class:`ZmqHub` (cross-host control)."""
+
+    kind = "zmq"
+
+    def __init__(self, hub: ZmqHub, identity: bytes = b""):
+        super().__init__()
+        self.hub = hub
+        self.identity = identity
+        self.closed = False
+
+    def send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            raise PeerError("channel is closed")
+        self.hub.send(self.identity, data)
+
+    def close(self) -> None:
+        self.closed = True

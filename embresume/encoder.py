@@ -1,0 +1,580 @@
+"""The encoder endpoint: finished embeddings in, chunks out.
+
+``send`` registers a finished embedding for a room; INIT/RESUME messages from
+the language ranks say where to write.  For each chunk the planner decides
+what fits, the transport writes it, and only then the chunk's STATUS
+(Transferring or Success) is posted — per rank, in order, on the rank's own
+worker thread, so one slow rank never delays another's control messages.
+
+Rules (DESIGN.md):
+1. a room's source and total_tokens are kept until Success/Failed/timeout, so
+   every RESUME re-triggers a transfer;
+2. allocated_tokens must equal ``len(dst_blocks) * block_size`` (checked);
+3. aux is written only into the first block of a rank's first chunk;
+4. INITs for rooms already Transferring/Success are ignored;
+5. with ``required_dst_info_num`` ranks, a chunk round starts when every rank
+   that is not done has asked for it; each rank receives a full copy.
+
+Every index and count a peer sends is bounds-checked; a bad message fails
+that one room (STATUS Failed to the ranks) and the endpoint keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import zmq
+
+from . import protocol as P
+from .blocks import BlockAllocator, BlockLayout, BlockPool
+from .channel import Channel, ZmqChannel, ZmqHub
+from .config import Config
+from .errors import BlockSizeMismatch, ConfigError, PeerError, ProtocolError
+from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
+from .planner import ChunkPlan, plan_chunk
+from .source import BlockSource, TensorSource, make_aux
+from .status import Status, StatusTracker
+from .transport.base import PeerPool, Transport
+from .transport.select import LOCAL, choose_transport, make_transport
+
+log = logging.getLogger("embresume.encoder")
+
+FINISHED_MEMORY = 65536
+
+
+class _Peer:
+    """One connected language rank."""
+
+    def __init__(self, session_id: str, tp_rank: int, pid: int, transport: Transport, pool: PeerPool,
+                 channel: Channel, pid_check: bool):
+        self.session_id = session_id
+        self.tp_rank = tp_rank
+        self.pid = pid
+        self.transport = transport
+        self.pool = pool
+        self.channel = channel
+        self.pid_check = pid_check
+        self.last_seen = time.monotonic()
+        self.alive = True
+        self.jobs: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
+        self.worker = threading.Thread(target=self._work, name=f"embresume-enc-{session_id}", daemon=True)
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except Exception:
+                log.exception("peer job failed")
+
+
+@dataclass
+class _Rank:
+    peer: _Peer
+    dst_blocks: tuple = ()
+    allocated_tokens: int = 0
+    sent_tokens: int = 0
+    chunks: int = 0
+    pending: bool = False
+    in_flight: bool = False
+    done: bool = False
+
+
+@dataclass
+class _Room:
+    room: int
+    deadline: float
+    tracker: StatusTracker = field(default_factory=StatusTracker)
+    source: object = None
+    required: int = 0
+    ranks: dict = field(default_factory=dict)
+    on_done: Optional[Callable[[int, Status], None]] = None
+    own_blocks: Optional[list] = None
+    reason: str = ""
+
+
+class EncoderEndpoint:
+    """The encoder's side.  Binds ``config.encoder_endpoint`` (ZeroMQ) for
+    handshakes (and control messages of cross-host peers).
+
+    ``pool_blocks`` > 0 creates a local block pool (``self.pool``) the model
+    can write into; :meth:`send` then takes its block indices.  Tensors from
+    the model can be sent directly with :meth:`send_tensors` (no staging copy).
+    """
+
+    def __init__(self, config: Optional[Config] = None, *, pool_blocks: int = 0, bind: Optional[str] = None):
+        self.config = config or Config()
+        c = self.config
+        self.pool: Optional[BlockPool] = None
+        self.allocator: Optional[BlockAllocator] = None
+        if pool_blocks:
+            layout = BlockLayout(pool_blocks, c.block_size, c.hidden_size, c.dtype, c.aux_ints)
+            self.pool = BlockPool.create(layout, c.device)
+            self.allocator = BlockAllocator(pool_blocks, c.block_size)
+        self._lock = threading.RLock()
+        self._rooms: dict[int, _Room] = {}
+        self._finished: "collections.OrderedDict[int, Status]" = collections.OrderedDict()
+        self._peers: dict[str, _Peer] = {}
+        self._zmq_peers: dict[bytes, _Peer] = {}
+        self._handshakes: dict[bytes, dict] = {}
+        self._transports: dict[str, Transport] = {}
+        self._closed = False
+        self._stop = threading.Event()
+        self.stats = collections.Counter()
+        self._hub = ZmqHub(zmq.ROUTER, bind=bind or c.encoder_endpoint, on_frames=self._on_frames, name="encoder")
+        self.address = self._hub.address
+        self._monitor = threading.Thread(target=self._monitor_loop, name="embresume-enc-monitor", daemon=True)
+        self._monitor.start()
+
+    # ------------------------------------------------------------ public API
+    def send_tensors(self, room: int, embeddings: torch.Tensor, fill_ids: torch.Tensor,
+                     mrope_positions: torch.Tensor, mrope_delta: int = 0,
+                     on_done: Optional[Callable[[int, Status], None]] = None) -> None:
+        """Register the model's output for ``room`` (kept, not copied, until done)."""
+        self._register(room, TensorSource(embeddings, fill_ids, mrope_positions, mrope_delta), on_done, None)
+
+    def send(self, room: int, src_blocks: Sequence[int], total_tokens: int, mrope_delta: int = 0,
+             on_done: Optional[Callable[[int, Status], None]] = None, free_blocks: bool = True) -> None:
+        """Register an embedding held in blocks of this endpoint's pool.
+
+        With ``free_blocks`` the blocks go back to :attr:`allocator` when the
+        room ends (Success, Failed or timeout)."""
+        if self.pool is None:
+            raise ConfigError("this encoder has no local pool; create it with pool_blocks=N or use send_tensors")
+        src = BlockSource(self.pool, list(src_blocks), total_tokens, mrope_delta)
+        self._register(room, src, on_done, list(src_blocks) if free_blocks else None)
+
+    def allocate(self, tokens: int, room: int) -> list[int]:
+        """Blocks of the local pool for an embedding of ``tokens`` tokens."""
+        if self.allocator is None:
+            raise ConfigError("this encoder has no local pool")
+        return self.allocator.allocate(tokens, room)
+
+    def poll(self, room: int) -> Status:
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is not None:
+                return r.tracker.status
+            if room in self._finished:
+                return self._finished[room]
+        raise KeyError(f"unknown room {room}")
+
+    def peers(self) -> list[dict]:
+        with self._lock:
+            return [{"session_id": p.session_id, "tp_rank": p.tp_rank, "transport": p.transport.name,
+                     "alive": p.alive} for p in self._peers.values()]
+
+    def wait_peers(self, n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if sum(p.alive for p in self._peers.values()) >= n:
+                    return
+            time.sleep(0.005)
+        raise PeerError(f"{n} language ranks did not connect within {timeout}s")
+
+    def _register(self, room: int, src, on_done, own_blocks) -> None:
+        if not isinstance(room, int) or room < 0:
+            raise ValueError(f"room must be a non-negative int, got {room!r}")
+        with self._lock:
+            if self._closed:
+                raise PeerError("endpoint is closed")
+            r = self._rooms.get(room)
+            if r is None:
+                r = _Room(room, time.monotonic() + self.config.request_timeout)
+                self._rooms[room] = r
+                self._finished.pop(room, None)
+            elif r.source is not None:
+                raise ValueError(f"room {room} already has an embedding")
+            r.source, r.on_done, r.own_blocks = src, on_done, own_blocks
+            r.deadline = time.monotonic() + self.config.request_timeout
+            self.stats["sends"] += 1
+            self._maybe_start(r)
+
+    # ------------------------------------------------------------ handshake
+    def _on_frames(self, ident: bytes, data: bytes) -> None:
+        peer = self._zmq_peers.get(ident)
+        if peer is not None:
+            peer.channel.deliver(data)
+            return
+        try:
+            msg = P.decode(data)
+        except ProtocolError as e:
+            log.warning("bad handshake frame: %s", e)
+            self._hub.send(ident, P.encode(P.Bye(f"bad handshake frame: {e}")))
+            return
+        if not isinstance(msg, P.Register) or msg.role != P.Role.LANGUAGE:
+            log.debug("ignoring %s from an unregistered peer", type(msg).__name__)
+            return
+        try:
+            self._handshake(ident, msg)
+        except Exception as e:
+            log.warning("handshake with %s failed: %s", msg.session_id, e)
+            self._handshakes.pop(ident, None)
+            self._hub.send(ident, P.encode(P.Bye(f"{type(e).__name__}: {e}")))
+
+    def _handshake(self, ident: bytes, msg: P.Register) -> None:
+        c = self.config
+        phase = msg.desc.get("phase")
+        if phase == "hello":
+            same = msg.node_id == node_id()
+            device = str(msg.desc.get("device", "cpu"))
+            layout = BlockLayout.from_dict(msg.desc.get("layout", {}))
+            if layout.block_size != c.block_size or layout.hidden != c.hidden_size or layout.dtype != c.dtype:
+                raise ConfigError(f"pool layout mismatch: language block_size={layout.block_size} "
+                                  f"hidden={layout.hidden} dtype={layout.dtype}, encoder block_size={c.block_size} "
+                                  f"hidden={c.hidden_size} dtype={c.dtype}")
+            chosen = choose_transport(c.transport, msg.transport, same, device)
+            self._handshakes[ident] = {"transport": chosen, "same": same,
+                                       "pid_check": same and msg.desc.get("pidns") == _pidns()}
+            reply = {"phase": "hello", "pidns": _pidns()}
+            self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
+                                                      chosen, reply)))
+            return
+        if phase != "pool":
+            raise ProtocolError("desc.phase", f"unknown handshake phase {phase!r}")
+        hs = self._handshakes.pop(ident, None)
+        if hs is None or hs["transport"] != msg.transport:
+            raise ProtocolError("transport", "pool description without a matching hello")
+        name = hs["transport"]
+        transport = self._transport(name)
+        try:
+            pool = transport.open_peer(msg.desc.get("pool") or {})
+        except Exception as e:
+            if name == "cuda_ipc":
+                raise PeerError(f"cuda_ipc unavailable: {e}") from None
+            raise
+        if name in LOCAL:
+            from .ipc.channel import RingChannel
+            from .ipc.ring import ShmRing
+            rings = msg.desc.get("rings") or {}
+            channel: Channel = RingChannel(tx=ShmRing.attach(rings["e2l"]), rx=ShmRing.attach(rings["l2e"]),
+                                           name=f"enc-{msg.session_id}")
+        else:
+            channel = ZmqChannel(self._hub, ident)
+        peer = _Peer(msg.session_id, msg.tp_rank, msg.pid, transport, pool, channel, hs["pid_check"])
+        with self._lock:
+            old = self._peers.get(msg.session_id)
+            if old is not None:
+                self._drop_peer(old, "replaced by a new connection of the same session")
+            self._peers[msg.session_id] = peer
+            if name not in LOCAL:
+                self._zmq_peers[ident] = peer
+        peer.worker.start()
+        channel.start(lambda ch, m: self._on_message(peer, m),
+                      lambda ch, e: self._on_bad_message(peer, e),
+                      lambda ch: self._peer_lost(peer, "control channel closed"))
+        self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
+                                                  name, {"phase": "ready"})))
+        log.info("language rank %d (%s) connected via %s", msg.tp_rank, msg.session_id, name)
+
+    def _transport(self, name: str) -> Transport:
+        with self._lock:
+            t = self._transports.get(name)
+            if t is None:
+                t = self._transports[name] = make_transport(name, self.config)
+            return t
+
+    # ------------------------------------------------------------ messages
+    def _on_bad_message(self, peer: _Peer, err: Exception) -> None:
+        self.stats["bad_messages"] += 1
+        log.warning("bad message from %s: %s", peer.session_id, err)
+
+    def _on_message(self, peer: _Peer, msg: P.Message) -> None:
+        peer.last_seen = time.monotonic()
+        if isinstance(msg, P.Heartbeat):
+            return
+        with self._lock:
+            if not peer.alive:
+                return
+            if isinstance(msg, P.Init):
+                self._on_init(peer, msg)
+            elif isinstance(msg, P.Resume):
+                self._on_resume(peer, msg)
+            elif isinstance(msg, P.Abort):
+                self._on_abort(peer, msg)
+            elif isinstance(msg, P.Bye):
+                self._peer_lost(peer, f"language rank said bye: {msg.reason}")
+            else:
+                log.warning("ignoring unexpected %s from %s", type(msg).__name__, peer.session_id)
+
+    def _validate_dst(self, peer: _Peer, msg) -> None:
+        if msg.session_id != peer.session_id:
+            raise ProtocolError("session_id", f"{msg.session_id!r} on the channel of {peer.session_id!r}")
+        nb = peer.pool.layout.num_blocks
+        bad = [b for b in msg.dst_blocks if b >= nb]
+        if bad:
+            raise ProtocolError("dst_blocks", f"block {bad[0]} out of range [0, {nb})")
+        from .planner import check_block_size
+        check_block_size(msg.allocated_tokens, msg.dst_blocks, peer.pool.layout.block_size)
+
+    def _reject(self, peer: _Peer, room: int, reason: str) -> None:
+        """Fail one room for one rank that sent something invalid."""
+        self.stats["rejected"] += 1
+        log.warning("room %d from %s rejected: %s", room, peer.session_id, reason)
+        r = self._rooms.get(room)
+        if r is not None and peer.session_id in r.ranks:
+            self._fail_room(r, reason)
+        else:
+            self._post(peer, P.StatusMsg(room, Status.Failed, reason=reason[:1000]))
+
+    def _on_init(self, peer: _Peer, msg: P.Init) -> None:
+        r = self._rooms.get(msg.room)
+        if r is not None and r.tracker.status in (Status.Transferring, Status.Success):
+            self.stats["duplicates"] += 1  # rule 4
+            return
+        if r is None and self._finished.get(msg.room) is Status.Success:
+            self.stats["duplicates"] += 1
+            return
+        try:
+            self._validate_dst(peer, msg)
+        except (ProtocolError, BlockSizeMismatch) as e:
+            self._reject(peer, msg.room, str(e))
+            return
+        if r is None:
+            r = _Room(msg.room, time.monotonic() + self.config.request_timeout)
+            self._rooms[msg.room] = r
+            self._finished.pop(msg.room, None)
+        if r.required and r.required != msg.required_dst_info_num:
+            self._fail_room(r, f"ranks disagree on required_dst_info_num ({r.required} vs "
+                               f"{msg.required_dst_info_num})")
+            return
+        r.required = msg.required_dst_info_num
+        if peer.session_id in r.ranks:
+            self.stats["duplicates"] += 1
+            return
+        if len(r.ranks) >= r.required:
+            self._reject(peer, msg.room, f"more than required_dst_info_num={r.required} ranks")
+            return
+        r.ranks[peer.session_id] = _Rank(peer, msg.dst_blocks, msg.allocated_tokens, pending=True)
+        r.deadline = time.monotonic() + self.config.request_timeout
+        if len(r.ranks) == r.required and r.tracker.status is Status.Bootstrapping:
+            r.tracker.set(Status.WaitingForInput)
+        self._maybe_start(r)
+
+    def _on_resume(self, peer: _Peer, msg: P.Resume) -> None:
+        r = self._rooms.get(msg.room)
+        rank = r.ranks.get(peer.session_id) if r is not None else None
+        if rank is None or r.source is None:
+            self._reject(peer, msg.room, "resume for a room this encoder does not hold")
+            return
+        try:
+            self._validate_dst(peer, msg)
+        except (ProtocolError, BlockSizeMismatch) as e:
+            self._fail_room(r, str(e))
+            return
+        if rank.done or rank.pending or rank.in_flight:
+            self.stats["duplicates"] += 1
+            return
+        if msg.sent_tokens != rank.sent_tokens:
+            self._fail_room(r, f"resume with sent_tokens={msg.sent_tokens}, encoder sent {rank.sent_tokens}")
+            return
+        rank.dst_blocks, rank.allocated_tokens, rank.pending = msg.dst_blocks, msg.allocated_tokens, True
+        r.deadline = time.monotonic() + self.config.request_timeout
+        self._maybe_start(r)
+
+    def _on_abort(self, peer: _Peer, msg: P.Abort) -> None:
+        r = self._rooms.get(msg.room)
+        if r is not None and peer.session_id in r.ranks:
+            self._fail_room(r, f"aborted by rank {peer.tp_rank}: {msg.reason}")
+        else:
+            # nothing of ours in flight: confirm at once so the rank frees its blocks
+            self._post(peer, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed"))
+
+    # ------------------------------------------------------------ transfers
+    def _maybe_start(self, r: _Room) -> None:
+        if r.source is None or not r.required or len(r.ranks) < r.required:
+            return
+        if r.tracker.status.terminal:
+            return
+        active = [k for k in r.ranks.values() if not k.done]
+        if not active or not all(k.pending for k in active):
+            return  # rule 5: a round starts when every rank asked for it
+        src = r.source
+        for k in active:
+            layout = k.peer.pool.layout
+            if src.hidden != layout.hidden or src.dtype != layout.dtype:
+                self._fail_room(r, f"embedding is {src.hidden} x {src.dtype}, rank pool is "
+                                   f"{layout.hidden} x {layout.dtype}")
+                return
+            try:
+                plan = plan_chunk(src.total_tokens, k.sent_tokens, k.allocated_tokens, layout.block_size,
+                                  k.dst_blocks)
+            except (ProtocolError, BlockSizeMismatch) as e:
+                self._fail_room(r, str(e))
+                return
+            k.pending, k.in_flight = False, True
+            aux = make_aux(src.total_tokens, src.mrope_delta, layout.aux_ints) if k.chunks == 0 else None
+            k.peer.jobs.put(lambda k=k, plan=plan, aux=aux: self._write(r, k, src, plan, aux))
+
+    def _write(self, r: _Room, k: _Rank, src, plan: ChunkPlan, aux) -> None:
+        """Runs on the rank's worker thread."""
+        if r.tracker.status.terminal:
+            k.in_flight = False
+            return
+        try:
+            k.peer.transport.write_chunk(k.peer.pool, src, plan, aux)
+        except Exception as e:
+            with self._lock:
+                k.in_flight = False
+                self._fail_room(r, f"transfer to rank {k.peer.tp_rank} failed: {e}")
+            return
+        with self._lock:
+            k.in_flight = False
+            if r.tracker.status.terminal:
+                return  # failed meanwhile; the Failed status is queued behind us
+            k.sent_tokens = plan.sent_tokens_after
+            k.chunks += 1
+            k.done = not plan.partial
+            r.deadline = time.monotonic() + self.config.request_timeout
+            self.stats["chunks"] += 1
+            self.stats["bytes"] += plan.tokens * k.peer.pool.layout.emb_row_bytes
+            status = Status.Transferring if plan.partial else Status.Success
+            msg = P.StatusMsg(r.room, status, k.chunks, k.sent_tokens, plan.tokens, src.total_tokens)
+            if plan.partial:
+                if r.tracker.status is not Status.Transferring:
+                    r.tracker.set(Status.Transferring)
+            elif all(x.done for x in r.ranks.values()):
+                if r.tracker.status is Status.WaitingForInput:
+                    r.tracker.set(Status.Transferring)
+                r.tracker.set(Status.Success)
+                self._finish(r)
+        try:
+            k.peer.channel.send(msg)  # posted only after the data landed
+        except PeerError as e:
+            self._peer_lost(k.peer, str(e))
+
+    def _post(self, peer: _Peer, msg: P.StatusMsg) -> None:
+        """Queue a status behind the peer's in-flight writes."""
+        def job() -> None:
+            try:
+                peer.channel.send(msg)
+            except PeerError:
+                pass
+        peer.jobs.put(job)
+
+    def _fail_room(self, r: _Room, reason: str) -> None:
+        if not r.tracker.fail():
+            return
+        r.reason = reason
+        self.stats["failed"] += 1
+        log.warning("room %d failed: %s", r.room, reason)
+        for k in r.ranks.values():
+            if k.peer.alive:
+                self._post(k.peer, P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens,
+                                               reason=reason[:1000]))
+        self._finish(r)
+
+    def _finish(self, r: _Room) -> None:
+        self._rooms.pop(r.room, None)
+        self._finished[r.room] = r.tracker.status
+        while len(self._finished) > FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+        if r.own_blocks and self.allocator is not None:
+            self.allocator.free(r.own_blocks, r.room)
+        r.source = None
+        if r.on_done is not None:
+            try:
+                r.on_done(r.room, r.tracker.status)
+            except Exception:
+                log.exception("on_done callback failed")
+
+    # ------------------------------------------------------------ liveness
+    def _peer_lost(self, peer: _Peer, reason: str) -> None:
+        with self._lock:
+            if not peer.alive:
+                return
+            log.error("language rank %d (%s) lost: %s", peer.tp_rank, peer.session_id, reason)
+            self._drop_peer(peer, reason)
+
+    def _drop_peer(self, peer: _Peer, reason: str) -> None:
+        peer.alive = False
+        if self._peers.get(peer.session_id) is peer:
+            del self._peers[peer.session_id]
+        for ident, p in list(self._zmq_peers.items()):
+            if p is peer:
+                del self._zmq_peers[ident]
+        for r in list(self._rooms.values()):
+            if peer.session_id in r.ranks:
+                self._fail_room(r, f"language rank {peer.tp_rank} lost: {reason}")
+        peer.jobs.put(lambda: self._close_peer(peer))
+        peer.jobs.put(None)
+
+    def _close_peer(self, peer: _Peer) -> None:
+        """On the peer's worker, after its in-flight writes."""
+        try:
+            peer.channel.close()
+        except Exception:
+            pass
+        try:
+            peer.transport.close_peer(peer.pool)
+        except Exception:
+            log.debug("close_peer failed", exc_info=True)
+
+    def _monitor_loop(self) -> None:
+        c = self.config
+        seq = 0
+        while not self._stop.wait(c.heartbeat_interval):
+            seq += 1
+            now = time.monotonic()
+            with self._lock:
+                peers = list(self._peers.values())
+            for p in peers:
+                try:
+                    p.channel.send(P.Heartbeat(seq, time.time_ns()))
+                except PeerError as e:
+                    self._peer_lost(p, str(e))
+                    continue
+                if now - p.last_seen > c.peer_timeout:
+                    self._peer_lost(p, f"no message for {now - p.last_seen:.1f}s")
+                elif p.pid_check and not _pid_alive(p.pid):
+                    self._peer_lost(p, f"process {p.pid} exited")
+            with self._lock:
+                for r in list(self._rooms.values()):
+                    if now > r.deadline:
+                        self._fail_room(r, f"timed out in {r.tracker.status.name} after {c.request_timeout}s")
+
+    # ------------------------------------------------------------ teardown
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for r in list(self._rooms.values()):
+                self._fail_room(r, "encoder endpoint closed")
+            peers = list(self._peers.values())
+        self._stop.set()
+        self._monitor.join(timeout=2)
+        for p in peers:
+            try:
+                p.channel.send(P.Bye("encoder endpoint closed"))
+            except PeerError:
+                pass
+            with self._lock:
+                self._drop_peer(p, "encoder endpoint closed")
+        for p in peers:
+            p.worker.join(timeout=5)
+        self._hub.close()
+        for t in self._transports.values():
+            try:
+                t.close()
+            except Exception:
+                log.debug("transport close failed", exc_info=True)
+        if self.pool is not None:
+            self.pool.close()
+
+    def __enter__(self) -> "EncoderEndpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
