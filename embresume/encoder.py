@@ -445,10 +445,15 @@ class EncoderEndpoint:
                 if r.tracker.status is not Status.Transferring:
                     r.tracker.set(Status.Transferring)
             elif all(x.done for x in r.ranks.values()):
-                if r.tracker.status is Status.WaitingForInput:
+                if r.tracker.status is Status.WaitingForInput and r.ranks and any(
+                        x.chunks > 1 for x in r.ranks.values()):
                     r.tracker.set(Status.Transferring)
                 r.tracker.set(Status.Success)
                 self._finish(r)
+            else:
+                # this rank is done: ranks that already asked for their next
+                # chunk were waiting for it (rule 5 gate)
+                self._maybe_start(r)
         try:
             k.peer.channel.send(msg)  # posted only after the data landed
         except PeerError as e:

@@ -1,0 +1,129 @@
+"""Run an encoder endpoint in a child process (spawn) and drive it.
+
+Used by the demo, the tests and the benchmarks; also handy for users' own
+integration tests.  Every wait is bounded; the child is terminated on close.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import traceback
+from typing import Optional
+
+from .config import Config
+
+
+def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple]) -> None:
+    import torch  # noqa: F401  (import cost paid before the ready message)
+    from .encoder import EncoderEndpoint
+    from .synthetic import SyntheticData
+
+    try:
+        data = SyntheticData(*data_spec) if data_spec else None
+        enc = EncoderEndpoint(config)
+    except Exception as e:  # report start-up failures instead of hanging the parent
+        res_q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        return
+    res_q.put(("ready", enc.address))
+    try:
+        while True:
+            try:
+                cmd = cmd_q.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            op = cmd[0]
+            if op == "stop":
+                break
+            try:
+                if op == "send":
+                    _, room, tokens = cmd
+                    e, f, m, d = data.sample(room, tokens)
+                    enc.send_tensors(room, e, f, m, d)
+                elif op == "send_many":
+                    for room, tokens in cmd[1]:
+                        e, f, m, d = data.sample(room, tokens)
+                        enc.send_tensors(room, e, f, m, d)
+                elif op == "stats":
+                    res_q.put(("stats", dict(enc.stats), enc.peers()))
+                elif op == "poll":
+                    try:
+                        res_q.put(("poll", enc.poll(cmd[1]).name))
+                    except KeyError:
+                        res_q.put(("poll", None))
+                elif op == "crash":
+                    import os
+                    os._exit(17)
+            except Exception as e:
+                res_q.put(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        enc.close()
+
+
+class EncoderProcess:
+    """An :class:`EncoderEndpoint` serving synthetic data in a spawned child."""
+
+    def __init__(self, config: Config, data_spec: Optional[tuple] = None, start_timeout: float = 60.0):
+        ctx = mp.get_context("spawn")
+        self.cmd_q = ctx.Queue()
+        self.res_q = ctx.Queue()
+        self.proc = ctx.Process(target=_encoder_child, args=(config, self.cmd_q, self.res_q, data_spec),
+                                daemon=True, name="embresume-encoder")
+        self.proc.start()
+        try:
+            msg = self.res_q.get(timeout=start_timeout)
+        except queue.Empty:
+            self.close()
+            raise TimeoutError("encoder process did not start in time") from None
+        if msg[0] != "ready":
+            self.close()
+            raise RuntimeError(f"encoder process failed to start: {msg[1]}")
+        self.address = msg[1]
+
+    def send(self, room: int, tokens: int) -> None:
+        self.cmd_q.put(("send", room, tokens))
+
+    def send_many(self, items) -> None:
+        self.cmd_q.put(("send_many", list(items)))
+
+    def request(self, op: str, *args, timeout: float = 10.0):
+        self.cmd_q.put((op, *args))
+        while True:
+            msg = self.res_q.get(timeout=timeout)
+            if msg[0] == op:
+                return msg[1:]
+            if msg[0] == "error":
+                raise RuntimeError(msg[1])
+
+    def stats(self, timeout: float = 10.0):
+        return self.request("stats", timeout=timeout)
+
+    def crash(self) -> None:
+        self.cmd_q.put(("crash",))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(timeout=5)
+
+    def close(self, timeout: float = 10.0) -> None:
+        if self.proc.is_alive():
+            try:
+                self.cmd_q.put(("stop",))
+            except Exception:
+                pass
+            self.proc.join(timeout=timeout)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
+        for q in (self.cmd_q, self.res_q):
+            q.close()
+            q.cancel_join_thread()
+
+    def __enter__(self) -> "EncoderProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""Deterministic synthetic embeddings for the demo, tests and benchmarks.
+
+Both processes build the same random base tensor from a seed once; a room's
+embedding is a slice of it chosen by the room id, so the language side can
+verify every merged result bit for bit without shipping the expected data.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .config import parse_dtype
+
+
+class SyntheticData:
+    def __init__(self, hidden: int, dtype, max_tokens: int, seed: int = 0):
+        self.hidden = hidden
+        self.dtype = parse_dtype(dtype)
+        self.max_tokens = max_tokens
+        g = torch.Generator().manual_seed(seed)
+        n = 2 * max_tokens
+        self._emb = torch.randn((n, hidden), generator=g, dtype=torch.float32).to(self.dtype)
+        self._fill = torch.randint(0, 1 << 30, (n,), generator=g, dtype=torch.int32)
+        self._mrope = torch.randint(0, 1 << 20, (3, n), generator=g, dtype=torch.int32)
+
+    def _offset(self, room: int) -> int:
+        return (room * 2654435761) % self.max_tokens
+
+    def sample(self, room: int, tokens: int):
+        """(embeddings [T, H], fill_ids [T], mrope [3, T], mrope_delta) for ``room``."""
+        if not 0 < tokens <= self.max_tokens:
+            raise ValueError(f"tokens must be in [1, {self.max_tokens}], got {tokens}")
+        o = self._offset(room)
+        return (self._emb[o:o + tokens], self._fill[o:o + tokens], self._mrope[:, o:o + tokens],
+                (room * 31) % 1000 - 500)
+
+    def verify(self, room: int, result) -> bool:
+        e, f, m, d = self.sample(room, result.total_tokens)
+        return (torch.equal(result.embeddings.cpu(), e) and torch.equal(result.fill_ids.cpu(), f)
+                and torch.equal(result.mrope_positions.cpu(), m) and result.mrope_delta == d)
+
+
+#: token counts a request mix must contain (relative to the default allocation)
+def edge_case_tokens(default_allocate_tokens: int, block_size: int) -> list[int]:
+    d = default_allocate_tokens
+    return sorted({1, max(1, block_size // 2), 1024, d, d + 1, 3 * d + 5, 2 * d})
+
+
+def image_token_counts(n: int, default_allocate_tokens: int, block_size: int, seed: int = 0,
+                       max_tokens: int | None = None) -> list[int]:
+    """A realistic mix: images at common resolutions with 28x28 patches (Qwen2-VL
+    style: (h/28)*(w/28) tokens), some short videos, plus the edge cases."""
+    rng = random.Random(seed)
+    edges = edge_case_tokens(default_allocate_tokens, block_size)
+    out = list(edges)
+    sides = [224, 336, 448, 560, 672, 896, 1008, 1344, 1792, 2048]
+    while len(out) < n:
+        r = rng.random()
+        if r < 0.8:
+            h, w = rng.choice(sides), rng.choice(sides)
+            t = (h // 28) * (w // 28)
+        else:  # a short video: frames/2 x (h/28 x w/28)
+            frames = rng.choice([4, 8, 16])
+            t = frames // 2 * (rng.choice(sides[:5]) // 28) * (rng.choice(sides[:5]) // 28)
+        out.append(max(1, t))
+    out = out[:n] if n >= len(edges) else edges[:n]
+    if max_tokens:
+        out = [min(t, max_tokens) for t in out]
+    rng.shuffle(out)
+    return out

@@ -1,0 +1,64 @@
+import glob
+import os
+import socket
+import time
+
+import pytest
+
+from embresume.config import Config
+
+
+def _ours():
+    return set(glob.glob("/dev/shm/embr-*")) | set(glob.glob("/dev/shm/sem.embr-*"))
+
+
+@pytest.fixture(autouse=True)
+def no_shm_leak():
+    """Every test must leave /dev/shm as it found it."""
+    before = _ours()
+    yield
+    deadline = time.monotonic() + 3
+    while True:
+        leaked = _ours() - before
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not leaked, f"shared-memory objects left behind: {sorted(leaked)}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mooncake_skip_reason():
+    try:
+        import embresume.transport.mooncake  # noqa: F401
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"Mooncake transport unavailable: {type(e).__name__}: {e}"
+    return None
+
+
+TRANSPORTS = [
+    "shm",
+    pytest.param("mooncake", marks=pytest.mark.mooncake),
+]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    if request.param == "mooncake":
+        reason = _mooncake_skip_reason()
+        if reason:
+            pytest.skip(reason)
+    return request.param
+
+
+def make_config(transport="shm", **kw) -> Config:
+    base = dict(hidden_size=256, dtype="bf16", block_size=128, default_allocate_tokens=1024, pool_blocks=64,
+                encoder_endpoint=f"tcp://127.0.0.1:{free_port()}", transport=transport, prefault=False,
+                heartbeat_interval=0.2, peer_timeout=2.0, request_timeout=30.0, handshake_timeout=30.0)
+    base.update(kw)
+    return Config(**base)

@@ -1,0 +1,194 @@
+"""Two-process end-to-end scenarios, run against every transport.
+
+The encoder lives in a spawned child (embresume.harness.EncoderProcess) and
+serves deterministic synthetic data; the language rank(s) run here and verify
+every merged result bit for bit.
+"""
+
+import itertools
+import threading
+import time
+
+import pytest
+
+from embresume import protocol as P
+from embresume.harness import EncoderProcess
+from embresume.language import LanguageEndpoint
+from embresume.status import Status
+from embresume.synthetic import SyntheticData
+
+from conftest import make_config
+
+HIDDEN = 256
+MAX_TOKENS = 20000
+_rooms = itertools.count(1000)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return SyntheticData(HIDDEN, "bf16", MAX_TOKENS, seed=5)
+
+
+@pytest.fixture
+def encoder(transport):
+    cfg = make_config(transport)
+    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", MAX_TOKENS, 5)) as enc:
+        yield cfg, enc
+
+
+def spy(lang):
+    """Record every INIT/RESUME the language rank sends."""
+    sent = []
+    orig = lang.channel.send
+
+    def send(msg):
+        if isinstance(msg, (P.Init, P.Resume)):
+            sent.append(msg)
+        return orig(msg)
+
+    lang.channel.send = send
+    return sent
+
+
+def check_clean(lang):
+    assert lang.allocator.free_blocks == lang.layout.num_blocks, "blocks not returned to the allocator"
+    assert lang.allocator.rooms() == []
+
+
+def run_one(lang, enc, data, tokens, timeout=30):
+    room = next(_rooms)
+    lang.request(room)
+    enc.send(room, tokens)
+    st = lang.wait(room, timeout)
+    assert st is Status.Success, f"{st.name}: {lang.failure_reason(room)}"
+    hist = lang.history(room)
+    r = lang.result(room)
+    assert r.total_tokens == tokens
+    assert data.verify(room, r), "merged result differs from what the encoder sent"
+    return r, hist
+
+
+@pytest.mark.parametrize("tokens, chunks", [(1, 1), (100, 1), (700, 1), (1024, 1), (2000, 2), (5000, 5),
+                                            (10000, 10)])
+def test_sizes(encoder, data, tokens, chunks):
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(pool_blocks=8)) as lang:   # 8 blocks = 1024 tokens per grant
+        assert lang.transport_name == cfg.transport
+        r, hist = run_one(lang, enc, data, tokens)
+        assert r.chunks == chunks
+        expected = [Status.Bootstrapping, Status.WaitingForInput] + [Status.Transferring] * (chunks - 1) + [
+            Status.Success]
+        assert hist == expected
+        check_clean(lang)
+
+
+def test_exactly_the_allocation(encoder, data):
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(default_allocate_tokens=4096, pool_blocks=64)) as lang:
+        r, hist = run_one(lang, enc, data, 4096)
+        assert r.chunks == 1 and Status.Transferring not in hist
+        r, hist = run_one(lang, enc, data, 4097)
+        assert r.chunks == 2 and hist.count(Status.Transferring) == 1
+        check_clean(lang)
+
+
+def test_tiny_allocation_forces_many_resumes(encoder, data):
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(pool_blocks=2)) as lang:
+        sent = spy(lang)
+        r, hist = run_one(lang, enc, data, 3000)
+        assert r.chunks == 12 and hist.count(Status.Transferring) == 11
+        assert [type(m) for m in sent] == [P.Init] + [P.Resume] * 11
+        assert [m.sent_tokens for m in sent[1:]] == [256 * i for i in range(1, 12)]
+        check_clean(lang)
+
+
+def test_reference_example(encoder, data):
+    """2000 tokens; the pool grants only 8 blocks (1024 of the 8192 asked)."""
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(default_allocate_tokens=8192, pool_blocks=8)) as lang:
+        sent = spy(lang)
+        r, hist = run_one(lang, enc, data, 2000)
+        assert hist == [Status.Bootstrapping, Status.WaitingForInput, Status.Transferring, Status.Success]
+        init, resume = sent
+        assert isinstance(init, P.Init) and init.allocated_tokens == 1024 and len(init.dst_blocks) == 8
+        assert isinstance(resume, P.Resume)
+        assert (resume.sent_tokens, resume.allocated_tokens, len(resume.dst_blocks)) == (1024, 1024, 8)
+        assert r.chunks == 2 and r.total_tokens == 1024 + 976
+        check_clean(lang)
+
+
+def test_send_before_request(encoder, data):
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg) as lang:
+        room = next(_rooms)
+        enc.send(room, 1500)
+        time.sleep(0.2)
+        r = lang.recv(room, timeout=30)
+        assert data.verify(room, r) and r.chunks == 2
+        check_clean(lang)
+
+
+def test_32_concurrent_requests_compete_for_a_small_pool(encoder, data):
+    cfg, enc = encoder
+    # 32 requests of up to 6000 tokens through a 24-block (3072-token) pool: many wait, none deadlock
+    with LanguageEndpoint(cfg.replace(pool_blocks=24, default_allocate_tokens=1024)) as lang:
+        sizes = [1 + (i * 997) % 6000 for i in range(32)]
+        rooms = [next(_rooms) for _ in sizes]
+        for room in rooms:
+            lang.request(room)
+        enc.send_many(zip(rooms, sizes))
+        deadline = time.monotonic() + 60
+        for room, tokens in zip(rooms, sizes):
+            st = lang.wait(room, max(0.1, deadline - time.monotonic()))
+            assert st is Status.Success, f"room {room}: {st.name} {lang.failure_reason(room)}"
+            r = lang.result(room)
+            assert r.total_tokens == tokens and data.verify(room, r)
+        check_clean(lang)
+
+
+def test_tp_fanout_two_ranks(encoder, data):
+    """Every rank gets a full copy; ranks with different pools resume independently."""
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(pool_blocks=4), tp_rank=0) as r0, \
+            LanguageEndpoint(cfg.replace(pool_blocks=32), tp_rank=1) as r1:
+        for tokens in (300, 2500):
+            room = next(_rooms)
+            r0.request(room, required_dst_info_num=2)
+            time.sleep(0.05)   # the encoder must wait for rank 1 before writing anything
+            assert r0.poll(room) is Status.WaitingForInput
+            enc.send(room, tokens)
+            time.sleep(0.05)
+            assert r0.poll(room) is Status.WaitingForInput
+            r1.request(room, required_dst_info_num=2)
+            res = []
+            for lang in (r0, r1):
+                st = lang.wait(room, 30)
+                assert st is Status.Success, lang.failure_reason(room)
+                res.append(lang.result(room))
+            assert all(data.verify(room, x) for x in res)
+            assert res[0].chunks == -(-tokens // 512) and res[1].chunks == (1 if tokens <= 1024 else 2)  # a resume asks for the whole rest
+        check_clean(r0)
+        check_clean(r1)
+
+
+def test_duplicate_init_is_ignored(encoder, data):
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(pool_blocks=8)) as lang:
+        sent = spy(lang)
+        r, _ = run_one(lang, enc, data, 2000)
+        init = sent[0]
+        # replay the INIT after Success: rule 4, the encoder must not write again
+        lang.channel.send(init)
+        time.sleep(0.3)
+        stats, _peers = enc.stats()
+        assert stats.get("duplicates", 0) >= 1
+        assert stats["chunks"] == 2
+        check_clean(lang)
+
+
+def test_handshake_rejects_layout_mismatch(encoder):
+    cfg, enc = encoder
+    from embresume.errors import PeerError
+    with pytest.raises(PeerError, match="layout mismatch"):
+        LanguageEndpoint(cfg.replace(hidden_size=HIDDEN * 2))
