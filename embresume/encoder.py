@@ -304,7 +304,7 @@ class EncoderEndpoint:
             elif isinstance(msg, P.Abort):
                 self._on_abort(peer, msg)
             elif isinstance(msg, P.Bye):
-                self._peer_lost(peer, f"language rank said bye: {msg.reason}")
+                self._peer_lost(peer, f"language rank said bye: {msg.reason}", clean=True)
             else:
                 log.warning("ignoring unexpected %s from %s", type(msg).__name__, peer.session_id)
 
@@ -495,11 +495,12 @@ class EncoderEndpoint:
                 log.exception("on_done callback failed")
 
     # ------------------------------------------------------------ liveness
-    def _peer_lost(self, peer: _Peer, reason: str) -> None:
+    def _peer_lost(self, peer: _Peer, reason: str, clean: bool = False) -> None:
         with self._lock:
             if not peer.alive:
                 return
-            log.error("language rank %d (%s) lost: %s", peer.tp_rank, peer.session_id, reason)
+            (log.info if clean else log.error)("language rank %d (%s) gone: %s", peer.tp_rank,
+                                               peer.session_id, reason)
             self._drop_peer(peer, reason)
 
     def _drop_peer(self, peer: _Peer, reason: str) -> None:

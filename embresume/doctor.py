@@ -1,0 +1,59 @@
+"""``embresume doctor``: which paths this machine can run, and why not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def checks() -> list[tuple[str, bool, str]]:
+    out = []
+    import torch
+    out.append(("torch", True, torch.__version__))
+    try:
+        import posix_ipc
+        out.append(("posix_ipc (shm path)", True, posix_ipc.VERSION))
+    except Exception as e:
+        out.append(("posix_ipc (shm path)", False, str(e)))
+    try:
+        import zmq
+        out.append(("pyzmq (handshake, cross-host control)", True, zmq.pyzmq_version()))
+    except Exception as e:
+        out.append(("pyzmq", False, str(e)))
+    if os.path.isdir("/dev/shm"):
+        u = shutil.disk_usage("/dev/shm")
+        out.append(("/dev/shm", True, f"{u.free / 2**30:.1f} GiB free of {u.total / 2**30:.1f} GiB"))
+    else:
+        out.append(("/dev/shm", False, "missing: the same-host CPU path cannot run"))
+    cuda = torch.cuda.is_available()
+    out.append(("CUDA (GPU pools)", cuda, torch.cuda.get_device_name(0) if cuda else "no CUDA device"))
+    try:
+        import cupy
+        out.append(("cupy (GPU kernels, CUDA IPC)", True, cupy.__version__))
+    except Exception as e:
+        out.append(("cupy (GPU kernels, CUDA IPC)", False, f"{type(e).__name__}: {e}"[:120]))
+    try:
+        from .transport.mooncake import mooncake_diagnostics
+        d = mooncake_diagnostics()
+        out.append(("Mooncake transfer engine (cross-host)", bool(d.get("available")),
+                    ", ".join(f"{k}={v}" for k, v in d.items() if k != "available")))
+    except Exception as e:
+        out.append(("Mooncake transfer engine (cross-host)", False, f"{type(e).__name__}: {e}"[:160]))
+    ib = "/sys/class/infiniband"
+    devs = sorted(os.listdir(ib)) if os.path.isdir(ib) else []
+    out.append(("RDMA devices", bool(devs), ", ".join(devs) if devs else
+                "none: protocol rdma would silently fall back to tcp; use mooncake_protocol='tcp'"))
+    return out
+
+
+def run() -> int:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title="embresume doctor")
+    t.add_column("component")
+    t.add_column("ok")
+    t.add_column("details")
+    for name, ok, detail in checks():
+        t.add_row(name, "[green]yes[/]" if ok else "[yellow]no[/]", detail)
+    Console().print(t)
+    return 0
