@@ -127,3 +127,56 @@ class EncoderProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _language_child(config: Config, room: int, res_q, report_status: str) -> None:
+    """A language rank that requests ``room`` and reports when it reaches ``report_status``."""
+    import time
+
+    from .language import LanguageEndpoint
+    from .status import Status
+
+    try:
+        lang = LanguageEndpoint(config)
+        lang.request(room)
+        target = Status[report_status]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            st = lang.poll(room)
+            if st is target or st.terminal:
+                res_q.put(("status", st.name, dict(lang.stats)))
+                break
+            time.sleep(0.0005)
+        time.sleep(60)  # stay alive until the parent kills us
+    except Exception as e:
+        res_q.put(("error", f"{type(e).__name__}: {e}"))
+
+
+class LanguageProcess:
+    """A language rank in a spawned child (used by the peer-death tests)."""
+
+    def __init__(self, config: Config, room: int, report_status: str = "Transferring"):
+        ctx = mp.get_context("spawn")
+        self.res_q = ctx.Queue()
+        self.proc = ctx.Process(target=_language_child, args=(config, room, self.res_q, report_status),
+                                daemon=True, name="embresume-language")
+        self.proc.start()
+
+    def wait_report(self, timeout: float = 60.0):
+        return self.res_q.get(timeout=timeout)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(timeout=5)
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.kill()
+        self.res_q.close()
+        self.res_q.cancel_join_thread()
+
+    def __enter__(self) -> "LanguageProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,183 @@
+"""Bad input, timeouts and peer death: one request fails, the rest keep going."""
+
+import itertools
+import threading
+import time
+
+import pytest
+
+from embresume import protocol as P
+from embresume.encoder import EncoderEndpoint
+from embresume.harness import EncoderProcess, LanguageProcess
+from embresume.language import LanguageEndpoint
+from embresume.status import Status
+from embresume.synthetic import SyntheticData
+
+from conftest import make_config
+
+HIDDEN = 128
+_rooms = itertools.count(5000)
+
+
+@pytest.fixture
+def pair(transport):
+    cfg = make_config(transport, hidden_size=HIDDEN, pool_blocks=16)
+    data = SyntheticData(HIDDEN, "bf16", 300000, seed=1)
+    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 300000, 1)) as enc, LanguageEndpoint(cfg) as lang:
+        yield cfg, enc, lang, data
+
+
+def incoming(lang):
+    """Record every STATUS the language rank receives."""
+    seen = []
+    orig = lang._on_message
+
+    def on_message(ch, msg):
+        if isinstance(msg, P.StatusMsg):
+            seen.append(msg)
+        return orig(ch, msg)
+
+    lang.channel.on_message = on_message
+    return seen
+
+
+def wait_for(pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def ok_roundtrip(lang, enc, data, tokens=3000):
+    room = next(_rooms)
+    lang.request(room)
+    enc.send(room, tokens)
+    assert lang.wait(room, 30) is Status.Success, lang.failure_reason(room)
+    assert data.verify(room, lang.result(room))
+
+
+def test_garbage_frames_are_dropped_and_service_continues(pair):
+    cfg, enc, lang, data = pair
+    for junk in (b"", b"EMBR", b"x" * 100, P.encode(P.Abort(1, "x"))[:-1]):
+        lang.channel.send_bytes(junk)
+    assert wait_for(lambda: enc.stats()[0].get("bad_messages", 0) >= 3)
+    ok_roundtrip(lang, enc, data)
+    assert lang.allocator.free_blocks == 16
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (dict(dst_blocks=(0, 10**6)), "dst_blocks"),
+    (dict(allocated_tokens=100), "block size mismatch"),
+    (dict(session_id="someone-else"), "session_id"),
+])
+def test_bad_init_fails_that_room_only(pair, bad, reason):
+    cfg, enc, lang, data = pair
+    seen = incoming(lang)
+    room = next(_rooms)
+    fields = dict(room=room, endpoint="x", dst_port=0, session_id=lang.session_id, dst_blocks=(0, 1),
+                  required_dst_info_num=1, allocated_tokens=256)
+    fields.update(bad)
+    lang.channel.send(P.Init(**fields))
+    assert wait_for(lambda: any(m.room == room for m in seen))
+    m = next(m for m in seen if m.room == room)
+    assert m.status is Status.Failed and reason in m.reason
+    ok_roundtrip(lang, enc, data)
+
+
+def test_resume_with_wrong_sent_tokens_fails_the_room(pair):
+    cfg, enc, lang, data = pair
+    seen = incoming(lang)
+    room = next(_rooms)
+    # hold back the automatic resume by sending a forged one first
+    lang.request(room)
+    lang.channel.send(P.Resume(room, "x", 0, lang.session_id, (15,), 1, 128, sent_tokens=999 * 128))
+    enc.send(room, 5000)
+    assert lang.wait(room, 10) is Status.Failed
+    assert "resume" in lang.failure_reason(room) or "sent_tokens" in lang.failure_reason(room)
+    assert wait_for(lambda: lang.allocator.free_blocks == 16)
+    ok_roundtrip(lang, enc, data)
+
+
+def test_request_timeout_quarantines_then_releases_blocks(transport):
+    cfg = make_config(transport, hidden_size=HIDDEN, pool_blocks=16, request_timeout=1.0)
+    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 10000, 1)) as enc, LanguageEndpoint(cfg) as lang:
+        room = next(_rooms)
+        t0 = time.monotonic()
+        lang.request(room)                  # the encoder never gets the embedding
+        assert lang.wait(room, 10) is Status.Failed
+        assert time.monotonic() - t0 < 5
+        assert "timed out" in lang.failure_reason(room)
+        # the encoder confirms the abort; only then the blocks are reusable
+        assert wait_for(lambda: lang.allocator.free_blocks == 16, 5)
+        room2 = next(_rooms)
+        lang.request(room2)
+        enc.send(room2, 100)
+        assert lang.wait(room2, 10) is Status.Success
+
+
+def test_full_pool_requests_wait_then_complete(pair):
+    cfg, enc, lang, data = pair
+    rooms = [next(_rooms) for _ in range(6)]
+    for r in rooms:
+        lang.request(r)                     # 16 blocks, 8 per default allocation: 2 fit
+    assert [lang.poll(r) for r in rooms].count(Status.Bootstrapping) == 4
+    for r in rooms:
+        enc.send(r, 2100)
+    for r in rooms:
+        assert lang.wait(r, 30) is Status.Success, lang.failure_reason(r)
+        assert data.verify(r, lang.result(r))
+    assert lang.allocator.free_blocks == 16
+
+
+def test_encoder_death_mid_resume(transport):
+    cfg = make_config(transport, hidden_size=HIDDEN, block_size=8, pool_blocks=1, default_allocate_tokens=8,
+                      peer_timeout=1.5, heartbeat_interval=0.1)
+    enc = EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 300000, 1))
+    try:
+        with LanguageEndpoint(cfg) as lang:
+            room = next(_rooms)
+            lang.request(room)
+            enc.send(room, 200000)           # 25000 chunks: long enough to kill it midway
+            assert wait_for(lambda: lang.poll(room) is Status.Transferring, 20)
+            enc.kill()
+            t0 = time.monotonic()
+            assert lang.wait(room, 10) is Status.Failed
+            assert time.monotonic() - t0 < cfg.peer_timeout + 2
+            assert "encoder lost" in lang.failure_reason(room)
+            assert lang.allocator.free_blocks == 1
+            assert not lang.connected
+            with pytest.raises(Exception):
+                lang.result(room)
+            assert lang.request(next(_rooms)) is Status.Failed   # fails fast, no hang
+    finally:
+        enc.close()
+
+
+def test_language_death_mid_resume(transport):
+    cfg = make_config(transport, hidden_size=HIDDEN, block_size=8, pool_blocks=1, default_allocate_tokens=8,
+                      peer_timeout=1.5, heartbeat_interval=0.1)
+    data = SyntheticData(HIDDEN, "bf16", 300000, seed=1)
+    done = {}
+    ev = threading.Event()
+    with EncoderEndpoint(cfg) as enc:
+        room = next(_rooms)
+        with LanguageProcess(cfg, room) as lp:
+            e, f, m, d = data.sample(room, 200000)
+            enc.send_tensors(room, e, f, m, d, on_done=lambda r, st: (done.update({r: st}), ev.set()))
+            kind, status, _ = lp.wait_report(30)
+            assert (kind, status) == ("status", "Transferring")
+            lp.kill()
+            t0 = time.monotonic()
+            assert ev.wait(cfg.peer_timeout + 3), "encoder did not notice the dead language rank"
+            assert done[room] is Status.Failed
+            assert time.monotonic() - t0 < cfg.peer_timeout + 3
+            assert enc.poll(room) is Status.Failed
+            assert wait_for(lambda: enc.peers() == [], 5)
+        # the encoder keeps serving a new rank
+        with LanguageEndpoint(cfg) as lang:
+            room2 = next(_rooms)
+            e, f, m, d = data.sample(room2, 50)
+            enc.send_tensors(room2, e, f, m, d)
+            assert data.verify(room2, lang.recv(room2, timeout=10))
