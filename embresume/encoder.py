@@ -247,9 +247,13 @@ class EncoderEndpoint:
         if hs is None or hs["transport"] != msg.transport:
             raise ProtocolError("transport", "pool description without a matching hello")
         name = hs["transport"]
-        transport = self._transport(name)
+        pdesc = msg.desc.get("pool") or {}
+        peer_host = None
+        if name == "mooncake":
+            peer_host = str(pdesc.get("session", "")).rsplit(":", 1)[0].strip("[]") or None
+        transport = self._transport(name, peer_host)
         try:
-            pool = transport.open_peer(msg.desc.get("pool") or {})
+            pool = transport.open_peer(pdesc)
         except Exception as e:
             if name == "cuda_ipc":
                 raise PeerError(f"cuda_ipc unavailable: {e}") from None
@@ -278,11 +282,16 @@ class EncoderEndpoint:
                                                   name, {"phase": "ready"})))
         log.info("language rank %d (%s) connected via %s", msg.tp_rank, msg.session_id, name)
 
-    def _transport(self, name: str) -> Transport:
+    def _transport(self, name: str, peer_host: Optional[str] = None) -> Transport:
+        """One transport per kind (and, for Mooncake, per local interface)."""
+        key = name
+        if name == "mooncake":
+            from .transport.select import local_ip_towards
+            key = f"mooncake@{self.config.mooncake_host or local_ip_towards(peer_host or '127.0.0.1')}"
         with self._lock:
-            t = self._transports.get(name)
+            t = self._transports.get(key)
             if t is None:
-                t = self._transports[name] = make_transport(name, self.config)
+                t = self._transports[key] = make_transport(name, self.config, peer_host)
             return t
 
     # ------------------------------------------------------------ messages

@@ -39,7 +39,7 @@ from .errors import AllocatorError, PeerError, ProtocolError, TransferFailed
 from .merge import EmbeddingResult, MergeBuffer
 from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
 from .status import Status, StatusTracker
-from .transport.select import LOCAL, make_transport
+from .transport.select import LOCAL, endpoint_host, make_transport
 
 log = logging.getLogger("embresume.language")
 
@@ -143,7 +143,7 @@ class LanguageEndpoint:
             chosen = reply.transport
             self._peer_pid = reply.pid
             self._pid_check = reply.node_id == node_id() and reply.desc.get("pidns") == _pidns()
-            transport = make_transport(chosen, c)
+            transport = make_transport(chosen, c, peer_host=endpoint_host(c.encoder_endpoint))
             backing = transport.create_backing(self.layout.nbytes, c.device, c.prefault)
             pool = BlockPool(self.layout, backing)
             try:

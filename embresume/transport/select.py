@@ -3,6 +3,10 @@ different nodes -> mooncake.  Configuration can force a transport."""
 
 from __future__ import annotations
 
+import socket
+from typing import Optional
+from urllib.parse import urlsplit
+
 from ..config import Config
 from ..errors import ConfigError
 from .base import Transport
@@ -24,7 +28,29 @@ def choose_transport(encoder_pref: str, language_pref: str, same_node: bool, lan
     return "mooncake"
 
 
-def make_transport(name: str, config: Config) -> Transport:
+def endpoint_host(endpoint: str) -> str:
+    """The host part of a ZeroMQ ``tcp://host:port`` endpoint."""
+    if "://" not in endpoint:
+        return "127.0.0.1"
+    host = urlsplit(endpoint).hostname or "127.0.0.1"
+    return host
+
+
+def local_ip_towards(host: str) -> str:
+    """The local address the kernel would use to reach ``host`` (no packet is sent)."""
+    if host in ("localhost", "*", "0.0.0.0", "::", "") or host.startswith("127."):
+        return "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def make_transport(name: str, config: Config, peer_host: Optional[str] = None) -> Transport:
+    """``peer_host``: where the peer is (for the address Mooncake advertises)."""
     if name == "shm":
         from ..ipc.transport import ShmTransport
         return ShmTransport()
@@ -33,5 +59,7 @@ def make_transport(name: str, config: Config) -> Transport:
         return CudaIpcTransport()
     if name == "mooncake":
         from .mooncake import MooncakeTransport
-        return MooncakeTransport.from_config(config)
+        host = config.mooncake_host or local_ip_towards(peer_host or "127.0.0.1")
+        return MooncakeTransport.from_config(config, local_host=host,
+                                             write_timeout=config.extra.get("mooncake_write_timeout"))
     raise ConfigError(f"unknown transport {name!r}")
