@@ -144,7 +144,10 @@ class LanguageEndpoint:
             self._peer_pid = reply.pid
             self._pid_check = reply.node_id == node_id() and reply.desc.get("pidns") == _pidns()
             transport = make_transport(chosen, c, peer_host=endpoint_host(c.encoder_endpoint))
-            backing = transport.create_backing(self.layout.nbytes, c.device, c.prefault)
+            # the shm path keeps the pool on the host even for a GPU model (the
+            # fallback when CUDA IPC is unavailable); results move to c.device
+            pool_device = "cpu" if chosen == "shm" else c.device
+            backing = transport.create_backing(self.layout.nbytes, pool_device, c.prefault)
             pool = BlockPool(self.layout, backing)
             try:
                 desc = {"phase": "pool", "pool": transport.export_pool(pool)}
@@ -440,6 +443,12 @@ class LanguageEndpoint:
         if complete:
             req.tracker.set(Status.Success)
             req.result = req.merge.result(req.room, req.tracker.history)
+            if str(pool.device) != self.config.device and self.config.device.startswith("cuda"):
+                res = req.result
+                res.embeddings, res.fill_ids, res.mrope_positions = (
+                    t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))
+            elif pool.device.type == "cuda":
+                torch.cuda.current_stream(pool.device).synchronize()  # gather kernels are asynchronous
             req.merge = None
             self.stats["success"] += 1
             req.event.set()

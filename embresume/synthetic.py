@@ -15,7 +15,7 @@ from .config import parse_dtype
 
 
 class SyntheticData:
-    def __init__(self, hidden: int, dtype, max_tokens: int, seed: int = 0):
+    def __init__(self, hidden: int, dtype, max_tokens: int, seed: int = 0, device: str = "cpu"):
         self.hidden = hidden
         self.dtype = parse_dtype(dtype)
         self.max_tokens = max_tokens
@@ -24,6 +24,9 @@ class SyntheticData:
         self._emb = torch.randn((n, hidden), generator=g, dtype=torch.float32).to(self.dtype)
         self._fill = torch.randint(0, 1 << 30, (n,), generator=g, dtype=torch.int32)
         self._mrope = torch.randint(0, 1 << 20, (3, n), generator=g, dtype=torch.int32)
+        self._cpu = (self._emb, self._fill, self._mrope)
+        if device != "cpu":  # the encoder's model output lives on the GPU
+            self._emb, self._fill, self._mrope = (t.to(device) for t in self._cpu)
 
     def _offset(self, room: int) -> int:
         return (room * 2654435761) % self.max_tokens
@@ -37,9 +40,14 @@ class SyntheticData:
                 (room * 31) % 1000 - 500)
 
     def verify(self, room: int, result) -> bool:
-        e, f, m, d = self.sample(room, result.total_tokens)
-        return (torch.equal(result.embeddings.cpu(), e) and torch.equal(result.fill_ids.cpu(), f)
-                and torch.equal(result.mrope_positions.cpu(), m) and result.mrope_delta == d)
+        T = result.total_tokens
+        if not 0 < T <= self.max_tokens:
+            return False
+        o = self._offset(room)
+        e, f, m = self._cpu
+        return (torch.equal(result.embeddings.cpu(), e[o:o + T]) and torch.equal(result.fill_ids.cpu(), f[o:o + T])
+                and torch.equal(result.mrope_positions.cpu(), m[:, o:o + T])
+                and result.mrope_delta == (room * 31) % 1000 - 500)
 
 
 #: token counts a request mix must contain (relative to the default allocation)

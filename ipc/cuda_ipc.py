@@ -40,6 +40,7 @@ import weakref
 from typing import Callable, Optional
 
 import torch
+import logging
 
 from ..blocks import BlockLayout, BlockPool
 from ..errors import TransferError
@@ -49,6 +50,9 @@ from ..transport.base import PeerPool, Transport
 DESC_KIND = "cuda_ipc"
 DESC_VERSION = 1
 HANDLE_BYTES = 64
+
+
+log = logging.getLogger("embresume.cuda_ipc")
 
 
 class CudaIpcUnavailable(TransferError):
@@ -470,6 +474,11 @@ class CudaIpcTransport(Transport):
         return d.index if d.index is not None else torch.cuda.current_device()
 
     # ------------------------------------------------------ language side
+    def create_backing(self, nbytes: int, device: str, prefault: bool = True) -> "CudaBacking":
+        if not str(device).startswith("cuda"):
+            raise TransferError("the cuda_ipc transport carries GPU pools; use shm for CPU pools")
+        return CudaBacking(nbytes, device)
+
     def export_pool(self, pool: BlockPool) -> dict:
         backing = pool.backing
         if not isinstance(backing, CudaBacking):
@@ -503,6 +512,8 @@ class CudaIpcTransport(Transport):
                 if local is not None and not local.closed and local.ipc_handle().hex() == desc["handle"].lower():
                     raw = local.raw[offset:offset + layout.nbytes]
                     pool = BlockPool(layout, _OpenedBacking(raw, None, None))
+                    log.info("CUDA IPC cannot open a handle in the process that exported it: "
+                             "using a same-process device copy")
                     peer = CudaIpcPeer(layout, desc, pool, local.device_index, False, None, same_process=True)
                     self._peers.add(peer)
                     return peer

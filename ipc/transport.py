@@ -52,4 +52,11 @@ class ShmTransport(Transport):
         return ShmPeer(layout, desc, BlockPool(layout, backing))
 
     def write_chunk(self, peer: ShmPeer, src, plan: ChunkPlan, aux: Optional[torch.Tensor]) -> None:
-        scatter_chunk(peer.pool, plan.dst_blocks, src, plan.src_block_start, plan.tokens, aux)
+        block0 = plan.src_block_start
+        if src.device.type != "cpu":
+            # host path for a GPU source (CUDA IPC unavailable): one D2H copy of the chunk
+            from ..kernels.cuda import stage_source
+            src = stage_source(src, block0, plan.tokens, peer.layout.block_size, len(plan.dst_blocks),
+                               torch.device("cpu"))
+            block0 = 0
+        scatter_chunk(peer.pool, plan.dst_blocks, src, block0, plan.tokens, aux)

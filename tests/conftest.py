@@ -41,24 +41,40 @@ def _mooncake_skip_reason():
     return None
 
 
+def _gpu_skip_reason():
+    import torch
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU and CuPy (no CUDA device)"
+    try:
+        import cupy  # noqa: F401
+    except Exception as e:  # pragma: no cover - depends on the machine
+        return f"needs a CUDA GPU and CuPy (cupy: {e})"
+    return None
+
+
 TRANSPORTS = [
     "shm",
     pytest.param("mooncake", marks=pytest.mark.mooncake),
+    pytest.param("cuda_ipc", marks=pytest.mark.gpu),
 ]
 
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request):
-    if request.param == "mooncake":
-        reason = _mooncake_skip_reason()
-        if reason:
-            pytest.skip(reason)
+    reason = {"mooncake": _mooncake_skip_reason, "cuda_ipc": _gpu_skip_reason}.get(request.param, lambda: None)()
+    if reason:
+        pytest.skip(reason)
     return request.param
+
+
+def device_of(transport: str) -> str:
+    return "cuda" if transport == "cuda_ipc" else "cpu"
 
 
 def make_config(transport="shm", **kw) -> Config:
     base = dict(hidden_size=256, dtype="bf16", block_size=128, default_allocate_tokens=1024, pool_blocks=64,
                 encoder_endpoint=f"tcp://127.0.0.1:{free_port()}", transport=transport, prefault=False,
                 heartbeat_interval=0.2, peer_timeout=2.0, request_timeout=30.0, handshake_timeout=30.0)
+    base["device"] = device_of(transport)
     base.update(kw)
     return Config(**base)

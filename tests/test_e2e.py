@@ -17,7 +17,7 @@ from embresume.language import LanguageEndpoint
 from embresume.status import Status
 from embresume.synthetic import SyntheticData
 
-from conftest import make_config
+from conftest import device_of, make_config
 
 HIDDEN = 256
 MAX_TOKENS = 20000
@@ -32,7 +32,7 @@ def data():
 @pytest.fixture
 def encoder(transport):
     cfg = make_config(transport)
-    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", MAX_TOKENS, 5)) as enc:
+    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", MAX_TOKENS, 5, device_of(transport))) as enc:
         yield cfg, enc
 
 

@@ -13,7 +13,7 @@ from embresume.language import LanguageEndpoint
 from embresume.status import Status
 from embresume.synthetic import SyntheticData
 
-from conftest import make_config
+from conftest import device_of, make_config
 
 HIDDEN = 128
 _rooms = itertools.count(5000)
@@ -23,7 +23,7 @@ _rooms = itertools.count(5000)
 def pair(transport):
     cfg = make_config(transport, hidden_size=HIDDEN, pool_blocks=16)
     data = SyntheticData(HIDDEN, "bf16", 300000, seed=1)
-    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 300000, 1)) as enc, LanguageEndpoint(cfg) as lang:
+    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 300000, 1, device_of(transport))) as enc, LanguageEndpoint(cfg) as lang:
         yield cfg, enc, lang, data
 
 
@@ -102,7 +102,7 @@ def test_resume_with_wrong_sent_tokens_fails_the_room(pair):
 
 def test_request_timeout_quarantines_then_releases_blocks(transport):
     cfg = make_config(transport, hidden_size=HIDDEN, pool_blocks=16, request_timeout=1.0)
-    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 10000, 1)) as enc, LanguageEndpoint(cfg) as lang:
+    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 10000, 1, device_of(transport))) as enc, LanguageEndpoint(cfg) as lang:
         room = next(_rooms)
         t0 = time.monotonic()
         lang.request(room)                  # the encoder never gets the embedding
@@ -134,7 +134,7 @@ def test_full_pool_requests_wait_then_complete(pair):
 def test_encoder_death_mid_resume(transport):
     cfg = make_config(transport, hidden_size=HIDDEN, block_size=8, pool_blocks=1, default_allocate_tokens=8,
                       peer_timeout=1.5, heartbeat_interval=0.1)
-    enc = EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 300000, 1))
+    enc = EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", 300000, 1, device_of(transport)))
     try:
         with LanguageEndpoint(cfg) as lang:
             room = next(_rooms)

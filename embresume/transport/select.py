@@ -56,7 +56,8 @@ def make_transport(name: str, config: Config, peer_host: Optional[str] = None) -
         return ShmTransport()
     if name == "cuda_ipc":
         from ..ipc.cuda_ipc import CudaIpcTransport
-        return CudaIpcTransport()
+        dev = config.device if config.device.startswith("cuda") else None
+        return CudaIpcTransport(device=dev, allow_same_process=True)
     if name == "mooncake":
         from .mooncake import MooncakeTransport
         host = config.mooncake_host or local_ip_towards(peer_host or "127.0.0.1")
