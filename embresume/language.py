@@ -43,6 +43,10 @@ from .transport.select import LOCAL, endpoint_host, make_transport
 
 log = logging.getLogger("embresume.language")
 
+#: sanity bound on a request's total tokens as read from aux (a corrupt or
+#: hostile aux record must not make us allocate terabytes)
+MAX_REQUEST_TOKENS = 1 << 24
+
 
 @dataclass
 class _Request:
@@ -58,6 +62,8 @@ class _Request:
     result: Optional[EmbeddingResult] = None
     reason: str = ""
     waiting_alloc: bool = False
+    copying: bool = False
+    release: str = "free"
     event: threading.Event = field(default_factory=threading.Event)
 
 
@@ -283,11 +289,11 @@ class LanguageEndpoint:
             self._waiting.popleft()
 
     def poll(self, room: int) -> Status:
-        with self._lock:
-            req = self._reqs.get(room)
-            if req is None:
-                raise KeyError(f"unknown room {room}")
-            return req.tracker.status
+        """Non-blocking: never waits for the endpoint's lock or a copy."""
+        req = self._reqs.get(room)
+        if req is None:
+            raise KeyError(f"unknown room {room}")
+        return req.tracker.status
 
     def result(self, room: int) -> EmbeddingResult:
         """Pop the merged result of a room that reached Success."""
@@ -352,7 +358,10 @@ class LanguageEndpoint:
         req.waiting_alloc = False
         self.stats["failed"] += 1
         log.warning("room %d failed: %s", req.room, reason)
-        if req.blocks:
+        if req.copying:
+            # the reader thread is copying out of these blocks: it releases them
+            req.release = "quarantine" if notify and self._peer_alive and not peer_dead else "free"
+        elif req.blocks:
             if notify and self._peer_alive and not peer_dead:
                 self._quarantine[req.room] = req.blocks
             else:
@@ -378,7 +387,9 @@ class LanguageEndpoint:
             return
         if isinstance(msg, P.StatusMsg):
             with self._lock:
-                self._on_status(msg)
+                job = self._on_status(msg)
+            if job is not None:
+                self._copy_chunk(*job)  # the copy runs outside the lock: poll() never waits for it
             return
         if isinstance(msg, P.Bye):
             self._peer_lost(f"encoder closed the connection: {msg.reason}")
@@ -404,11 +415,13 @@ class LanguageEndpoint:
             self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}", notify=True)
             return
         try:
-            self._take_chunk(req, msg)
+            return self._check_chunk(req, msg)
         except (ValueError, ProtocolError, AllocatorError) as e:
             self._fail(req, f"bad chunk: {e}", notify=True)
+        return None
 
-    def _take_chunk(self, req: _Request, msg: P.StatusMsg) -> None:
+    def _check_chunk(self, req: _Request, msg: P.StatusMsg):
+        """Validate a chunk's STATUS (under the lock); returns the copy job."""
         if msg.seq != req.chunks + 1:
             raise ProtocolError("seq", f"expected chunk {req.chunks + 1}, got {msg.seq}")
         pool = self.pool
@@ -417,8 +430,8 @@ class LanguageEndpoint:
             # rule 3: only the first block of the first chunk carries aux
             aux = pool.aux[req.blocks[0]].clone().cpu()
             total, delta = int(aux[0]), int(aux[1])
-            if total <= 0:
-                raise ProtocolError("aux", f"total token count {total} in aux is not positive")
+            if not 0 < total <= MAX_REQUEST_TOKENS:
+                raise ProtocolError("aux", f"total token count {total} is outside [1, {MAX_REQUEST_TOKENS}]")
             if msg.total_tokens and msg.total_tokens != total:
                 raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux says {total}")
             req.total_tokens = total
@@ -432,7 +445,42 @@ class LanguageEndpoint:
             raise ProtocolError("status", f"{msg.status.name} with {remaining - tokens} tokens left")
         if msg.sent_tokens != req.sent_tokens + tokens:
             raise ProtocolError("sent_tokens", f"expected {req.sent_tokens + tokens}, got {msg.sent_tokens}")
-        req.merge.add_chunk(pool, req.blocks, tokens)
+        req.copying = True
+        return req, list(req.blocks), tokens, complete
+
+    def _copy_chunk(self, req: _Request, blocks: list, tokens: int, complete: bool) -> None:
+        err = None
+        try:
+            req.merge.add_chunk(self.pool, blocks, tokens)
+            if self.pool.device.type == "cuda":
+                # gather kernels are asynchronous: the blocks are freed (and may be
+                # written by the encoder for another request) only after they finished
+                torch.cuda.current_stream(self.pool.device).synchronize()
+        except Exception as e:  # pragma: no cover - a copy failing is a bug or a dead device
+            err = e
+        with self._lock:
+            req.copying = False
+            if req.tracker.status.terminal:
+                # failed (abort, timeout, peer loss) while we copied: release now
+                self._release_after_copy(req)
+                return
+            if err is not None:
+                self._fail(req, f"copying the chunk failed: {err}", notify=True)
+                return
+            self._chunk_done(req, tokens, complete)
+
+    def _release_after_copy(self, req: _Request) -> None:
+        blocks, req.blocks = req.blocks, []
+        if not blocks:
+            return
+        if req.release == "quarantine" and self._peer_alive:
+            self._quarantine[req.room] = blocks
+        else:
+            self.allocator.free(blocks, req.room)
+            self._drain_waiting()
+
+    def _chunk_done(self, req: _Request, tokens: int, complete: bool) -> None:
+        pool = self.pool
         self.allocator.free(req.blocks, req.room)
         req.blocks = []
         req.sent_tokens += tokens
@@ -441,15 +489,13 @@ class LanguageEndpoint:
         self.stats["chunks"] += 1
         self.stats["bytes"] += tokens * self.layout.emb_row_bytes
         if complete:
-            req.tracker.set(Status.Success)
-            req.result = req.merge.result(req.room, req.tracker.history)
-            if str(pool.device) != self.config.device and self.config.device.startswith("cuda"):
-                res = req.result
+            res = req.merge.result(req.room, req.tracker.history + [Status.Success])
+            if pool.device.type != "cuda" and self.config.device.startswith("cuda"):
                 res.embeddings, res.fill_ids, res.mrope_positions = (
                     t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))
-            elif pool.device.type == "cuda":
-                torch.cuda.current_stream(pool.device).synchronize()  # gather kernels are asynchronous
+            req.result = res
             req.merge = None
+            req.tracker.set(Status.Success)
             self.stats["success"] += 1
             req.event.set()
             self._drain_waiting()
