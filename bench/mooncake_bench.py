@@ -33,6 +33,7 @@ from embresume.blocks import BlockLayout, BlockPool
 from embresume.config import parse_dtype
 from embresume.planner import plan_chunk
 from embresume.source import BlockSource, TensorSource, make_aux
+from embresume.kernels.cpu import copy_tensor
 from embresume.transport import mooncake as mc
 
 GB = 1e9
@@ -163,7 +164,7 @@ def run(tokens_list: Sequence[int] = (1024, 4096, 8192, 32768), hidden: int = 40
             build_t = statistics.median(_timed(lambda: build(tsrc)) for _ in range(max(repeats, 20)))
             # register-vs-copy for TensorSource embeddings
             copy_buf = torch.zeros(T, hidden, dtype=dtype)
-            copy_t = statistics.median(_timed(lambda: mc._copy(copy_buf, emb[:T])) for _ in range(repeats))
+            copy_t = statistics.median(_timed(lambda: copy_tensor(copy_buf, emb[:T])) for _ in range(repeats))
             del copy_buf
             reg_t = []
             for _ in range(repeats):
