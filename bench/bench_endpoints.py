@@ -190,6 +190,7 @@ class EndpointBench:
             dt = time.perf_counter() - t0
             ok = self._verify(res, tokens, chunks) and ok
             seen_chunks.add(res.chunks)
+            res.release()  # as a serving loop would, once the model consumed it
             del res
             if i >= warmup:
                 lat.append(dt)
@@ -265,6 +266,8 @@ class EndpointBench:
                     self._sync()
                     wall = time.perf_counter() - t0
                     ok = all(self._verify(res, tokens, 1) for res in results) and ok
+                    for res in results:
+                        res.release()
                     del results
                     if b:
                         lat.extend(done)

@@ -93,6 +93,11 @@ class Config:
     #: heartbeat period and the silence after which the peer is declared dead
     heartbeat_interval: float = 0.5
     peer_timeout: float = 3.0
+    #: pipelined chunks: the encoder reports PROGRESS every this many bytes of
+    #: embeddings written so the receiver copies out while the rest lands (0: off)
+    pipeline_bytes: int = 8 << 20
+    #: idle memory kept for recycling released results (EmbeddingResult.release)
+    result_cache_bytes: int = 1 << 30
     #: touch every page of a new pool so the hot path never page-faults
     prefault: bool = True
     #: shm control ring capacity in bytes (per direction)

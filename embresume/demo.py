@@ -93,6 +93,7 @@ def run(args: argparse.Namespace, console: Optional[Console] = None) -> int:
                         tv = time.perf_counter()
                         good = res.total_tokens == tokens and data.verify(room, res)
                         verify_s += time.perf_counter() - tv
+                        res.release()  # recycle the merged buffers for the next request
                         if good:
                             verified += 1
                         else:

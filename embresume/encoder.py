@@ -432,7 +432,14 @@ class EncoderEndpoint:
             k.in_flight = False
             return
         try:
-            k.peer.transport.write_chunk(k.peer.pool, src, plan, aux)
+            pieces = self._pieces(k.peer, plan)
+            for i, piece in enumerate(pieces):
+                if r.tracker.status.terminal:
+                    break  # failed meanwhile: its Failed status is queued behind us
+                k.peer.transport.write_chunk(k.peer.pool, src, piece, aux if i == 0 else None)
+                if i + 1 < len(pieces):
+                    landed = piece.sent_tokens_after - (plan.sent_tokens_after - plan.tokens)
+                    k.peer.channel.send(P.Progress(r.room, k.chunks + 1, landed))
         except Exception as e:
             with self._lock:
                 k.in_flight = False
@@ -467,6 +474,22 @@ class EncoderEndpoint:
             k.peer.channel.send(msg)  # posted only after the data landed
         except PeerError as e:
             self._peer_lost(k.peer, str(e))
+
+    def _pieces(self, peer: _Peer, plan: ChunkPlan) -> list[ChunkPlan]:
+        """Split a chunk into pieces of ~``pipeline_bytes`` for pipelined delivery."""
+        per = self.config.pipeline_bytes // peer.pool.layout.emb_block_bytes
+        n = plan.src_block_end - plan.src_block_start
+        if not peer.transport.pipelined or per <= 0 or n <= per:
+            return [plan]
+        bs = peer.pool.layout.block_size
+        start_tokens = plan.sent_tokens_after - plan.tokens
+        out = []
+        for i0 in range(0, n, per):
+            i1 = min(n, i0 + per)
+            tokens = min(plan.tokens, i1 * bs) - i0 * bs
+            out.append(ChunkPlan(plan.src_block_start + i0, plan.src_block_start + i1, plan.dst_blocks[i0:i1],
+                                 tokens, start_tokens + i0 * bs + tokens, plan.partial or i1 < n))
+        return out
 
     def _post(self, peer: _Peer, msg: P.StatusMsg) -> None:
         """Queue a status behind the peer's in-flight writes."""

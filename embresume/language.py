@@ -36,7 +36,7 @@ from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub
 from .config import Config
 from .errors import AllocatorError, PeerError, ProtocolError, TransferFailed
-from .merge import EmbeddingResult, MergeBuffer
+from .merge import EmbeddingResult, MergeBuffer, ResultArena
 from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
 from .status import Status, StatusTracker
 from .transport.select import LOCAL, endpoint_host, make_transport
@@ -63,6 +63,7 @@ class _Request:
     reason: str = ""
     waiting_alloc: bool = False
     copying: bool = False
+    landed: int = 0        # tokens of the current chunk already copied (pipelined chunks)
     release: str = "free"
     event: threading.Event = field(default_factory=threading.Event)
 
@@ -83,6 +84,7 @@ class LanguageEndpoint:
         c = self.config
         self.layout = BlockLayout(c.total_pool_blocks, c.block_size, c.hidden_size, c.dtype, c.aux_ints)
         self.allocator = BlockAllocator(self.layout.num_blocks, self.layout.block_size)
+        self.arena = ResultArena(c.result_cache_bytes, c.block_size)
         self.pool: Optional[BlockPool] = None
         self.transport = None
         self.transport_name = ""
@@ -358,6 +360,9 @@ class LanguageEndpoint:
         req.waiting_alloc = False
         self.stats["failed"] += 1
         log.warning("room %d failed: %s", req.room, reason)
+        if req.merge is not None and not req.copying:
+            req.merge.discard()
+            req.merge = None
         if req.copying:
             # the reader thread is copying out of these blocks: it releases them
             req.release = "quarantine" if notify and self._peer_alive and not peer_dead else "free"
@@ -385,57 +390,89 @@ class LanguageEndpoint:
         self._last_seen = time.monotonic()
         if isinstance(msg, P.Heartbeat):
             return
-        if isinstance(msg, P.StatusMsg):
+        if isinstance(msg, (P.StatusMsg, P.Progress)):
             with self._lock:
-                job = self._on_status(msg)
+                job = self._on_status(msg) if isinstance(msg, P.StatusMsg) else self._on_progress(msg)
             if job is not None:
-                self._copy_chunk(*job)  # the copy runs outside the lock: poll() never waits for it
+                self._copy(*job)  # the copy runs outside the lock: poll() never waits for it
             return
         if isinstance(msg, P.Bye):
             self._peer_lost(f"encoder closed the connection: {msg.reason}")
             return
         log.warning("ignoring unexpected %s from the encoder", type(msg).__name__)
 
-    def _on_status(self, msg: P.StatusMsg) -> None:
+    def _live_request(self, room: int) -> Optional[_Request]:
+        req = self._reqs.get(room)
+        if req is None or req.tracker.status.terminal:
+            return None
+        return req
+
+    def _on_status(self, msg: P.StatusMsg):
         room = msg.room
         if room in self._quarantine:
             # the encoder's answer to our abort: nothing more will be written
             if msg.status is Status.Failed:
                 self._release_quarantine(room)
                 self._drain_waiting()
-            return
-        req = self._reqs.get(room)
-        if req is None or req.tracker.status.terminal:
+            return None
+        req = self._live_request(room)
+        if req is None:
             log.debug("late status %s for room %d ignored", msg.status.name, room)
-            return
+            return None
         if msg.status is Status.Failed:
             self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False)
-            return
+            return None
         if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.waiting_alloc:
             self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}", notify=True)
-            return
+            return None
         try:
             return self._check_chunk(req, msg)
         except (ValueError, ProtocolError, AllocatorError) as e:
             self._fail(req, f"bad chunk: {e}", notify=True)
         return None
 
+    def _on_progress(self, msg: P.Progress):
+        """Part of the current chunk landed: copy it out while the rest is written."""
+        req = self._live_request(msg.room)
+        if req is None or msg.room in self._quarantine:
+            return None
+        try:
+            if not req.blocks or req.waiting_alloc or msg.seq != req.chunks + 1:
+                raise ProtocolError("seq", f"progress for chunk {msg.seq} while expecting {req.chunks + 1}")
+            bs = self.layout.block_size
+            self._ensure_merge(req, 0)
+            tokens = min(req.total_tokens - req.sent_tokens, self.allocator.allocated_tokens(req.blocks))
+            if msg.landed % bs or not req.landed < msg.landed < tokens:
+                raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
+                                              f"({req.landed}, {tokens})")
+        except (ValueError, ProtocolError) as e:
+            self._fail(req, f"bad progress report: {e}", notify=True)
+            return None
+        req.copying = True
+        return req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None
+
+    def _ensure_merge(self, req: _Request, status_total: int) -> None:
+        """On the first data of a request: read aux (rule 3: only the first
+        block of the first chunk carries it) and allocate the merged tensors."""
+        if req.merge is not None or req.chunks:
+            return
+        aux = self.pool.aux[req.blocks[0]].clone().cpu()
+        total = int(aux[0])
+        if not 0 < total <= MAX_REQUEST_TOKENS:
+            raise ProtocolError("aux", f"total token count {total} is outside [1, {MAX_REQUEST_TOKENS}]")
+        if status_total and status_total != total:
+            raise ProtocolError("total_tokens", f"status says {status_total}, aux says {total}")
+        req.total_tokens = total
+        req.merge = MergeBuffer(total, self.layout.hidden, self.layout.dtype, self.pool.device, aux, self.arena)
+
     def _check_chunk(self, req: _Request, msg: P.StatusMsg):
         """Validate a chunk's STATUS (under the lock); returns the copy job."""
         if msg.seq != req.chunks + 1:
             raise ProtocolError("seq", f"expected chunk {req.chunks + 1}, got {msg.seq}")
-        pool = self.pool
+        self._ensure_merge(req, msg.total_tokens)
+        if msg.total_tokens and msg.total_tokens != req.total_tokens:
+            raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux said {req.total_tokens}")
         allocated = self.allocator.allocated_tokens(req.blocks)
-        if req.chunks == 0:
-            # rule 3: only the first block of the first chunk carries aux
-            aux = pool.aux[req.blocks[0]].clone().cpu()
-            total, delta = int(aux[0]), int(aux[1])
-            if not 0 < total <= MAX_REQUEST_TOKENS:
-                raise ProtocolError("aux", f"total token count {total} is outside [1, {MAX_REQUEST_TOKENS}]")
-            if msg.total_tokens and msg.total_tokens != total:
-                raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux says {total}")
-            req.total_tokens = total
-            req.merge = MergeBuffer(total, self.layout.hidden, self.layout.dtype, pool.device, aux)
         remaining = req.total_tokens - req.sent_tokens
         tokens = min(remaining, allocated)
         complete = tokens == remaining
@@ -446,12 +483,16 @@ class LanguageEndpoint:
         if msg.sent_tokens != req.sent_tokens + tokens:
             raise ProtocolError("sent_tokens", f"expected {req.sent_tokens + tokens}, got {msg.sent_tokens}")
         req.copying = True
-        return req, list(req.blocks), tokens, complete
+        bs = self.layout.block_size
+        return req, req.blocks[req.landed // bs:], tokens - req.landed, (tokens, complete)
 
-    def _copy_chunk(self, req: _Request, blocks: list, tokens: int, complete: bool) -> None:
+    def _copy(self, req: _Request, blocks: list, tokens: int, end) -> None:
+        """Copy ``tokens`` tokens out of ``blocks`` into the merge buffer; ``end``
+        is ``(chunk_tokens, complete)`` for a chunk's final status, None for progress."""
         err = None
         try:
-            req.merge.add_chunk(self.pool, blocks, tokens)
+            if tokens:
+                req.merge.add(self.pool, blocks, tokens)
             if self.pool.device.type == "cuda":
                 # gather kernels are asynchronous: the blocks are freed (and may be
                 # written by the encoder for another request) only after they finished
@@ -467,9 +508,15 @@ class LanguageEndpoint:
             if err is not None:
                 self._fail(req, f"copying the chunk failed: {err}", notify=True)
                 return
-            self._chunk_done(req, tokens, complete)
+            req.landed += tokens
+            if end is not None:
+                req.landed = 0
+                self._chunk_done(req, *end)
 
     def _release_after_copy(self, req: _Request) -> None:
+        if req.merge is not None:
+            req.merge.discard()
+            req.merge = None
         blocks, req.blocks = req.blocks, []
         if not blocks:
             return
@@ -489,7 +536,7 @@ class LanguageEndpoint:
         self.stats["chunks"] += 1
         self.stats["bytes"] += tokens * self.layout.emb_row_bytes
         if complete:
-            res = req.merge.result(req.room, req.tracker.history + [Status.Success])
+            res = req.merge.result(req.room, req.tracker.history + [Status.Success], req.chunks)
             if pool.device.type != "cuda" and self.config.device.startswith("cuda"):
                 res.embeddings, res.fill_ids, res.mrope_positions = (
                     t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))

@@ -8,8 +8,9 @@ and no partial copy is ever made twice.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -28,6 +29,24 @@ class EmbeddingResult:
     aux: torch.Tensor               # int32 [aux_ints], from the first chunk
     chunks: int = 1
     history: list[Status] = field(default_factory=list)
+    _lease: Optional["_Lease"] = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Hand the result's memory back to the endpoint for the next request.
+
+        Optional, but it saves the page faults of fresh memory (on the 2-core
+        development machine a fresh 64 MiB result costs 25 ms to fill, a
+        recycled one 3.3 ms).  The tensors must not be used afterwards."""
+        lease, self._lease = self._lease, None
+        self.embeddings = self.fill_ids = self.mrope_positions = None
+        if lease is not None:
+            lease.give_back()
+
+    def __enter__(self) -> "EmbeddingResult":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     @property
     def total_tokens(self) -> int:
@@ -42,19 +61,98 @@ class EmbeddingResult:
         return self.chunks - 1
 
 
+class _Lease:
+    __slots__ = ("arena", "key", "buffers")
+
+    def __init__(self, arena: "ResultArena", key, buffers):
+        self.arena, self.key, self.buffers = arena, key, buffers
+
+    def give_back(self) -> None:
+        self.arena._put(self.key, self.buffers)
+
+
+class ResultArena:
+    """Recycled memory for merged results.
+
+    Buffers are kept per (capacity bucket, hidden, dtype, device); a released
+    result's buffers serve the next request of the same bucket, so the merge
+    writes into memory that is already faulted in.  At most ``max_bytes`` are
+    kept idle; a miss simply allocates.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30, block_size: int = 128):
+        self.max_bytes = max_bytes
+        self.block_size = block_size
+        self._free: dict[tuple, list] = {}
+        self._idle = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def _bucket(self, tokens: int) -> int:
+        # capacity rounded up to a block, then to 1/8 steps of its power of two:
+        # at most 12.5 % slack, few distinct buckets
+        t = -(-tokens // self.block_size) * self.block_size
+        step = max(self.block_size, 1 << max(0, t.bit_length() - 4))
+        return -(-t // step) * step
+
+    @staticmethod
+    def _nbytes(key) -> int:
+        cap, hidden, dtype, _ = key
+        return cap * (hidden * torch.empty((), dtype=dtype).element_size() + 16)
+
+    def take(self, tokens: int, hidden: int, dtype: torch.dtype, device):
+        key = (self._bucket(tokens), hidden, dtype, str(device))
+        with self._lock:
+            stack = self._free.get(key)
+            if stack:
+                self.hits += 1
+                self._idle -= self._nbytes(key)
+                buffers = stack.pop()
+            else:
+                buffers = None
+                self.misses += 1
+        if buffers is None:
+            cap = key[0]
+            buffers = (torch.empty(cap * hidden, dtype=dtype, device=device),
+                       torch.empty(cap * 4, dtype=torch.int32, device=device))
+        e, meta = buffers
+        views = (e[:tokens * hidden].view(tokens, hidden), meta[:tokens],
+                 meta[key[0]:key[0] + 3 * tokens].view(3, tokens))
+        return views, _Lease(self, key, buffers)
+
+    def _put(self, key, buffers) -> None:
+        n = self._nbytes(key)
+        with self._lock:
+            if self._idle + n > self.max_bytes:
+                return
+            self._free.setdefault(key, []).append(buffers)
+            self._idle += n
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._idle = 0
+
+
 class MergeBuffer:
     """Destination of the chunks of one request."""
 
-    def __init__(self, total_tokens: int, hidden: int, dtype: torch.dtype, device, aux: torch.Tensor):
+    def __init__(self, total_tokens: int, hidden: int, dtype: torch.dtype, device, aux: torch.Tensor,
+                 arena: Optional[ResultArena] = None):
         self.total_tokens = total_tokens
-        self.embeddings = torch.empty((total_tokens, hidden), dtype=dtype, device=device)
-        self.fill_ids = torch.empty(total_tokens, dtype=torch.int32, device=device)
-        self.mrope_positions = torch.empty((3, total_tokens), dtype=torch.int32, device=device)
+        if arena is not None:
+            (self.embeddings, self.fill_ids, self.mrope_positions), self.lease = arena.take(
+                total_tokens, hidden, dtype, device)
+        else:
+            self.lease = None
+            self.embeddings = torch.empty((total_tokens, hidden), dtype=dtype, device=device)
+            self.fill_ids = torch.empty(total_tokens, dtype=torch.int32, device=device)
+            self.mrope_positions = torch.empty((3, total_tokens), dtype=torch.int32, device=device)
         self.aux = aux
         self.filled = 0
-        self.chunks = 0
 
-    def add_chunk(self, pool, blocks: Sequence[int], tokens: int) -> None:
+    def add(self, pool, blocks: Sequence[int], tokens: int) -> None:
+        """Gather the next ``tokens`` tokens (a chunk or a landed part of one)."""
         if tokens <= 0 or self.filled + tokens > self.total_tokens:
             raise ValueError(f"chunk of {tokens} tokens does not fit: {self.filled}/{self.total_tokens} filled")
         need = -(-tokens // pool.layout.block_size)
@@ -62,14 +160,19 @@ class MergeBuffer:
             raise ValueError(f"chunk of {tokens} tokens needs {need} blocks, {len(blocks)} given")
         gather_chunk(pool, blocks, tokens, self.embeddings, self.fill_ids, self.mrope_positions, self.filled)
         self.filled += tokens
-        self.chunks += 1
 
     @property
     def complete(self) -> bool:
         return self.filled == self.total_tokens
 
-    def result(self, room: int, history: list[Status]) -> EmbeddingResult:
+    def result(self, room: int, history: list[Status], chunks: int) -> EmbeddingResult:
         if not self.complete:
             raise ValueError(f"merge incomplete: {self.filled}/{self.total_tokens} tokens")
         return EmbeddingResult(room, self.embeddings, self.fill_ids, self.mrope_positions, self.aux,
-                               self.chunks, list(history))
+                               chunks, list(history), self.lease)
+
+    def discard(self) -> None:
+        """The request failed: recycle the buffers at once."""
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            lease.give_back()

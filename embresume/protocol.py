@@ -18,6 +18,7 @@ Bodies (``str`` = u16 length + UTF-8, ``blob`` = u32 length + UTF-8 JSON,
     ABORT     room u64, reason str
     HEARTBEAT seq u64, time_ns u64
     BYE       reason str
+    PROGRESS  room u64, seq u32, landed u32     (tokens of chunk ``seq`` already written, whole blocks)
 
 :func:`decode` validates every field and raises :class:`ProtocolError` naming
 the first bad one; it never returns a partially valid message.
@@ -52,6 +53,7 @@ class Kind(enum.IntEnum):
     ABORT = 5
     HEARTBEAT = 6
     BYE = 7
+    PROGRESS = 8
 
 
 class Role(enum.IntEnum):
@@ -121,7 +123,17 @@ class Bye:
     reason: str = ""
 
 
-Message = Union[Register, Init, Resume, StatusMsg, Abort, Heartbeat, Bye]
+@dataclass(frozen=True)
+class Progress:
+    """Part of a chunk has landed: the receiver may start copying it out
+    while the rest is still being written (pipelined chunks)."""
+
+    room: int
+    seq: int
+    landed: int
+
+
+Message = Union[Register, Init, Resume, StatusMsg, Abort, Heartbeat, Bye, Progress]
 
 _U8, _U16, _U32, _U64 = (struct.Struct(f"<{c}") for c in "BHIQ")
 _LIMITS = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFFFFFF, "Q": 0xFFFFFFFFFFFFFFFF}
@@ -210,6 +222,11 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, Bye):
         w = _Writer(Kind.BYE)
         w.str("reason", msg.reason)
+    elif isinstance(msg, Progress):
+        w = _Writer(Kind.PROGRESS)
+        w.num("room", "Q", msg.room)
+        w.num("seq", "I", msg.seq)
+        w.num("landed", "I", msg.landed)
     else:
         raise ProtocolError("kind", f"cannot encode {type(msg).__name__}")
     return w.bytes()
@@ -334,6 +351,12 @@ def decode(data) -> Message:
         msg = Abort(r.num("room", _U64), r.str("reason"))
     elif kind is Kind.HEARTBEAT:
         msg = Heartbeat(r.num("seq", _U64), r.num("time_ns", _U64))
+    elif kind is Kind.PROGRESS:
+        msg = Progress(r.num("room", _U64), r.num("seq", _U32), r.num("landed", _U32))
+        if msg.seq < 1:
+            raise ProtocolError("seq", "chunks are numbered from 1")
+        if msg.landed < 1:
+            raise ProtocolError("landed", "a progress report needs at least one token")
     else:
         msg = Bye(r.str("reason"))
     r.end()

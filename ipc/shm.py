@@ -108,7 +108,7 @@ class ShmSegment:
         return seg
 
     @classmethod
-    def attach(cls, name: str, size: int) -> "ShmSegment":
+    def attach(cls, name: str, size: int, prefault: bool = False) -> "ShmSegment":
         if not isinstance(name, str) or not name.startswith(PREFIX):
             raise ValueError(f"not an embresume segment name: {name!r}")
         shm = posix_ipc.SharedMemory(name)
@@ -118,7 +118,16 @@ class ShmSegment:
             mm = mmap.mmap(shm.fd, size)
         finally:
             shm.close_fd()
-        return cls(name, mm, size, owner=False)
+        seg = cls(name, mm, size, owner=False)
+        if prefault:
+            # map the (already allocated) pages now, not on the first write of a request
+            advice = getattr(mmap, "MADV_POPULATE_WRITE", None)
+            if advice is not None:
+                try:
+                    mm.madvise(advice)
+                except OSError:
+                    pass
+        return seg
 
     def unlink(self) -> None:
         if self.owner and not self.unlinked:
@@ -150,8 +159,8 @@ class ShmBacking:
         return cls(ShmSegment.create(nbytes, tag="pool-", prefault=prefault))
 
     @classmethod
-    def attach(cls, name: str, nbytes: int) -> "ShmBacking":
-        return cls(ShmSegment.attach(name, nbytes))
+    def attach(cls, name: str, nbytes: int, prefault: bool = True) -> "ShmBacking":
+        return cls(ShmSegment.attach(name, nbytes, prefault=prefault))
 
     def close(self) -> None:
         self.raw = torch.empty(0, dtype=torch.uint8)

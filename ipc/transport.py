@@ -27,6 +27,7 @@ class ShmPeer(PeerPool):
 
 class ShmTransport(Transport):
     name = "shm"
+    pipelined = True
 
     def create_backing(self, nbytes: int, device: str, prefault: bool = True) -> ShmBacking:
         if device != "cpu":

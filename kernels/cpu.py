@@ -42,16 +42,22 @@ def pool_arrays(pool):
     return cached[1]
 
 
-def _source_rows(src, bs: int):
-    """A function ``rows(j, n)`` giving numpy views of source block ``j``'s first ``n`` tokens."""
-    if hasattr(src, "blocks"):          # BlockSource: blocks of a pool
-        if bs != src.pool.layout.block_size:
-            raise ValueError("source pool block size differs from the destination's")
-        e, f, m, _ = pool_arrays(src.pool)
-        blocks = src.blocks
-        return lambda j, n: (e[blocks[j], :n], f[blocks[j], :n], m[blocks[j], :, :n])
-    e, f, m = as_numpy(src.embeddings), as_numpy(src.fill_ids), as_numpy(src.mrope_positions)
-    return lambda j, n: (e[j * bs:j * bs + n], f[j * bs:j * bs + n], m[:, j * bs:j * bs + n])
+def _runs(dst_blocks: Sequence[int], src_blocks, need: int, n_tokens: int, bs: int):
+    """Split the chunk's blocks into runs of consecutive destination (and, for a
+    pool source, source) blocks: ``(j0, j1, tokens)``.  One big copy per run lets
+    memcpy stream with non-temporal stores; per 1 MiB block it cannot."""
+    j0 = 0
+    for j in range(1, need + 1):
+        if (j == need or dst_blocks[j] != dst_blocks[j - 1] + 1
+                or (src_blocks is not None and src_blocks[j] != src_blocks[j - 1] + 1)):
+            yield j0, j, min(n_tokens, j * bs) - j0 * bs
+            j0 = j
+
+
+def _check_blocks(blocks: Sequence[int], need: int, num_blocks: int, what: str) -> None:
+    for b in blocks[:need]:
+        if not 0 <= b < num_blocks:
+            raise IndexError(f"{what} block {b} is out of range [0, {num_blocks})")
 
 
 def scatter_chunk(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens: int,
@@ -63,20 +69,46 @@ def scatter_chunk(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens
     ``aux`` is given it is written into the aux record of ``dst_blocks[0]``.
     """
     bs = dst.layout.block_size
-    need = -(-n_tokens // bs)
+    need = -(-n_tokens // bs) if n_tokens > 0 else 0
     if need > len(dst_blocks):
         raise ValueError(f"{n_tokens} tokens need {need} destination blocks, {len(dst_blocks)} given")
     de, df, dm, da = pool_arrays(dst)
-    rows = _source_rows(src, bs)
-    left = n_tokens
-    for j in range(need):
-        db = dst_blocks[j]
-        n = min(bs, left)
-        e, f, m = rows(src_block0 + j, n)
-        np.copyto(de[db, :n], e, casting="no")
-        np.copyto(df[db, :n], f, casting="no")
-        np.copyto(dm[db, :, :n], m, casting="no")
-        left -= n
+    H = de.shape[2]
+    _check_blocks(dst_blocks, max(need, 1 if aux is not None else 0), de.shape[0], "destination")
+    if hasattr(src, "blocks"):          # BlockSource: blocks of a pool
+        if bs != src.pool.layout.block_size:
+            raise ValueError("source pool block size differs from the destination's")
+        se, sf, sm, _ = pool_arrays(src.pool)
+        sblocks = src.blocks[src_block0:src_block0 + need]
+        _check_blocks(sblocks, need, se.shape[0], "source")
+        if len(sblocks) < need:
+            raise ValueError(f"the chunk needs {need} source blocks from {src_block0}, the source has "
+                             f"{len(src.blocks)}")
+        for j0, j1, n in _runs(dst_blocks, sblocks, need, n_tokens, bs):
+            d0, s0, r = dst_blocks[j0], sblocks[j0], j1 - j0
+            np.copyto(de[d0:d0 + r].reshape(r * bs, H)[:n], se[s0:s0 + r].reshape(r * bs, H)[:n], casting="no")
+            np.copyto(df[d0:d0 + r].reshape(r * bs)[:n], sf[s0:s0 + r].reshape(r * bs)[:n], casting="no")
+            full = n // bs
+            if full:
+                np.copyto(dm[d0:d0 + full], sm[s0:s0 + full], casting="no")
+            if n > full * bs:
+                np.copyto(dm[d0 + full, :, :n - full * bs], sm[s0 + full, :, :n - full * bs], casting="no")
+    else:                               # TensorSource: contiguous tensors
+        se, sf, sm = as_numpy(src.embeddings), as_numpy(src.fill_ids), as_numpy(src.mrope_positions)
+        t_base = src_block0 * bs
+        if t_base + n_tokens > se.shape[0]:
+            raise ValueError(f"the chunk needs source tokens up to {t_base + n_tokens}, the source has "
+                             f"{se.shape[0]}")
+        for j0, j1, n in _runs(dst_blocks, None, need, n_tokens, bs):
+            d0, r, t0 = dst_blocks[j0], j1 - j0, t_base + j0 * bs
+            np.copyto(de[d0:d0 + r].reshape(r * bs, H)[:n], se[t0:t0 + n], casting="no")
+            np.copyto(df[d0:d0 + r].reshape(r * bs)[:n], sf[t0:t0 + n], casting="no")
+            full = n // bs
+            if full:
+                np.copyto(dm[d0:d0 + full], sm[:, t0:t0 + full * bs].reshape(3, full, bs).transpose(1, 0, 2),
+                          casting="no")
+            if n > full * bs:
+                np.copyto(dm[d0 + full, :, :n - full * bs], sm[:, t0 + full * bs:t0 + n], casting="no")
     if aux is not None:
         a = as_numpy(aux.to(torch.int32).cpu().contiguous())
         np.copyto(da[dst_blocks[0], :a.shape[0]], a, casting="no")
@@ -87,17 +119,20 @@ def gather_chunk(src_pool, src_blocks: Sequence[int], n_tokens: int, out_embeddi
     """Copy ``n_tokens`` tokens out of pool blocks ``src_blocks`` into the
     contiguous outputs at token offset ``out_token0``."""
     bs = src_pool.layout.block_size
-    need = -(-n_tokens // bs)
+    need = -(-n_tokens // bs) if n_tokens > 0 else 0
     if need > len(src_blocks):
         raise ValueError(f"{n_tokens} tokens need {need} source blocks, {len(src_blocks)} given")
     se, sf, sm, _ = pool_arrays(src_pool)
+    H = se.shape[2]
+    _check_blocks(src_blocks, need, se.shape[0], "source")
     oe, of, om = as_numpy(out_embeddings), as_numpy(out_fill_ids), as_numpy(out_mrope)
-    left, o = n_tokens, out_token0
-    for j in range(need):
-        b = src_blocks[j]
-        n = min(bs, left)
-        np.copyto(oe[o:o + n], se[b, :n], casting="no")
-        np.copyto(of[o:o + n], sf[b, :n], casting="no")
-        np.copyto(om[:, o:o + n], sm[b, :, :n], casting="no")
-        o += n
-        left -= n
+    for j0, j1, n in _runs(src_blocks, None, need, n_tokens, bs):
+        s0, r, o = src_blocks[j0], j1 - j0, out_token0 + j0 * bs
+        np.copyto(oe[o:o + n], se[s0:s0 + r].reshape(r * bs, H)[:n], casting="no")
+        np.copyto(of[o:o + n], sf[s0:s0 + r].reshape(r * bs)[:n], casting="no")
+        full = n // bs
+        if full:
+            np.copyto(om[:, o:o + full * bs].reshape(3, full, bs).transpose(1, 0, 2), sm[s0:s0 + full],
+                      casting="no")
+        if n > full * bs:
+            np.copyto(om[:, o + full * bs:o + n], sm[s0 + full, :, :n - full * bs], casting="no")

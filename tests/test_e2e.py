@@ -192,3 +192,46 @@ def test_handshake_rejects_layout_mismatch(encoder):
     from embresume.errors import PeerError
     with pytest.raises(PeerError, match="layout mismatch"):
         LanguageEndpoint(cfg.replace(hidden_size=HIDDEN * 2))
+
+
+def test_pipelined_chunks_report_progress(transport, data):
+    """Chunks split into pieces: PROGRESS lets the receiver copy while the rest lands."""
+    cfg = make_config(transport, pipeline_bytes=2 * 128 * HIDDEN * 2)   # two blocks per piece
+    with EncoderProcess(cfg, data_spec=(HIDDEN, "bf16", MAX_TOKENS, 5, device_of(transport))) as enc, \
+            LanguageEndpoint(cfg.replace(pool_blocks=8)) as lang:
+        seen = []
+        orig = lang.channel.on_message
+
+        def on_message(ch, msg):
+            if isinstance(msg, P.Progress):
+                seen.append(msg)
+            return orig(ch, msg)
+
+        lang.channel.on_message = on_message
+        r, hist = run_one(lang, enc, data, 2000)        # chunks of 1024 and 976 tokens
+        assert r.chunks == 2 and hist.count(Status.Transferring) == 1
+        if transport != "cuda_ipc":                     # GPU writes are one kernel: not pipelined
+            assert [(m.seq, m.landed) for m in seen] == [(1, 256), (1, 512), (1, 768), (2, 256), (2, 512),
+                                                         (2, 768)]
+        check_clean(lang)
+
+
+def test_bad_progress_fails_the_room(encoder, data):
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(pool_blocks=8)) as lang:
+        room = next(_rooms)
+        lang.request(room)
+        # a forged progress report beyond the allocation, delivered as if from the encoder
+        lang._on_message(lang.channel, P.Progress(room, 1, 10**6))
+        assert lang.poll(room) is Status.Failed and "bad progress report" in lang.failure_reason(room)
+        run_one(lang, enc, data, 1500)
+        assert wait_for_free(lang)
+
+
+def wait_for_free(lang, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if lang.allocator.free_blocks == lang.layout.num_blocks:
+            return True
+        time.sleep(0.01)
+    return False

@@ -52,7 +52,7 @@ def simulate(total, default_alloc, block_size, pool_blocks, hidden=8, from_block
             a = pool.aux[blocks[0]].clone()
             assert int(a[0]) == total and int(a[1]) == -4
             merge = MergeBuffer(int(a[0]), hidden, torch.bfloat16, "cpu", a)
-        merge.add_chunk(pool, blocks, plan.tokens)
+        merge.add(pool, blocks, plan.tokens)
         alloc.free(blocks, room)
         sent = plan.sent_tokens_after
         chunks += 1
@@ -69,7 +69,7 @@ def simulate(total, default_alloc, block_size, pool_blocks, hidden=8, from_block
 def test_merge_equals_source(total, default_alloc, bs, pool_blocks, from_blocks, cap):
     merge, (emb, fill, mrope), chunks = simulate(total, default_alloc, bs, pool_blocks, from_blocks=from_blocks,
                                                 cap=cap)
-    r = merge.result(9, [])
+    r = merge.result(9, [], chunks)
     assert torch.equal(r.embeddings, emb) and torch.equal(r.fill_ids, fill)
     assert torch.equal(r.mrope_positions, mrope) and r.mrope_delta == -4
     assert r.chunks == chunks

@@ -23,6 +23,7 @@ messages = st.one_of(
     st.builds(P.Abort, u64, text),
     st.builds(P.Heartbeat, u64, u64),
     st.builds(P.Bye, text),
+    st.builds(P.Progress, u64, st.integers(1, 2**32 - 1), st.integers(1, 2**32 - 1)),
     st.builds(P.Register, st.sampled_from(list(P.Role)), text, text, u32, st.integers(0, 65535), text,
               st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-5, 5), text), max_size=5)),
 )

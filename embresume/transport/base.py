@@ -46,6 +46,9 @@ class PeerPool:
 
 class Transport(abc.ABC):
     name: ClassVar[str]
+    #: worth splitting a chunk into pieces whose PROGRESS lets the receiver
+    #: copy out earlier pieces while later ones are written (CPU-driven copies)
+    pipelined: ClassVar[bool] = False
 
     # ------------------------------------------------------ language side
     def create_backing(self, nbytes: int, device: str, prefault: bool = True):

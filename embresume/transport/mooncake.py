@@ -560,6 +560,7 @@ class MooncakeTransport(Transport):
     """
 
     name = "mooncake"
+    pipelined = True
 
     def __init__(self, protocol: str = "tcp", device_names: str = "", local_host: str = "127.0.0.1", *,
                  tensor_mode: str = "auto", write_timeout: Optional[float] = None,
