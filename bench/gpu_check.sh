@@ -102,13 +102,20 @@ timeout "$(cap 200)" "$PY" -m embresume.bench.gpu_bench --out "$OUT/gpu_bench.js
 BENCH_RC=${PIPESTATUS[0]}
 say "gpu_bench exit code $BENCH_RC"
 
+# 5b. end to end through the endpoints: cuda_ipc next to shm and the baselines ----------------
+say "embresume bench, GPU path end to end (timeout $(cap 150)s)"
+timeout "$(cap 150)" "$PY" -m embresume.cli bench --quick --sizes 1024,8192 --paths memcpy,shm,cuda_ipc,mp-queue \
+    --skip-concurrency --skip-allocator --no-plots --no-progress --out "$OUT/e2e" 2>&1 | tee "$OUT/e2e_bench.log" | tail -25
+E2E_RC=${PIPESTATUS[0]}
+say "e2e bench exit code $E2E_RC"
+
 # 6. summary -----------------------------------------------------------------------------------
 echo
 echo "================ gpu_check summary ================"
 echo "GPU:     ${GPU_NAME:-none}"
 echo "imports: $([ $IMPORT_RC -eq 0 ] && echo ok || echo "FAILED rc=$IMPORT_RC")"
 echo "pytest:  rc=$PYTEST_RC  $(grep -E '(passed|failed|skipped|error|no tests ran)' "$OUT/pytest_gpu.log" | tail -1)"
-echo "bench:   rc=$BENCH_RC"
+echo "bench:   rc=$BENCH_RC   e2e bench: rc=${E2E_RC:-n/a} (table above, $OUT/e2e/results.json)"
 if [ -s "$OUT/gpu_bench.json" ]; then
     timeout 30 "$PY" - "$OUT/gpu_bench.json" <<'EOF'
 import json, sys
