@@ -88,6 +88,7 @@ class _Rank:
     pending: bool = False
     in_flight: bool = False
     done: bool = False
+    unsafe: bool = False
 
 
 @dataclass
@@ -443,6 +444,9 @@ class EncoderEndpoint:
         except Exception as e:
             with self._lock:
                 k.in_flight = False
+                # the failed write may still land: this rank must keep its blocks
+                # away from other requests until the connection is torn down
+                k.unsafe = True
                 self._fail_room(r, f"transfer to rank {k.peer.tp_rank} failed: {e}")
             return
         with self._lock:
@@ -509,7 +513,8 @@ class EncoderEndpoint:
         for k in r.ranks.values():
             if k.peer.alive:
                 self._post(k.peer, P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens,
-                                               reason=reason[:1000]))
+                                               reason=reason[:1000],
+                                               flags=P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0))
         self._finish(r)
 
     def _finish(self, r: _Room) -> None:

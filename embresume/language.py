@@ -94,6 +94,7 @@ class LanguageEndpoint:
         self._reqs: dict[int, _Request] = {}
         self._waiting: collections.deque[int] = collections.deque()
         self._quarantine: dict[int, list[int]] = {}
+        self._held: dict[int, list[int]] = {}
         self._peer_alive = False
         self._peer_reason = ""
         self._last_seen = time.monotonic()
@@ -238,8 +239,8 @@ class LanguageEndpoint:
             old = self._reqs.get(room)
             if old is not None and not old.tracker.status.terminal:
                 raise ValueError(f"room {room} is already in flight")
-            if room in self._quarantine:
-                raise ValueError(f"room {room} still has blocks quarantined after an abort")
+            if room in self._quarantine or room in self._held:
+                raise ValueError(f"room {room} still has blocks quarantined after a failure")
             req = _Request(room, required_dst_info_num, time.monotonic() + self.config.request_timeout)
             self._reqs[room] = req
             if not self._peer_alive:
@@ -349,7 +350,8 @@ class LanguageEndpoint:
             self._fail(req, reason, notify=True)
 
     # ------------------------------------------------------------ failure
-    def _fail(self, req: _Request, reason: str, *, notify: bool, peer_dead: bool = False) -> None:
+    def _fail(self, req: _Request, reason: str, *, notify: bool, peer_dead: bool = False,
+              hold: bool = False) -> None:
         """Mark Failed and release blocks.  When the encoder may still write
         into the blocks (it was told to abort, not dead), they stay
         quarantined until it confirms; a dead peer or torn-down connection
@@ -363,14 +365,13 @@ class LanguageEndpoint:
         if req.merge is not None and not req.copying:
             req.merge.discard()
             req.merge = None
+        alive = self._peer_alive and not peer_dead
+        mode = "hold" if hold and alive else "quarantine" if notify and alive else "free"
         if req.copying:
             # the reader thread is copying out of these blocks: it releases them
-            req.release = "quarantine" if notify and self._peer_alive and not peer_dead else "free"
+            req.release = mode
         elif req.blocks:
-            if notify and self._peer_alive and not peer_dead:
-                self._quarantine[req.room] = req.blocks
-            else:
-                self.allocator.free(req.blocks, req.room)
+            self._park(req.room, req.blocks, mode)
             req.blocks = []
         if notify and self._peer_alive and not peer_dead:
             try:
@@ -379,6 +380,12 @@ class LanguageEndpoint:
                 self._release_quarantine(req.room)
         req.event.set()
         self._drain_waiting()
+
+    def _release_held(self) -> None:
+        """The connection is torn down: nothing can land in held blocks any more."""
+        for room, blocks in list(self._held.items()):
+            self.allocator.free(blocks, room)
+        self._held.clear()
 
     def _release_quarantine(self, room: int) -> None:
         blocks = self._quarantine.pop(room, None)
@@ -420,7 +427,12 @@ class LanguageEndpoint:
             log.debug("late status %s for room %d ignored", msg.status.name, room)
             return None
         if msg.status is Status.Failed:
-            self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False)
+            if msg.flags & P.FLAG_BLOCKS_UNSAFE:
+                # a write into these blocks may still land: quarantined until teardown
+                self.stats["unsafe_blocks"] += len(req.blocks)
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True)
+            else:
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False)
             return None
         if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.waiting_alloc:
             self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}", notify=True)
@@ -518,13 +530,20 @@ class LanguageEndpoint:
             req.merge.discard()
             req.merge = None
         blocks, req.blocks = req.blocks, []
-        if not blocks:
-            return
-        if req.release == "quarantine" and self._peer_alive:
-            self._quarantine[req.room] = blocks
-        else:
-            self.allocator.free(blocks, req.room)
+        if blocks:
+            self._park(req.room, blocks, req.release if self._peer_alive else "free")
             self._drain_waiting()
+
+    def _park(self, room: int, blocks: list, mode: str) -> None:
+        """Release a failed room's blocks: ``free`` now; ``quarantine`` until the
+        encoder confirms our abort; ``hold`` until the connection is torn down
+        (a failed write into them may still land)."""
+        if mode == "free":
+            self.allocator.free(blocks, room)
+        elif mode == "quarantine":
+            self._quarantine[room] = blocks
+        else:
+            self._held[room] = blocks
 
     def _chunk_done(self, req: _Request, tokens: int, complete: bool) -> None:
         pool = self.pool
@@ -571,6 +590,7 @@ class LanguageEndpoint:
             log.error("encoder lost: %s", reason)
             for room in list(self._quarantine):
                 self._release_quarantine(room)
+            self._release_held()
             for req in list(self._reqs.values()):
                 if not req.tracker.status.terminal:
                     self._fail(req, f"encoder lost: {reason}", notify=False, peer_dead=True)
@@ -621,6 +641,7 @@ class LanguageEndpoint:
                     self._fail(req, "endpoint closed", notify=False, peer_dead=True)
             for room in list(self._quarantine):
                 self._release_quarantine(room)
+            self._release_held()
         if self._monitor is not None:
             self._monitor.join(timeout=2)
         if self.channel is not None:

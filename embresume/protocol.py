@@ -14,7 +14,8 @@ Bodies (``str`` = u16 length + UTF-8, ``blob`` = u32 length + UTF-8 JSON,
     INIT      room u64, dst_port u32, required_dst_info_num u16, allocated_tokens u64,
               endpoint str, session_id str, dst_blocks u32[]
     RESUME    INIT's fields + sent_tokens u64
-    STATUS    room u64, status u8, seq u32, sent_tokens u64, chunk_tokens u32, total_tokens u64, reason str
+    STATUS    room u64, status u8, seq u32, sent_tokens u64, chunk_tokens u32, total_tokens u64, flags u8,
+              reason str
     ABORT     room u64, reason str
     HEARTBEAT seq u64, time_ns u64
     BYE       reason str
@@ -95,6 +96,11 @@ class Resume:
     sent_tokens: int
 
 
+#: STATUS flag: a write into the receiver's blocks failed or timed out and may
+#: still land; the blocks must not be reused until the connection is torn down
+FLAG_BLOCKS_UNSAFE = 1
+
+
 @dataclass(frozen=True)
 class StatusMsg:
     room: int
@@ -104,6 +110,7 @@ class StatusMsg:
     chunk_tokens: int = 0
     total_tokens: int = 0
     reason: str = ""
+    flags: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,7 @@ def encode(msg: Message) -> bytes:
         w.num("sent_tokens", "Q", msg.sent_tokens)
         w.num("chunk_tokens", "I", msg.chunk_tokens)
         w.num("total_tokens", "Q", msg.total_tokens)
+        w.num("flags", "B", msg.flags)
         w.str("reason", msg.reason)
     elif isinstance(msg, Abort):
         w = _Writer(Kind.ABORT)
@@ -344,7 +352,7 @@ def decode(data) -> Message:
             raise ProtocolError("status", f"unknown status {st}") from None
         msg = StatusMsg(room, st, seq=r.num("seq", _U32), sent_tokens=r.num("sent_tokens", _U64),
                         chunk_tokens=r.num("chunk_tokens", _U32), total_tokens=r.num("total_tokens", _U64),
-                        reason=r.str("reason"))
+                        flags=r.num("flags", _U8), reason=r.str("reason"))
         if msg.sent_tokens > msg.total_tokens and msg.status in (Status.Transferring, Status.Success):
             raise ProtocolError("sent_tokens", f"{msg.sent_tokens} exceeds total_tokens {msg.total_tokens}")
     elif kind is Kind.ABORT:

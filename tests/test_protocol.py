@@ -17,7 +17,7 @@ messages = st.one_of(
     st.builds(P.Resume, u64, text, u32, text, blocks, st.integers(1, 65535), st.integers(1, 2**64 - 1),
               st.integers(1, 2**64 - 1)),
     st.builds(P.StatusMsg, u64, st.sampled_from([Status.Failed, Status.Bootstrapping, Status.WaitingForInput]),
-              u32, u64, u32, u64, text),
+              u32, u64, u32, u64, text, st.integers(0, 255)),
     st.builds(lambda room, total, sent, st_: P.StatusMsg(room, st_, 1, min(sent, total), 5, total),
               u64, u64, u64, st.sampled_from([Status.Transferring, Status.Success])),
     st.builds(P.Abort, u64, text),
