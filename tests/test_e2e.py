@@ -210,9 +210,11 @@ def test_pipelined_chunks_report_progress(transport, data):
         lang.channel.on_message = on_message
         r, hist = run_one(lang, enc, data, 2000)        # chunks of 1024 and 976 tokens
         assert r.chunks == 2 and hist.count(Status.Transferring) == 1
-        if transport != "cuda_ipc":                     # GPU writes are one kernel: not pipelined
+        if lang.transport_name == "shm":                # GPU kernels, Mooncake over tcp: not pipelined
             assert [(m.seq, m.landed) for m in seen] == [(1, 256), (1, 512), (1, 768), (2, 256), (2, 512),
                                                          (2, 768)]
+        else:
+            assert seen == []
         check_clean(lang)
 
 

@@ -560,7 +560,6 @@ class MooncakeTransport(Transport):
     """
 
     name = "mooncake"
-    pipelined = True
 
     def __init__(self, protocol: str = "tcp", device_names: str = "", local_host: str = "127.0.0.1", *,
                  tensor_mode: str = "auto", write_timeout: Optional[float] = None,
@@ -588,6 +587,10 @@ class MooncakeTransport(Transport):
             _warn_rdma_fallback(device_names)
         self._key = (protocol, device_names, local_host)
         self._rdma_effective = protocol == "rdma" and bool(rdma_devices())
+        # pipelined chunks pay off when the NIC moves the bytes (RDMA) while the
+        # receiver copies; over TCP both compete for the CPU (measured on loopback,
+        # 64 MiB chunks: 37.8 ms unpipelined vs 40.1 ms in 8 MiB pieces)
+        self.pipelined = self._rdma_effective
         self._lock = threading.Lock()
         self._export_engine: Optional[_Engine] = None
         self._exported: dict[int, BlockPool] = {}           # id(pool) -> pool
