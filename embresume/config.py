@@ -96,6 +96,10 @@ class Config:
     #: pipelined chunks: the encoder reports PROGRESS every this many bytes of
     #: embeddings written so the receiver copies out while the rest lands (0: off)
     pipeline_bytes: int = 8 << 20
+    #: zero-copy receive: a request that arrives in one chunk in consecutive blocks
+    #: is returned as views of the receive pool (no gather copy); its blocks stay
+    #: allocated until ``EmbeddingResult.release()`` — which then becomes mandatory
+    zero_copy: bool = False
     #: idle memory kept for recycling released results (EmbeddingResult.release)
     result_cache_bytes: int = 1 << 30
     #: touch every page of a new pool so the hot path never page-faults

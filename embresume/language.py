@@ -59,6 +59,7 @@ class _Request:
     total_tokens: int = 0
     chunks: int = 0
     merge: Optional[MergeBuffer] = None
+    aux: Optional[torch.Tensor] = None
     result: Optional[EmbeddingResult] = None
     reason: str = ""
     waiting_alloc: bool = False
@@ -452,7 +453,7 @@ class LanguageEndpoint:
             if not req.blocks or req.waiting_alloc or msg.seq != req.chunks + 1:
                 raise ProtocolError("seq", f"progress for chunk {msg.seq} while expecting {req.chunks + 1}")
             bs = self.layout.block_size
-            self._ensure_merge(req, 0)
+            self._ensure_total(req, 0)
             tokens = min(req.total_tokens - req.sent_tokens, self.allocator.allocated_tokens(req.blocks))
             if msg.landed % bs or not req.landed < msg.landed < tokens:
                 raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
@@ -463,10 +464,10 @@ class LanguageEndpoint:
         req.copying = True
         return req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None
 
-    def _ensure_merge(self, req: _Request, status_total: int) -> None:
+    def _ensure_total(self, req: _Request, status_total: int) -> None:
         """On the first data of a request: read aux (rule 3: only the first
-        block of the first chunk carries it) and allocate the merged tensors."""
-        if req.merge is not None or req.chunks:
+        block of the first chunk carries it) and keep it for the whole request."""
+        if req.aux is not None:
             return
         aux = self.pool.aux[req.blocks[0]].clone().cpu()
         total = int(aux[0])
@@ -475,13 +476,51 @@ class LanguageEndpoint:
         if status_total and status_total != total:
             raise ProtocolError("total_tokens", f"status says {status_total}, aux says {total}")
         req.total_tokens = total
-        req.merge = MergeBuffer(total, self.layout.hidden, self.layout.dtype, self.pool.device, aux, self.arena)
+        req.aux = aux
+
+    def _zero_copy(self, req: _Request, tokens: int) -> bool:
+        """Single-chunk request in consecutive blocks: hand out views of the pool
+        (no gather copy); the blocks stay with the result until it is released."""
+        if not self.config.zero_copy or req.chunks or req.landed:
+            return False
+        bs = self.layout.block_size
+        need = -(-tokens // bs)
+        b0 = req.blocks[0]
+        if req.blocks[:need] != list(range(b0, b0 + need)):
+            return False
+        pool, H = self.pool, self.layout.hidden
+        emb = pool.embeddings[b0:b0 + need].reshape(need * bs, H)[:tokens]
+        fill = pool.fill_ids[b0:b0 + need].reshape(need * bs)[:tokens]
+        # mrope is [3, bs] per block: [3, T] needs this small copy (12 bytes a token)
+        mrope = pool.mrope[b0:b0 + need].transpose(0, 1).reshape(3, need * bs)[:, :tokens].contiguous()
+        spare = req.blocks[need:]
+        if spare:
+            self.allocator.free(spare, req.room)
+        blocks, req.blocks = req.blocks[:need], []
+        req.chunks = 1
+        req.sent_tokens = tokens
+        self.stats["chunks"] += 1
+        self.stats["zero_copy"] += 1
+        self.stats["bytes"] += tokens * self.layout.emb_row_bytes
+        res = EmbeddingResult(req.room, emb, fill, mrope, req.aux, 1, req.tracker.history + [Status.Success],
+                              _PoolLease(self, req.room, blocks))
+        req.result = res
+        req.tracker.set(Status.Success)
+        self.stats["success"] += 1
+        req.event.set()
+        self._drain_waiting()
+        return True
+
+    def _release_pool_lease(self, room: int, blocks: list) -> None:
+        with self._lock:
+            self.allocator.free(blocks, room)
+            self._drain_waiting()
 
     def _check_chunk(self, req: _Request, msg: P.StatusMsg):
         """Validate a chunk's STATUS (under the lock); returns the copy job."""
         if msg.seq != req.chunks + 1:
             raise ProtocolError("seq", f"expected chunk {req.chunks + 1}, got {msg.seq}")
-        self._ensure_merge(req, msg.total_tokens)
+        self._ensure_total(req, msg.total_tokens)
         if msg.total_tokens and msg.total_tokens != req.total_tokens:
             raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux said {req.total_tokens}")
         allocated = self.allocator.allocated_tokens(req.blocks)
@@ -494,6 +533,8 @@ class LanguageEndpoint:
             raise ProtocolError("status", f"{msg.status.name} with {remaining - tokens} tokens left")
         if msg.sent_tokens != req.sent_tokens + tokens:
             raise ProtocolError("sent_tokens", f"expected {req.sent_tokens + tokens}, got {msg.sent_tokens}")
+        if complete and self._zero_copy(req, tokens):
+            return None
         req.copying = True
         bs = self.layout.block_size
         return req, req.blocks[req.landed // bs:], tokens - req.landed, (tokens, complete)
@@ -503,6 +544,9 @@ class LanguageEndpoint:
         is ``(chunk_tokens, complete)`` for a chunk's final status, None for progress."""
         err = None
         try:
+            if req.merge is None:
+                req.merge = MergeBuffer(req.total_tokens, self.layout.hidden, self.layout.dtype, self.pool.device,
+                                        req.aux, self.arena)
             if tokens:
                 req.merge.add(self.pool, blocks, tokens)
             if self.pool.device.type == "cuda":
@@ -662,6 +706,18 @@ class LanguageEndpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _PoolLease:
+    """Blocks of the receive pool lent to a zero-copy result until it is released."""
+
+    __slots__ = ("endpoint", "room", "blocks")
+
+    def __init__(self, endpoint: "LanguageEndpoint", room: int, blocks: list):
+        self.endpoint, self.room, self.blocks = endpoint, room, blocks
+
+    def give_back(self) -> None:
+        self.endpoint._release_pool_lease(self.room, self.blocks)
 
 
 class _Fallback(Exception):

@@ -237,3 +237,28 @@ def wait_for_free(lang, timeout=5.0):
             return True
         time.sleep(0.01)
     return False
+
+
+def test_zero_copy_receive(encoder, data):
+    """One-chunk requests come back as views of the receive pool; the blocks
+    return to the allocator only when the result is released."""
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(pool_blocks=16, zero_copy=True)) as lang:
+        room = next(_rooms)
+        lang.request(room)
+        enc.send(room, 1000)
+        assert lang.wait(room, 30) is Status.Success
+        r = lang.result(room)
+        assert data.verify(room, r)
+        pool = lang.pool.embeddings
+        assert pool.data_ptr() <= r.embeddings.data_ptr() < pool.data_ptr() + pool.numel() * pool.element_size()
+        assert r.embeddings.is_contiguous() and r.fill_ids.is_contiguous() and r.mrope_positions.is_contiguous()
+        assert lang.allocator.free_blocks == 16 - 8          # 1000 tokens: 8 blocks lent to the result
+        assert lang.stats["zero_copy"] == 1
+        r.release()
+        assert lang.allocator.free_blocks == 16
+        # a request that needs a resume is gathered as usual
+        r2, _ = run_one(lang, enc, data, 2500)
+        assert r2.chunks == 2 and lang.stats["zero_copy"] == 1
+        r2.release()
+        check_clean(lang)
