@@ -116,8 +116,10 @@ class EndpointBench:
     child plus language endpoints created per experiment in this process."""
 
     def __init__(self, path: str, transport: str, device: str, dtype: torch.dtype, seed: int, profile: dict,
-                 quiet: bool = True, wait: bool = True):
+                 quiet: bool = True, wait: bool = True, lang_kw: Optional[dict] = None, sweep_only: bool = False):
         self.path, self.transport, self.device, self.dtype = path, transport, device, dtype
+        self.lang_kw = dict(lang_kw or {})
+        self.sweep_only = sweep_only
         self.seed, self.profile = seed, profile
         self.request_timeout = float(profile.get("request_timeout", 120.0))
         self.rooms = itertools.count(1)
@@ -149,6 +151,7 @@ class EndpointBench:
         from embresume.language import LanguageEndpoint
         base = self._cfg_kw(self.hidden)
         base.update(encoder_endpoint=self.address, prefault=True)
+        base.update(self.lang_kw)
         base.update(kw)
         return LanguageEndpoint(Config(**base))
 

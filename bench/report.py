@@ -70,6 +70,12 @@ def evaluate_goals(data: dict) -> list[dict]:
                              f"shm {g:.2f} GB/s vs single-thread memcpy {m['gbps_p50']:.2f} GB/s at {at}"))
         else:
             out.append(_goal("shm >= 45% of memcpy", ">= 0.45", None, None, "memcpy not measured"))
+        zc = idx.get(("shm-zc", T, H))
+        if m and zc and _finite(zc.get("gbps_p50")):
+            r = zc["gbps_p50"] / m["gbps_p50"]
+            out.append(_goal("shm zero-copy receive >= 45% of memcpy", ">= 0.45", r, r >= 0.45,
+                             f"shm-zc {zc['gbps_p50']:.2f} GB/s (Config(zero_copy=True): one copy, results are "
+                             f"views of the pool) vs memcpy {m['gbps_p50']:.2f} GB/s at {at}"))
         z = best_zmq(idx, T, H)
         if z:
             r = g / z["gbps_p50"]

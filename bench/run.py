@@ -73,13 +73,14 @@ PROFILES: dict[str, dict] = {
     ),
 }
 
-ENDPOINT_PATHS = ("shm", "cuda_ipc", "mooncake")
+ENDPOINT_PATHS = ("shm", "shm-zc", "cuda_ipc", "mooncake")
 BASELINE_PATHS = ("zmq-ipc", "zmq-tcp", "mp-queue")
 ALL_PATHS = ("memcpy",) + ENDPOINT_PATHS + ("mooncake-raw",) + BASELINE_PATHS
 
 DESCRIPTIONS = {
     "memcpy": ("roofline", "single-thread torch copy_ of the embedding bytes into a pre-faulted buffer"),
     "shm": ("product", "EncoderEndpoint (spawned child) -> LanguageEndpoint, Config(transport='shm'), CPU pools"),
+    "shm-zc": ("product", "as shm, with Config(zero_copy=True): one-chunk results are views of the pool"),
     "cuda_ipc": ("product", "EncoderEndpoint -> LanguageEndpoint, Config(transport='cuda_ipc', device='cuda:0')"),
     "mooncake": ("product", "EncoderEndpoint -> LanguageEndpoint, Config(transport='mooncake', tcp)"),
     "mooncake-raw": ("baseline", "Mooncake TE batch_transfer_sync_write alone (embresume.bench.mooncake_bench)"),
@@ -295,6 +296,10 @@ class _Run:
                 elif p == "shm":
                     pending.append((p, EndpointBench(p, "shm", "cpu", self.dtype, self.seed, self.prof,
                                                      quiet=not self.verbose, wait=False)))
+                elif p == "shm-zc":
+                    pending.append((p, EndpointBench(p, "shm", "cpu", self.dtype, self.seed, self.prof,
+                                                     quiet=not self.verbose, wait=False,
+                                                     lang_kw={"zero_copy": True}, sweep_only=True)))
                 elif p == "cuda_ipc":
                     if not torch.cuda.is_available():
                         self.mark(p, "skipped", "no CUDA device (torch.cuda.is_available() is False)")
@@ -358,6 +363,9 @@ class _Run:
                 try:
                     eb.open(h, max_tokens, expected)
                     self.data["samples"] += eb.sweep(sizes, self.tick)
+                    if eb.sweep_only:
+                        eb.child.call("close", timeout=60)
+                        continue
                     if h == side_hidden and prof["resume_targets"]:
                         self.data["resume"] += eb.resume(prof["resume_total"], prof["resume_targets"], self.tick)
                     if h == side_hidden and prof["conc_levels"]:
@@ -393,7 +401,7 @@ class _Run:
     def steps(self) -> int:
         p = self.prof
         sweep_paths = len([x for x in self.wanted if x in ALL_PATHS])
-        ep = len([x for x in self.wanted if x in ENDPOINT_PATHS])
+        ep = len([x for x in self.wanted if x in ENDPOINT_PATHS and x != "shm-zc"])
         return (len(p["sizes"]) * len(p["hidden"]) * sweep_paths
                 + ep * (len(p["resume_targets"]) + len(p["conc_levels"])) + len(p["alloc_pools"]))
 

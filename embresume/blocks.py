@@ -276,7 +276,9 @@ class BlockAllocator:
             for b in blocks:
                 self._owner[b] = FREE
                 owned.discard(b)
-                self._free.append(b)
+            # pushed in reverse so the next allocation pops them in the same order:
+            # runs of consecutive blocks survive churn (one big copy per run, zero-copy views)
+            self._free.extend(reversed(blocks))
             if owned is not None and not owned:
                 del self._by_room[room]
 

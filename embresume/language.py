@@ -461,6 +461,8 @@ class LanguageEndpoint:
         except (ValueError, ProtocolError) as e:
             self._fail(req, f"bad progress report: {e}", notify=True)
             return None
+        if self._zero_copy_candidate(req, tokens):
+            return None  # the whole request arrives in this chunk: it will not be copied at all
         req.copying = True
         return req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None
 
@@ -478,16 +480,22 @@ class LanguageEndpoint:
         req.total_tokens = total
         req.aux = aux
 
+    def _zero_copy_candidate(self, req: _Request, tokens: int) -> bool:
+        """The request completes in its first chunk, in consecutive blocks."""
+        if not self.config.zero_copy or req.chunks or req.landed or tokens != req.total_tokens:
+            return False
+        need = -(-tokens // self.layout.block_size)
+        b0 = req.blocks[0]
+        return req.blocks[:need] == list(range(b0, b0 + need))
+
     def _zero_copy(self, req: _Request, tokens: int) -> bool:
         """Single-chunk request in consecutive blocks: hand out views of the pool
         (no gather copy); the blocks stay with the result until it is released."""
-        if not self.config.zero_copy or req.chunks or req.landed:
+        if not self._zero_copy_candidate(req, tokens):
             return False
         bs = self.layout.block_size
         need = -(-tokens // bs)
         b0 = req.blocks[0]
-        if req.blocks[:need] != list(range(b0, b0 + need)):
-            return False
         pool, H = self.pool, self.layout.hidden
         emb = pool.embeddings[b0:b0 + need].reshape(need * bs, H)[:tokens]
         fill = pool.fill_ids[b0:b0 + need].reshape(need * bs)[:tokens]

@@ -10,7 +10,7 @@ import pytest
 
 from embresume.bench import run as bench_run
 
-EXPECTED_PATHS = {"memcpy", "shm", "cuda_ipc", "mooncake", "mooncake-raw", "zmq-ipc", "zmq-tcp", "mp-queue"}
+EXPECTED_PATHS = {"memcpy", "shm", "shm-zc", "cuda_ipc", "mooncake", "mooncake-raw", "zmq-ipc", "zmq-tcp", "mp-queue"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_paths_listed_and_verified(tiny):
         if p["status"] == "failed":
             assert p.get("error"), name
     # always available on a CPU machine
-    for name in ("memcpy", "shm", "zmq-ipc", "zmq-tcp", "mp-queue"):
+    for name in ("memcpy", "shm", "shm-zc", "zmq-ipc", "zmq-tcp", "mp-queue"):
         assert paths[name]["status"] == "ran", (name, paths[name])
     import torch
     if not torch.cuda.is_available():
