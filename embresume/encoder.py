@@ -22,6 +22,7 @@ that one room (STATUS Failed to the ranks) and the endpoint keeps serving.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import queue
@@ -89,6 +90,7 @@ class _Rank:
     in_flight: bool = False
     done: bool = False
     unsafe: bool = False
+    failed_msg: Optional[P.StatusMsg] = None
 
 
 @dataclass
@@ -123,6 +125,7 @@ class EncoderEndpoint:
             self.pool = BlockPool.create(layout, c.device)
             self.allocator = BlockAllocator(pool_blocks, c.block_size)
         self._lock = threading.RLock()
+        self._tls = threading.local()
         self._rooms: dict[int, _Room] = {}
         self._finished: "collections.OrderedDict[int, Status]" = collections.OrderedDict()
         self._peers: dict[str, _Peer] = {}
@@ -304,19 +307,34 @@ class EncoderEndpoint:
         peer.last_seen = time.monotonic()
         if isinstance(msg, P.Heartbeat):
             return
-        with self._lock:
-            if not peer.alive:
-                return
-            if isinstance(msg, P.Init):
-                self._on_init(peer, msg)
-            elif isinstance(msg, P.Resume):
-                self._on_resume(peer, msg)
-            elif isinstance(msg, P.Abort):
-                self._on_abort(peer, msg)
-            elif isinstance(msg, P.Bye):
-                self._peer_lost(peer, f"language rank said bye: {msg.reason}", clean=True)
-            else:
-                log.warning("ignoring unexpected %s from %s", type(msg).__name__, peer.session_id)
+        inline = peer.transport.name in LOCAL
+        if inline:
+            # same-host copies are fast: this peer's own reader thread does the
+            # write right after this message, saving a thread hand-off (the
+            # ZeroMQ reader is shared by all remote peers and never writes)
+            self._tls.peer, self._tls.jobs = peer, []
+        try:
+            with self._lock:
+                self._handle(peer, msg)
+        finally:
+            if inline:
+                jobs, self._tls.jobs = self._tls.jobs, None
+                for job in jobs:
+                    job()
+
+    def _handle(self, peer: _Peer, msg: P.Message) -> None:
+        if not peer.alive:
+            return
+        if isinstance(msg, P.Init):
+            self._on_init(peer, msg)
+        elif isinstance(msg, P.Resume):
+            self._on_resume(peer, msg)
+        elif isinstance(msg, P.Abort):
+            self._on_abort(peer, msg)
+        elif isinstance(msg, P.Bye):
+            self._peer_lost(peer, f"language rank said bye: {msg.reason}", clean=True)
+        else:
+            log.warning("ignoring unexpected %s from %s", type(msg).__name__, peer.session_id)
 
     def _validate_dst(self, peer: _Peer, msg) -> None:
         if msg.session_id != peer.session_id:
@@ -425,59 +443,90 @@ class EncoderEndpoint:
                 return
             k.pending, k.in_flight = False, True
             aux = make_aux(src.total_tokens, src.mrope_delta, layout.aux_ints) if k.chunks == 0 else None
-            k.peer.jobs.put(lambda k=k, plan=plan, aux=aux: self._write(r, k, src, plan, aux))
+            job = (lambda k=k, plan=plan, aux=aux: self._write(r, k, src, plan, aux))
+            if getattr(self._tls, "jobs", None) is not None and self._tls.peer is k.peer:
+                self._tls.jobs.append(job)      # run by k's reader once the lock is released
+            else:
+                k.peer.jobs.put(job)
 
     def _write(self, r: _Room, k: _Rank, src, plan: ChunkPlan, aux) -> None:
-        """Runs on the rank's worker thread."""
+        """Runs on the rank's worker thread (or, same-host, its reader thread).
+
+        While ``k.in_flight`` is set, a failure of the room does not post the
+        rank's Failed status: this method posts it once the write is over, so
+        the receiver never frees blocks that are still being written."""
         if r.tracker.status.terminal:
-            k.in_flight = False
+            self._end_in_flight(r, k)
             return
         try:
             pieces = self._pieces(k.peer, plan)
             for i, piece in enumerate(pieces):
                 if r.tracker.status.terminal:
-                    break  # failed meanwhile: its Failed status is queued behind us
+                    break  # failed meanwhile: Failed is posted below, after the write
                 k.peer.transport.write_chunk(k.peer.pool, src, piece, aux if i == 0 else None)
                 if i + 1 < len(pieces):
                     landed = piece.sent_tokens_after - (plan.sent_tokens_after - plan.tokens)
                     k.peer.channel.send(P.Progress(r.room, k.chunks + 1, landed))
         except Exception as e:
             with self._lock:
-                k.in_flight = False
                 # the failed write may still land: this rank must keep its blocks
                 # away from other requests until the connection is torn down
                 k.unsafe = True
                 self._fail_room(r, f"transfer to rank {k.peer.tp_rank} failed: {e}")
+            self._end_in_flight(r, k)
             return
         with self._lock:
-            k.in_flight = False
             if r.tracker.status.terminal:
-                return  # failed meanwhile; the Failed status is queued behind us
-            k.sent_tokens = plan.sent_tokens_after
-            k.chunks += 1
-            k.done = not plan.partial
-            r.deadline = time.monotonic() + self.config.request_timeout
-            self.stats["chunks"] += 1
-            self.stats["bytes"] += plan.tokens * k.peer.pool.layout.emb_row_bytes
-            status = Status.Transferring if plan.partial else Status.Success
-            msg = P.StatusMsg(r.room, status, k.chunks, k.sent_tokens, plan.tokens, src.total_tokens)
-            if plan.partial:
-                if r.tracker.status is not Status.Transferring:
-                    r.tracker.set(Status.Transferring)
-            elif all(x.done for x in r.ranks.values()):
-                if r.tracker.status is Status.WaitingForInput and r.ranks and any(
-                        x.chunks > 1 for x in r.ranks.values()):
-                    r.tracker.set(Status.Transferring)
-                r.tracker.set(Status.Success)
-                self._finish(r)
+                msg = None              # failed while we wrote: post Failed below
             else:
-                # this rank is done: ranks that already asked for their next
-                # chunk were waiting for it (rule 5 gate)
-                self._maybe_start(r)
+                msg = self._chunk_written(r, k, src, plan)
+        if msg is None:
+            self._end_in_flight(r, k)
+            return
         try:
             k.peer.channel.send(msg)  # posted only after the data landed
         except PeerError as e:
             self._peer_lost(k.peer, str(e))
+
+    def _chunk_written(self, r: _Room, k: _Rank, src, plan: ChunkPlan) -> P.StatusMsg:
+        """Book-keeping once a chunk landed (under the lock); returns its STATUS."""
+        k.in_flight = False
+        k.sent_tokens = plan.sent_tokens_after
+        k.chunks += 1
+        k.done = not plan.partial
+        r.deadline = time.monotonic() + self.config.request_timeout
+        self.stats["chunks"] += 1
+        self.stats["bytes"] += plan.tokens * k.peer.pool.layout.emb_row_bytes
+        status = Status.Transferring if plan.partial else Status.Success
+        msg = P.StatusMsg(r.room, status, k.chunks, k.sent_tokens, plan.tokens, src.total_tokens)
+        if plan.partial:
+            if r.tracker.status is not Status.Transferring:
+                r.tracker.set(Status.Transferring)
+        elif all(x.done for x in r.ranks.values()):
+            if r.tracker.status is Status.WaitingForInput and r.ranks and any(
+                    x.chunks > 1 for x in r.ranks.values()):
+                r.tracker.set(Status.Transferring)
+            r.tracker.set(Status.Success)
+            self._finish(r)
+        else:
+            # this rank is done: ranks that already asked for their next
+            # chunk were waiting for it (rule 5 gate)
+            self._maybe_start(r)
+        return msg
+
+    def _end_in_flight(self, r: _Room, k: _Rank) -> None:
+        """The write is over; if the room failed meanwhile, post its Failed now."""
+        with self._lock:
+            k.in_flight = False
+            msg = k.failed_msg
+            k.failed_msg = None
+        if msg is not None:
+            if k.unsafe:
+                msg = dataclasses.replace(msg, flags=msg.flags | P.FLAG_BLOCKS_UNSAFE)
+            try:
+                k.peer.channel.send(msg)
+            except PeerError:
+                pass
 
     def _pieces(self, peer: _Peer, plan: ChunkPlan) -> list[ChunkPlan]:
         """Split a chunk into pieces of ~``pipeline_bytes`` for pipelined delivery."""
@@ -512,9 +561,12 @@ class EncoderEndpoint:
         log.warning("room %d failed: %s", r.room, reason)
         for k in r.ranks.values():
             if k.peer.alive:
-                self._post(k.peer, P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens,
-                                               reason=reason[:1000],
-                                               flags=P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0))
+                msg = P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens, reason=reason[:1000],
+                                  flags=P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0)
+                if k.in_flight:
+                    k.failed_msg = msg      # posted by _write once the write is over
+                else:
+                    self._post(k.peer, msg)
         self._finish(r)
 
     def _finish(self, r: _Room) -> None:
