@@ -41,14 +41,15 @@ def _mooncake_skip_reason():
     return None
 
 
-def _gpu_skip_reason():
+def gpu_skip_reason():
+    """Why GPU tests cannot run here (None when they can)."""
     import torch
     if not torch.cuda.is_available():
-        return "needs a CUDA GPU and CuPy (no CUDA device)"
+        return "needs a CUDA GPU and CuPy (torch sees no CUDA device)"
     try:
         import cupy  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine
-        return f"needs a CUDA GPU and CuPy (cupy: {e})"
+        return f"needs a CUDA GPU and CuPy (cupy does not import: {type(e).__name__}: {e})"
     return None
 
 
@@ -61,7 +62,7 @@ TRANSPORTS = [
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request):
-    reason = {"mooncake": _mooncake_skip_reason, "cuda_ipc": _gpu_skip_reason}.get(request.param, lambda: None)()
+    reason = {"mooncake": _mooncake_skip_reason, "cuda_ipc": gpu_skip_reason}.get(request.param, lambda: None)()
     if reason:
         pytest.skip(reason)
     return request.param

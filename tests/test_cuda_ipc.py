@@ -25,19 +25,10 @@ from embresume.ipc.cuda_ipc import (CudaBacking, CudaIpcTransport, CudaIpcUnavai
                                     check_ipc_possible, parse_desc, process_identity)
 from embresume.planner import plan_chunk
 from embresume.source import BlockSource, TensorSource, make_aux
+from conftest import gpu_skip_reason
 
 
-def _cuda_skip_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU and CuPy (torch sees no CUDA device)"
-    try:
-        import cupy  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"needs a CUDA GPU and CuPy (cupy does not import: {type(e).__name__}: {e})"
-    return None
-
-
-CUDA_SKIP = _cuda_skip_reason()
+CUDA_SKIP = gpu_skip_reason()
 
 LAYOUT = BlockLayout(num_blocks=4, block_size=16, hidden=8, dtype=torch.bfloat16)
 

@@ -36,22 +36,13 @@ from embresume.kernels import cpu as kcpu
 from embresume.kernels import cuda as kcuda
 from embresume.planner import plan_chunk
 from embresume.source import BlockSource, TensorSource, make_aux
+from conftest import gpu_skip_reason
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 HIDDENS = [1, 2, 3, 5, 8, 63, 64, 127, 1000, 4096, 4099]
 
 
-def _cuda_skip_reason():
-    if not torch.cuda.is_available():
-        return "needs a CUDA GPU and CuPy (torch sees no CUDA device)"
-    try:
-        import cupy  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the machine
-        return f"needs a CUDA GPU and CuPy (cupy does not import: {type(e).__name__}: {e})"
-    return None
-
-
-CUDA_SKIP = _cuda_skip_reason()
+CUDA_SKIP = gpu_skip_reason()
 
 
 # ---------------------------------------------------------------------------

@@ -829,6 +829,18 @@ class MooncakeTransport(Transport):
         last_n = tokens - (nblk - 1) * bs
         transient: list[int] = []
 
+        def meta_triples(fill_at, mrope_at) -> None:
+            """fill_ids and mrope ranges of every block (source addresses by block index)."""
+            for j in range(nblk):
+                add(fill_at(j), peer.fill_addr + dst_blocks[j] * fbb, (bs if j < nblk - 1 else last_n) * 4)
+            for j in range(nblk):
+                sm, dm = mrope_at(j), peer.mrope_addr + dst_blocks[j] * mbb
+                if j < nblk - 1 or last_n == bs:
+                    add(sm, dm, mbb)
+                else:  # a partial last block: the sent tokens of each of the 3 rows
+                    for c in range(3):
+                        add(sm + c * fbb, dm + c * fbb, last_n * 4)
+
         if isinstance(src, BlockSource):
             sp = src.pool
             if sp.layout.block_size != bs:
@@ -848,17 +860,7 @@ class MooncakeTransport(Transport):
             for j in range(nblk):
                 n = bs if j < nblk - 1 else last_n
                 add(s_emb + sblocks[j] * ebb, peer.emb_addr + dst_blocks[j] * ebb, n * row)
-            for j in range(nblk):
-                n = bs if j < nblk - 1 else last_n
-                add(s_fill + sblocks[j] * fbb, peer.fill_addr + dst_blocks[j] * fbb, n * 4)
-            for j in range(nblk):
-                sm = s_mrope + sblocks[j] * mbb
-                dm = peer.mrope_addr + dst_blocks[j] * mbb
-                if j < nblk - 1 or last_n == bs:
-                    add(sm, dm, mbb)
-                else:
-                    for c in range(3):
-                        add(sm + c * fbb, dm + c * fbb, last_n * 4)
+            meta_triples(lambda j: s_fill + sblocks[j] * fbb, lambda j: s_mrope + sblocks[j] * mbb)
             aux_src = None
         else:  # TensorSource
             t0 = plan.src_block_start * bs
@@ -909,17 +911,7 @@ class MooncakeTransport(Transport):
             for j in range(nblk):
                 n = bs if j < nblk - 1 else last_n
                 add(e_addr + j * ebb, peer.emb_addr + dst_blocks[j] * ebb, n * row)
-            for j in range(nblk):
-                n = bs if j < nblk - 1 else last_n
-                add(base + m_fill + j * fbb, peer.fill_addr + dst_blocks[j] * fbb, n * 4)
-            for j in range(nblk):
-                sm = base + m_mrope + j * mbb
-                dm = peer.mrope_addr + dst_blocks[j] * mbb
-                if j < nblk - 1 or last_n == bs:
-                    add(sm, dm, mbb)
-                else:
-                    for c in range(3):
-                        add(sm + c * fbb, dm + c * fbb, last_n * 4)
+            meta_triples(lambda j: base + m_fill + j * fbb, lambda j: base + m_mrope + j * mbb)
 
         if aux is not None:
             n = aux.numel() * 4
