@@ -83,10 +83,18 @@ class ZmqHub:
     """
 
     def __init__(self, sock_type: int, *, bind: Optional[str] = None, connect: Optional[str] = None,
-                 on_frames: Callable[[bytes, bytes], None], name: str = "hub"):
+                 on_frames: Callable[[bytes, bytes], None], name: str = "hub",
+                 on_send_error: Optional[Callable[[bytes, Exception], None]] = None):
         ctx = zmq_context()
         self.sock = ctx.socket(sock_type)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # control messages are small and must never be dropped silently: no
+        # high-water mark, and a ROUTER reports unroutable identities
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, 0)
+        if sock_type == zmq.ROUTER:
+            self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._on_send_error = on_send_error
         self.sock_type = sock_type
         if bind:
             try:
@@ -101,9 +109,11 @@ class ZmqHub:
         self._inproc = f"inproc://embresume-{name}-{id(self):x}"
         self._pull = ctx.socket(zmq.PULL)
         self._pull.setsockopt(zmq.LINGER, 0)
+        self._pull.setsockopt(zmq.RCVHWM, 0)
         self._pull.bind(self._inproc)
         self._push = ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, 0)
         self._push.connect(self._inproc)
         self._push_lock = threading.Lock()
         self._on_frames = on_frames
@@ -138,8 +148,13 @@ class ZmqHub:
                             self.sock.send_multipart([ident, data], zmq.NOBLOCK)
                         else:
                             self.sock.send(data, zmq.NOBLOCK)
-                    except zmq.ZMQError as e:  # peer gone / HWM: the monitor notices silence
-                        log.debug("dropping outgoing frame: %s", e)
+                    except zmq.ZMQError as e:  # unroutable peer (gone): tell the owner
+                        log.warning("cannot send a control frame: %s", e)
+                        if self._on_send_error is not None:
+                            try:
+                                self._on_send_error(ident, e)
+                            except Exception:
+                                log.exception("send-error handler failed")
             if self.sock in events:
                 while True:
                     try:

@@ -64,6 +64,7 @@ class _Peer:
         self.channel = channel
         self.pid_check = pid_check
         self.last_seen = time.monotonic()
+        self.busy = False
         self.alive = True
         self.jobs: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
         self.worker = threading.Thread(target=self._work, name=f"embresume-enc-{session_id}", daemon=True)
@@ -135,7 +136,8 @@ class EncoderEndpoint:
         self._closed = False
         self._stop = threading.Event()
         self.stats = collections.Counter()
-        self._hub = ZmqHub(zmq.ROUTER, bind=bind or c.encoder_endpoint, on_frames=self._on_frames, name="encoder")
+        self._hub = ZmqHub(zmq.ROUTER, bind=bind or c.encoder_endpoint, on_frames=self._on_frames, name="encoder",
+                           on_send_error=self._on_send_error)
         self.address = self._hub.address
         self._monitor = threading.Thread(target=self._monitor_loop, name="embresume-enc-monitor", daemon=True)
         self._monitor.start()
@@ -227,6 +229,11 @@ class EncoderEndpoint:
             self._handshakes.pop(ident, None)
             self._hub.send(ident, P.encode(P.Bye(f"{type(e).__name__}: {e}")))
 
+    def _on_send_error(self, ident: bytes, err: Exception) -> None:
+        peer = self._zmq_peers.get(ident)
+        if peer is not None:
+            self._peer_lost(peer, f"control frame undeliverable: {err}")
+
     def _handshake(self, ident: bytes, msg: P.Register) -> None:
         c = self.config
         phase = msg.desc.get("phase")
@@ -272,6 +279,10 @@ class EncoderEndpoint:
             channel = ZmqChannel(self._hub, ident)
         peer = _Peer(msg.session_id, msg.tp_rank, msg.pid, transport, pool, channel, hs["pid_check"])
         with self._lock:
+            if self._closed:
+                channel.close()
+                transport.close_peer(pool)
+                raise PeerError("encoder endpoint is closing")
             old = self._peers.get(msg.session_id)
             if old is not None:
                 self._drop_peer(old, "replaced by a new connection of the same session")
@@ -308,6 +319,7 @@ class EncoderEndpoint:
         if isinstance(msg, P.Heartbeat):
             return
         inline = peer.transport.name in LOCAL
+        peer.busy = True            # the monitor does not count silence while we work
         if inline:
             # same-host copies are fast: this peer's own reader thread does the
             # write right after this message, saving a thread hand-off (the
@@ -317,10 +329,14 @@ class EncoderEndpoint:
             with self._lock:
                 self._handle(peer, msg)
         finally:
-            if inline:
-                jobs, self._tls.jobs = self._tls.jobs, None
-                for job in jobs:
-                    job()
+            try:
+                if inline:
+                    jobs, self._tls.jobs = self._tls.jobs, None
+                    for job in jobs:
+                        job()
+            finally:
+                peer.busy = False
+                peer.last_seen = time.monotonic()
 
     def _handle(self, peer: _Peer, msg: P.Message) -> None:
         if not peer.alive:
@@ -414,10 +430,11 @@ class EncoderEndpoint:
     def _on_abort(self, peer: _Peer, msg: P.Abort) -> None:
         r = self._rooms.get(msg.room)
         if r is not None and peer.session_id in r.ranks:
-            self._fail_room(r, f"aborted by rank {peer.tp_rank}: {msg.reason}")
+            self._fail_room(r, f"aborted by rank {peer.tp_rank}: {msg.reason}", ack_peer=peer)
         else:
             # nothing of ours in flight: confirm at once so the rank frees its blocks
-            self._post(peer, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed"))
+            self._post(peer, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed",
+                                         flags=P.FLAG_ABORT_ACK))
 
     # ------------------------------------------------------------ transfers
     def _maybe_start(self, r: _Room) -> None:
@@ -553,7 +570,7 @@ class EncoderEndpoint:
                 pass
         peer.jobs.put(job)
 
-    def _fail_room(self, r: _Room, reason: str) -> None:
+    def _fail_room(self, r: _Room, reason: str, ack_peer: Optional[_Peer] = None) -> None:
         if not r.tracker.fail():
             return
         r.reason = reason
@@ -561,8 +578,9 @@ class EncoderEndpoint:
         log.warning("room %d failed: %s", r.room, reason)
         for k in r.ranks.values():
             if k.peer.alive:
+                flags = (P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0) | (P.FLAG_ABORT_ACK if k.peer is ack_peer else 0)
                 msg = P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens, reason=reason[:1000],
-                                  flags=P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0)
+                                  flags=flags)
                 if k.in_flight:
                     k.failed_msg = msg      # posted by _write once the write is over
                 else:
@@ -617,27 +635,33 @@ class EncoderEndpoint:
             log.debug("close_peer failed", exc_info=True)
 
     def _monitor_loop(self) -> None:
-        c = self.config
         seq = 0
-        while not self._stop.wait(c.heartbeat_interval):
+        while not self._stop.wait(self.config.heartbeat_interval):
             seq += 1
-            now = time.monotonic()
-            with self._lock:
-                peers = list(self._peers.values())
-            for p in peers:
-                try:
-                    p.channel.send(P.Heartbeat(seq, time.time_ns()))
-                except PeerError as e:
-                    self._peer_lost(p, str(e))
-                    continue
-                if now - p.last_seen > c.peer_timeout:
-                    self._peer_lost(p, f"no message for {now - p.last_seen:.1f}s")
-                elif p.pid_check and not _pid_alive(p.pid):
-                    self._peer_lost(p, f"process {p.pid} exited")
-            with self._lock:
-                for r in list(self._rooms.values()):
-                    if now > r.deadline:
-                        self._fail_room(r, f"timed out in {r.tracker.status.name} after {c.request_timeout}s")
+            try:
+                self._monitor_once(seq)
+            except Exception:  # the monitor must outlive any one bad iteration
+                log.exception("encoder monitor iteration failed")
+
+    def _monitor_once(self, seq: int) -> None:
+        c = self.config
+        now = time.monotonic()
+        with self._lock:
+            peers = list(self._peers.values())
+        for p in peers:
+            try:
+                p.channel.send(P.Heartbeat(seq, time.time_ns()))
+            except PeerError as e:
+                self._peer_lost(p, str(e))
+                continue
+            if now - p.last_seen > c.peer_timeout and not p.busy:
+                self._peer_lost(p, f"no message for {now - p.last_seen:.1f}s")
+            elif p.pid_check and not _pid_alive(p.pid):
+                self._peer_lost(p, f"process {p.pid} exited")
+        with self._lock:
+            for r in list(self._rooms.values()):
+                if now > r.deadline:
+                    self._fail_room(r, f"timed out in {r.tracker.status.name} after {c.request_timeout}s")
 
     # ------------------------------------------------------------ teardown
     def close(self) -> None:

@@ -97,6 +97,7 @@ class LanguageEndpoint:
         self._quarantine: dict[int, list[int]] = {}
         self._held: dict[int, list[int]] = {}
         self._peer_alive = False
+        self._busy = False
         self._peer_reason = ""
         self._last_seen = time.monotonic()
         self._peer_pid = 0
@@ -240,8 +241,12 @@ class LanguageEndpoint:
             old = self._reqs.get(room)
             if old is not None and not old.tracker.status.terminal:
                 raise ValueError(f"room {room} is already in flight")
+            if old is not None and old.tracker.status is Status.Success:
+                raise ValueError(f"room {room} has a result nobody collected: call result({room}) first")
+            if old is not None and old.copying:
+                raise ValueError(f"room {room} is still being released after a failure")
             if room in self._quarantine or room in self._held:
-                raise ValueError(f"room {room} still has blocks quarantined after a failure")
+                raise ValueError(f"room {room} still waits for the encoder to confirm an abort")
             req = _Request(room, required_dst_info_num, time.monotonic() + self.config.request_timeout)
             self._reqs[room] = req
             if not self._peer_alive:
@@ -335,7 +340,9 @@ class LanguageEndpoint:
         wait for a terminal status, return the merged result."""
         with self._lock:
             req = self._reqs.get(room)
-        if req is None or req.tracker.status.terminal:
+            if req is not None and req.tracker.status is Status.Success:
+                return self.result(room)        # it arrived before we were asked
+        if req is None or req.tracker.status is Status.Failed:
             self.request(room, required_dst_info_num)
         timeout = self.config.request_timeout if timeout is None else timeout
         st = self.wait(room, timeout)
@@ -371,7 +378,9 @@ class LanguageEndpoint:
         if req.copying:
             # the reader thread is copying out of these blocks: it releases them
             req.release = mode
-        elif req.blocks:
+        elif req.blocks or mode == "quarantine":
+            # an ABORT goes out: the room stays quarantined (even without blocks)
+            # until the encoder's acknowledgement, so a retry never meets it
             self._park(req.room, req.blocks, mode)
             req.blocks = []
         if notify and self._peer_alive and not peer_dead:
@@ -402,7 +411,12 @@ class LanguageEndpoint:
             with self._lock:
                 job = self._on_status(msg) if isinstance(msg, P.StatusMsg) else self._on_progress(msg)
             if job is not None:
-                self._copy(*job)  # the copy runs outside the lock: poll() never waits for it
+                self._busy = True  # the monitor does not count silence while we copy
+                try:
+                    self._copy(*job)  # outside the lock: poll() never waits for it
+                finally:
+                    self._busy = False
+                    self._last_seen = time.monotonic()
             return
         if isinstance(msg, P.Bye):
             self._peer_lost(f"encoder closed the connection: {msg.reason}")
@@ -418,11 +432,14 @@ class LanguageEndpoint:
     def _on_status(self, msg: P.StatusMsg):
         room = msg.room
         if room in self._quarantine:
-            # the encoder's answer to our abort: nothing more will be written
+            # the encoder's answer to our abort (or its own failure of the
+            # aborted attempt): nothing more will be written into those blocks
             if msg.status is Status.Failed:
                 self._release_quarantine(room)
                 self._drain_waiting()
             return None
+        if msg.flags & P.FLAG_ABORT_ACK:
+            return None  # a late acknowledgement: it never fails a newer request for the room
         req = self._live_request(room)
         if req is None:
             log.debug("late status %s for room %d ignored", msg.status.name, room)
@@ -484,6 +501,8 @@ class LanguageEndpoint:
         """The request completes in its first chunk, in consecutive blocks."""
         if not self.config.zero_copy or req.chunks or req.landed or tokens != req.total_tokens:
             return False
+        if self.pool.device.type != torch.device(self.config.device).type:
+            return False  # host-path fallback for a GPU model: results are moved, not viewed
         need = -(-tokens // self.layout.block_size)
         b0 = req.blocks[0]
         return req.blocks[:need] == list(range(b0, b0 + need))
@@ -582,8 +601,9 @@ class LanguageEndpoint:
             req.merge.discard()
             req.merge = None
         blocks, req.blocks = req.blocks, []
-        if blocks:
-            self._park(req.room, blocks, req.release if self._peer_alive else "free")
+        mode = req.release if self._peer_alive else "free"
+        if blocks or mode == "quarantine":
+            self._park(req.room, blocks, mode)
             self._drain_waiting()
 
     def _park(self, room: int, blocks: list, mode: str) -> None:
@@ -591,11 +611,12 @@ class LanguageEndpoint:
         encoder confirms our abort; ``hold`` until the connection is torn down
         (a failed write into them may still land)."""
         if mode == "free":
-            self.allocator.free(blocks, room)
+            if blocks:
+                self.allocator.free(blocks, room)
         elif mode == "quarantine":
-            self._quarantine[room] = blocks
+            self._quarantine.setdefault(room, []).extend(blocks)
         else:
-            self._held[room] = blocks
+            self._held.setdefault(room, []).extend(blocks)
 
     def _chunk_done(self, req: _Request, tokens: int, complete: bool) -> None:
         pool = self.pool
@@ -619,8 +640,10 @@ class LanguageEndpoint:
             self._drain_waiting()
             return
         req.tracker.set(Status.Transferring)
-        # free first, then allocate the rest: a resume can always reuse its own blocks
-        if self._waiting or not self._try_allocate(req, req.total_tokens - req.sent_tokens):
+        # free first, then allocate the rest: a resume can always reuse its own
+        # blocks, and it never queues behind new requests (with TP ranks that
+        # would let two ranks wait on each other through the encoder's gate)
+        if not self._try_allocate(req, req.total_tokens - req.sent_tokens):
             req.waiting_alloc = True
             self._waiting.append(req.room)
             self._drain_waiting()
@@ -653,25 +676,31 @@ class LanguageEndpoint:
         return self._peer_alive
 
     def _monitor_loop(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_interval):
+            try:
+                self._monitor_once()
+            except Exception:  # the monitor must outlive any one bad iteration
+                log.exception("language monitor iteration failed")
+
+    def _monitor_once(self) -> None:
         c = self.config
-        while not self._stop.wait(c.heartbeat_interval):
-            if self._peer_alive:
-                self._hb_seq += 1
-                try:
-                    self.channel.send(P.Heartbeat(self._hb_seq, time.time_ns()))
-                except PeerError as e:
-                    self._peer_lost(str(e))
-                silent = time.monotonic() - self._last_seen
-                if silent > c.peer_timeout:
-                    self._peer_lost(f"no message for {silent:.1f}s (peer_timeout {c.peer_timeout}s)")
-                elif self._pid_check and self._peer_pid and not _pid_alive(self._peer_pid):
-                    self._peer_lost(f"encoder process {self._peer_pid} exited")
-            now = time.monotonic()
-            with self._lock:
-                for req in list(self._reqs.values()):
-                    if not req.tracker.status.terminal and now > req.deadline:
-                        self._fail(req, f"timed out in {req.tracker.status.name} "
-                                        f"after {c.request_timeout}s without progress", notify=True)
+        if self._peer_alive:
+            self._hb_seq += 1
+            try:
+                self.channel.send(P.Heartbeat(self._hb_seq, time.time_ns()))
+            except PeerError as e:
+                self._peer_lost(str(e))
+            silent = time.monotonic() - self._last_seen
+            if silent > c.peer_timeout and not self._busy:
+                self._peer_lost(f"no message for {silent:.1f}s (peer_timeout {c.peer_timeout}s)")
+            elif self._pid_check and self._peer_pid and not _pid_alive(self._peer_pid):
+                self._peer_lost(f"encoder process {self._peer_pid} exited")
+        now = time.monotonic()
+        with self._lock:
+            for req in list(self._reqs.values()):
+                if not req.tracker.status.terminal and now > req.deadline:
+                    self._fail(req, f"timed out in {req.tracker.status.name} "
+                                    f"after {c.request_timeout}s without progress", notify=True)
 
     # ------------------------------------------------------------ teardown
     def close(self) -> None:

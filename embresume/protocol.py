@@ -99,6 +99,9 @@ class Resume:
 #: STATUS flag: a write into the receiver's blocks failed or timed out and may
 #: still land; the blocks must not be reused until the connection is torn down
 FLAG_BLOCKS_UNSAFE = 1
+#: STATUS flag: this Failed answers the receiver's ABORT (nothing more will be
+#: written for that attempt); it never fails a newer request for the same room
+FLAG_ABORT_ACK = 2
 
 
 @dataclass(frozen=True)

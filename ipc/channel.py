@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 
+import posix_ipc
+
 from ..channel import Channel
 from ..errors import PeerError
 from .ring import RingClosed, RingTimeout, ShmRing
@@ -55,6 +57,8 @@ class RingChannel(Channel):
             self.tx.send(data)
         except (RingClosed, RingTimeout) as e:
             raise PeerError(f"control ring: {e}") from None
+        except (ValueError, posix_ipc.Error) as e:  # raced with close()
+            raise PeerError(f"control ring is closed: {e}") from None
 
     def unlink(self) -> None:
         self.tx.unlink()

@@ -137,14 +137,11 @@ class ShmSegment:
     def close(self) -> None:
         self.unlink()
         self.raw = torch.empty(0, dtype=torch.uint8)
-        mm, self._mm = self._mm, None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                # tensors created from this mapping are still alive somewhere;
-                # the mapping is released when the last of them is collected
-                pass
+        # no mm.close(): torch.frombuffer tensors keep the mmap object alive but
+        # hold no buffer export, so an explicit close would unmap memory that live
+        # views (a zero-copy result, an in-flight copy) still use.  The mapping
+        # goes away with the last reference.
+        self._mm = None
 
 
 class ShmBacking:

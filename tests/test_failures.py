@@ -216,3 +216,97 @@ def test_failed_write_holds_blocks_until_teardown(monkeypatch):
         finally:
             lang.close()
         assert lang.allocator.free_blocks == 16              # torn down: released
+
+
+def _inproc(**kw):
+    cfg = make_config("shm", hidden_size=HIDDEN, **kw)
+    return cfg, SyntheticData(HIDDEN, "bf16", 8000, seed=1)
+
+
+def _send(enc, data, room, tokens):
+    e, f, m, d = data.sample(room, tokens)
+    enc.send_tensors(room, e, f, m, d)
+
+
+def test_abort_of_a_waiting_request_blocks_retries_until_acknowledged():
+    """An aborted room stays quarantined until the encoder's acknowledgement,
+    even without blocks; a late acknowledgement never fails a newer attempt."""
+    cfg, data = _inproc(pool_blocks=8, default_allocate_tokens=1024)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        hold = next(_rooms)
+        lang.request(hold)                      # takes the whole pool, no embedding yet
+        room = next(_rooms)
+        lang.request(room)                      # waits for blocks
+        assert lang.poll(room) is Status.Bootstrapping
+        with lang._lock:                        # the acknowledgement cannot be processed yet
+            lang.abort(room, "user gave up")
+            with pytest.raises(ValueError, match="abort"):
+                lang.request(room)
+        assert wait_for(lambda: room not in lang._quarantine, 5)
+        lang.request(room)                      # the retry is now allowed ...
+        _send(enc, data, hold, 500)
+        _send(enc, data, room, 700)
+        assert lang.wait(room, 10) is Status.Success     # ... and not failed by the old ack
+        assert data.verify(room, lang.result(room))
+        lang.result(hold).release()
+        assert lang.allocator.free_blocks == 8
+
+
+def test_recv_after_the_result_arrived_and_uncollected_results():
+    cfg, data = _inproc(pool_blocks=16, zero_copy=True)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        room = next(_rooms)
+        lang.request(room)
+        _send(enc, data, room, 900)
+        assert lang.wait(room, 10) is Status.Success
+        with pytest.raises(ValueError, match="collected"):
+            lang.request(room)                  # would drop the result (and leak its blocks)
+        r = lang.recv(room, timeout=5)          # returns what already arrived
+        assert data.verify(room, r)
+        r.release()
+        assert lang.allocator.free_blocks == 16
+
+
+def test_zero_copy_result_outlives_the_endpoint():
+    cfg, data = _inproc(pool_blocks=16, zero_copy=True)
+    with EncoderEndpoint(cfg) as enc:
+        with LanguageEndpoint(cfg) as lang:
+            room = next(_rooms)
+            lang.request(room)
+            _send(enc, data, room, 1000)
+            r = lang.recv(room, timeout=10)
+            assert lang.stats["zero_copy"] == 1
+        # the endpoint is closed: the views must still be readable (no unmapped memory)
+        assert data.verify(room, r)
+        r.release()
+
+
+@pytest.mark.parametrize("seed, pool0, pool1", [(1, 2, 3), (2, 3, 5), (3, 3, 5)])
+def test_tp_ranks_under_pool_pressure_do_not_deadlock(seed, pool0, pool1):
+    """Two ranks with small, different pools and many multi-chunk rooms requested
+    in the same order: a resume never queues behind new requests (it would let
+    the ranks wait on each other through the encoder's all-ranks gate)."""
+    import random
+    rng = random.Random(seed)
+    cfg, data = _inproc(pool_blocks=8, default_allocate_tokens=256, pipeline_bytes=0, request_timeout=20.0)
+    rooms = [next(_rooms) for _ in range(24)]
+    sizes = [rng.randint(100, 3000) for _ in rooms]
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg.replace(pool_blocks=pool0), tp_rank=0) as r0, \
+            LanguageEndpoint(cfg.replace(pool_blocks=pool1), tp_rank=1) as r1:
+        def go(lang):
+            for room in rooms:
+                lang.request(room, required_dst_info_num=2)
+                time.sleep(rng.random() * 0.002)
+        threads = [threading.Thread(target=go, args=(x,)) for x in (r0, r1)]
+        for t in threads:
+            t.start()
+        for room, n in zip(rooms, sizes):
+            _send(enc, data, room, n)
+        for t in threads:
+            t.join(10)
+        for lang in (r0, r1):
+            for room, n in zip(rooms, sizes):
+                assert lang.wait(room, 20) is Status.Success, lang.failure_reason(room)
+                res = lang.result(room)
+                assert res.total_tokens == n and data.verify(room, res)
+        assert r0.allocator.free_blocks == pool0 and r1.allocator.free_blocks == pool1
