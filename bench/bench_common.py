@@ -13,7 +13,6 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import socket
 import sys
 import time
 import traceback
@@ -124,10 +123,7 @@ def repeats_for(nbytes: int, profile: dict) -> int:
 
 
 # ---------------------------------------------------------------- ports, shm
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from embresume.harness import free_port  # noqa: E402,F401  (re-exported for the bench modules)
 
 
 def shm_objects() -> set[str]:

@@ -75,7 +75,7 @@ class BlockLayout:
 
     @property
     def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def emb_block_bytes(self) -> int:
@@ -131,10 +131,8 @@ class Backing(Protocol):
 class TorchBacking:
     """Plain (process-private) torch memory, CPU or GPU."""
 
-    def __init__(self, nbytes: int, device: str = "cpu", pin: bool = False):
+    def __init__(self, nbytes: int, device: str = "cpu"):
         self.raw = torch.zeros(nbytes, dtype=torch.uint8, device=device)
-        if pin and device == "cpu" and torch.cuda.is_available():
-            self.raw = self.raw.pin_memory()
 
     def close(self) -> None:
         self.raw = torch.empty(0, dtype=torch.uint8)

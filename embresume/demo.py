@@ -17,17 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from .config import Config
-from .harness import EncoderProcess
+from .harness import EncoderProcess, free_port
 from .language import LanguageEndpoint
 from .status import Status
 from .synthetic import SyntheticData, image_token_counts
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +40,7 @@ def run(args: argparse.Namespace, console: Optional[Console] = None) -> int:
     console = console or Console()
     cfg_kw = dict(hidden_size=args.hidden, dtype=args.dtype, transport=args.transport,
                   cache_buffers=args.cache_buffers,
-                  encoder_endpoint=args.endpoint or f"tcp://127.0.0.1:{_free_port()}")
+                  encoder_endpoint=args.endpoint or f"tcp://127.0.0.1:{free_port()}")
     cfg = Config(**cfg_kw)
     counts = image_token_counts(args.requests, cfg.default_allocate_tokens, cfg.block_size, seed=args.seed)
     max_tokens = max(counts)

@@ -520,9 +520,6 @@ class EncoderEndpoint:
             if r.tracker.status is not Status.Transferring:
                 r.tracker.set(Status.Transferring)
         elif all(x.done for x in r.ranks.values()):
-            if r.tracker.status is Status.WaitingForInput and r.ranks and any(
-                    x.chunks > 1 for x in r.ranks.values()):
-                r.tracker.set(Status.Transferring)
             r.tracker.set(Status.Success)
             self._finish(r)
         else:

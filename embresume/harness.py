@@ -8,10 +8,18 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import socket
 import traceback
 from typing import Optional
 
 from .config import Config
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (for a loopback encoder endpoint)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple]) -> None:

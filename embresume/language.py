@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import zmq
 
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
@@ -143,7 +144,7 @@ class LanguageEndpoint:
             else:
                 inbox.put(data)
 
-        hub = ZmqHub(__import__("zmq").DEALER, connect=c.encoder_endpoint, on_frames=on_frames,
+        hub = ZmqHub(zmq.DEALER, connect=c.encoder_endpoint, on_frames=on_frames,
                      name=f"lang-r{self.tp_rank}")
         rings = None
         try:

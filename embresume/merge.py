@@ -98,7 +98,7 @@ class ResultArena:
     @staticmethod
     def _nbytes(key) -> int:
         cap, hidden, dtype, _ = key
-        return cap * (hidden * torch.empty((), dtype=dtype).element_size() + 16)
+        return cap * (hidden * dtype.itemsize + 16)
 
     def take(self, tokens: int, hidden: int, dtype: torch.dtype, device):
         key = (self._bucket(tokens), hidden, dtype, str(device))

@@ -25,10 +25,6 @@ class ChunkPlan:
     sent_tokens_after: int        # sent_tokens once this chunk landed
     partial: bool                 # True -> Transferring, False -> Success
 
-    @property
-    def src_blocks(self) -> range:
-        return range(self.src_block_start, self.src_block_end)
-
 
 def check_block_size(allocated_tokens: int, dst_blocks: Sequence[int], block_size: int) -> None:
     """Rule 2 of DESIGN.md: ``allocated_tokens // len(dst_blocks) == block_size``."""

@@ -1,11 +1,11 @@
 import glob
 import os
-import socket
 import time
 
 import pytest
 
 from embresume.config import Config
+from embresume.harness import free_port
 
 
 def _ours():
@@ -24,12 +24,6 @@ def no_shm_leak():
             break
         time.sleep(0.05)
     assert not leaked, f"shared-memory objects left behind: {sorted(leaked)}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _mooncake_skip_reason():

@@ -25,6 +25,7 @@ except Exception as e:  # pragma: no cover - depends on the machine
 
 from embresume.blocks import BlockLayout, BlockPool  # noqa: E402
 from embresume.errors import TransferError  # noqa: E402
+from embresume.harness import free_port  # noqa: E402
 from embresume.kernels import cpu as kcpu  # noqa: E402
 from embresume.planner import plan_chunk  # noqa: E402
 from embresume.source import BlockSource, TensorSource, make_aux  # noqa: E402
@@ -34,12 +35,6 @@ MooncakeTransport = mc.MooncakeTransport
 BS = 16
 HIDDEN = 64
 LAYOUT = BlockLayout(num_blocks=40, block_size=BS, hidden=HIDDEN, dtype=torch.bfloat16, aux_ints=16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def garbage_pool(layout: BlockLayout, seed: int) -> BlockPool:
