@@ -53,7 +53,8 @@ def _language_child(conn, layout_dict: dict, max_wait_s: float) -> None:
     try:
         import torch
         from embresume.blocks import BlockLayout
-        from embresume.ipc.cuda_ipc import CudaBacking, CudaIpcTransport
+        from embresume.ipc.cuda_ipc import CudaBacking
+        from embresume.transport.cuda_ipc import CudaIpcTransport
 
         torch.cuda.set_device(0)
         layout = BlockLayout.from_dict(layout_dict)
@@ -134,7 +135,8 @@ def run(args) -> dict:
         raise SystemExit(_fail("needs a CUDA GPU (torch sees none)"))
 
     from embresume.blocks import BlockLayout
-    from embresume.ipc.cuda_ipc import CudaBacking, CudaIpcTransport, CudaIpcUnavailable
+    from embresume.ipc.cuda_ipc import CudaBacking, CudaIpcUnavailable
+    from embresume.transport.cuda_ipc import CudaIpcTransport
     from embresume.kernels import cuda as kcuda
     from embresume.source import TensorSource
 

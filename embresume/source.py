@@ -108,6 +108,48 @@ class BlockSource:
 
 Source = TensorSource | BlockSource
 
+# ------------------------------------------------------------------ staging
+# A transport whose copy engine cannot read the source where it lives (a GPU
+# source for a host pool, a host source for a GPU pool, another GPU without
+# peer access) stages the chunk's tokens first.
+
+
+
+def stage_chunk(src, src_block0: int, n_tokens: int, bs: int, nblocks: int, device,
+                dtype: Optional[torch.dtype] = None, pin: bool = False):
+    """A contiguous :class:`TensorSource` of just the chunk's tokens
+    (``nblocks`` blocks from source block ``src_block0``) on ``device``,
+    optionally staged through pinned host memory; use it with ``src_block0 = 0``."""
+    rows = [min(bs, n_tokens - j * bs) for j in range(nblocks)]
+    tot = sum(rows)
+    if isinstance(src, TensorSource):
+        t0 = src_block0 * bs
+        e, f, m = (src.embeddings[t0:t0 + tot], src.fill_ids[t0:t0 + tot],
+                   src.mrope_positions[:, t0:t0 + tot])
+        if src_block0 < 0 or e.shape[0] != tot:
+            raise RuntimeError(f"the chunk needs source tokens {t0}..{t0 + tot}, the source has "
+                               f"{src.embeddings.shape[0]}")
+    else:
+        if src_block0 < 0:
+            raise IndexError(f"source block {src_block0} is negative")
+        parts = [src.block_rows(src_block0 + j, bs, n) for j, n in enumerate(rows)]
+        e = torch.cat([p[0] for p in parts])
+        f = torch.cat([p[1] for p in parts])
+        m = torch.cat([p[2] for p in parts], dim=1)
+    if dtype is not None and e.dtype != dtype:
+        e = e.to(dtype)
+    if pin:
+        staged = []
+        for x in (e, f, m):
+            h = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            h.copy_(x)          # synchronous D2H (or a host copy): complete on return
+            staged.append(h)
+        e, f, m = staged
+    # pinned -> device copies are asynchronous on the current stream; torch's
+    # host allocator keeps the pinned buffers alive until they completed
+    e, f, m = (x.to(device, non_blocking=True).contiguous() for x in (e, f, m))
+    return TensorSource(e, f, m, getattr(src, "mrope_delta", 0))
+
 
 def make_aux(total_tokens: int, mrope_delta: int, aux_ints: int) -> torch.Tensor:
     aux = torch.zeros(aux_ints, dtype=torch.int32)

@@ -1,7 +1,7 @@
-"""Same-host machinery: POSIX shm segments, the shm control ring, the shm
-transport (CPU pools) and CUDA IPC handles (GPU pools)."""
+"""Same-host mechanics the transports use: POSIX shm segments, the shm control
+ring and channel, CUDA IPC pools and handles (with their per-process cache)."""
 
-from .shm import ShmBacking, ShmSegment, unlink_segment
-from .ring import RingClosed, RingTimeout, ShmRing
+from embresume.ipc.shm import ShmBacking, ShmSegment, unlink_segment
+from embresume.ipc.ring import RingClosed, RingTimeout, ShmRing
 
 __all__ = ["ShmBacking", "ShmSegment", "ShmRing", "RingClosed", "RingTimeout", "unlink_segment"]

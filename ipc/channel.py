@@ -7,15 +7,16 @@ import threading
 
 import posix_ipc
 
-from ..channel import Channel
-from ..errors import PeerError
-from .ring import RingClosed, RingTimeout, ShmRing
+from embresume.channel import Channel
+from embresume.errors import PeerError
+from embresume.ipc.ring import RingClosed, RingTimeout, ShmRing
 
 log = logging.getLogger("embresume.ipc")
 
 
 class RingChannel(Channel):
     kind = "shm-ring"
+    dedicated = True
 
     def __init__(self, tx: ShmRing, rx: ShmRing, name: str = "ring"):
         super().__init__()

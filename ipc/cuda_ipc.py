@@ -1,4 +1,6 @@
-"""Same-host GPU transport: CUDA IPC handles of the receiver's pool.
+"""CUDA IPC mechanics of the same-host GPU path: pools, handles and their cache.
+
+The transport built on them is :mod:`embresume.transport.cuda_ipc`.
 
 Language side: the pool is one direct ``cudaMalloc`` (:class:`CudaBacking`,
 never from a caching allocator, whose blocks may be sub-allocated or
@@ -17,7 +19,7 @@ it (the connection to that peer is torn down).  The pointer is wrapped as a
 torch uint8 tensor and a :class:`~embresume.blocks.BlockPool` is laid over it,
 so the ordinary :func:`embresume.kernels.scatter_chunk` writes into it.
 
-:meth:`CudaIpcTransport.write_chunk` launches the fused scatter kernel and
+:meth:`embresume.transport.cuda_ipc.CudaIpcTransport.write_chunk` launches the fused scatter kernel and
 synchronises the stream before it returns: the encoder posts the chunk's
 status only after the bytes are in the peer's memory.
 
@@ -42,10 +44,8 @@ from typing import Callable, Optional
 import torch
 import logging
 
-from ..blocks import BlockLayout, BlockPool
-from ..errors import TransferError
-from ..planner import ChunkPlan
-from ..transport.base import PeerPool, Transport
+from embresume.blocks import BlockLayout, BlockPool
+from embresume.errors import TransferError, TransportUnavailable
 
 DESC_KIND = "cuda_ipc"
 DESC_VERSION = 1
@@ -55,7 +55,7 @@ HANDLE_BYTES = 64
 log = logging.getLogger("embresume.cuda_ipc")
 
 
-class CudaIpcUnavailable(TransferError):
+class CudaIpcUnavailable(TransportUnavailable):
     """CUDA IPC cannot connect these two processes; use another transport.
 
     ``reason`` says why in one line (suitable for the fallback log line)."""
@@ -76,7 +76,7 @@ def _cupy():
     return cupy
 
 
-def _require_cuda():
+def require_cuda():
     if not torch.cuda.is_available():
         raise CudaIpcUnavailable("no CUDA device is visible to torch")
     return _cupy()
@@ -184,7 +184,7 @@ def wrap_device_pointer(ptr: int, nbytes: int, device: int, owner=None) -> torch
     return t
 
 
-def _local_device_for(desc: dict) -> int:
+def local_device_for(desc: dict) -> int:
     """This process's index of the exporter's GPU (indices differ between
     processes with different CUDA_VISIBLE_DEVICES; the PCI bus id does not)."""
     cp = _cupy()
@@ -233,7 +233,7 @@ class CudaBacking:
     def __init__(self, nbytes: int, device=None, zero: bool = True):
         if nbytes <= 0:
             raise ValueError("a CUDA pool needs a positive size")
-        cp = _require_cuda()
+        cp = require_cuda()
         if device is None:
             dev = torch.cuda.current_device()
         else:
@@ -284,6 +284,11 @@ class CudaBacking:
         _local_backings.pop(self.generation, None)
         self.raw = torch.empty(0, dtype=torch.uint8)
         self._mem = None
+
+
+def local_backing(generation: int) -> Optional[CudaBacking]:
+    """The live :class:`CudaBacking` of this process with that generation, if any."""
+    return _local_backings.get(int(generation))
 
 
 def create_cuda_pool(layout: BlockLayout, device=None) -> BlockPool:
@@ -407,7 +412,7 @@ def default_cache() -> IpcHandleCache:
         return _default_cache
 
 
-class _OpenedBacking:
+class OpenedBacking:
     """Backing of a peer pool opened from the cache; ``close`` releases it."""
 
     def __init__(self, raw: torch.Tensor, cache: Optional[IpcHandleCache], key: Optional[tuple]):
@@ -421,163 +426,7 @@ class _OpenedBacking:
             cache.release(self._key)
 
 
-# ---------------------------------------------------------------------------
-# the transport
-# ---------------------------------------------------------------------------
-class CudaIpcPeer(PeerPool):
-    def __init__(self, layout: BlockLayout, desc: dict, pool: BlockPool, device: int, staged: bool,
-                 key: Optional[tuple], same_process: bool = False):
-        super().__init__(layout, desc)
-        self.pool = pool
-        self.device = device          # this process's index of the peer pool's GPU
-        self.staged = staged          # no peer access: copy through pinned host memory
-        self.key = key
-        self.same_process = same_process
-        self.launch_device = device   # the GPU whose context holds the mapping (kernels run there)
-        self._closed = False
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.pool.close()
-
-
-class CudaIpcTransport(Transport):
-    """Writes into GPU pools of other processes on this host through CUDA IPC.
-
-    ``device``: the encoder's GPU (default: torch's current device when a
-    peer is opened).  ``allow_same_process``: open a pool exported by this
-    very process directly (no IPC) instead of raising
-    :class:`CudaIpcUnavailable` -- for tests and single-process setups."""
-
-    name = "cuda_ipc"
-
-    def __init__(self, device=None, cache: Optional[IpcHandleCache] = None, allow_same_process: bool = False):
-        self._device = device
-        self._cache = cache
-        self.allow_same_process = allow_same_process
-        self._peers: "weakref.WeakSet[CudaIpcPeer]" = weakref.WeakSet()
-        self._exported: dict[int, dict] = {}
-
-    @property
-    def cache(self) -> IpcHandleCache:
-        if self._cache is None:
-            self._cache = default_cache()
-        return self._cache
-
-    def _encoder_device(self) -> int:
-        if self._device is None:
-            return torch.cuda.current_device()
-        if isinstance(self._device, int):
-            return self._device
-        d = torch.device(self._device)
-        return d.index if d.index is not None else torch.cuda.current_device()
-
-    # ------------------------------------------------------ language side
-    def create_backing(self, nbytes: int, device: str, prefault: bool = True) -> "CudaBacking":
-        if not str(device).startswith("cuda"):
-            raise TransferError("the cuda_ipc transport carries GPU pools; use shm for CPU pools")
-        return CudaBacking(nbytes, device)
-
-    def export_pool(self, pool: BlockPool) -> dict:
-        backing = pool.backing
-        if not isinstance(backing, CudaBacking):
-            raise TransferError("the cuda_ipc transport needs a pool backed by CudaBacking (one cudaMalloc)")
-        if backing.closed:
-            raise TransferError("cannot export a closed CUDA pool")
-        me = process_identity()
-        desc = {
-            "kind": DESC_KIND, "version": DESC_VERSION,
-            "handle": backing.ipc_handle().hex(), "offset": 0, "size": backing.nbytes,
-            "device": backing.device_index, "pci_bus_id": backing.pci_bus_id,
-            "generation": backing.generation, **me, "layout": pool.layout.to_dict(),
-        }
-        self._exported[backing.generation] = desc
-        return desc
-
-    def unexport_pool(self, pool: BlockPool) -> None:
-        # a CUDA IPC handle cannot be revoked; peers' mappings keep the memory
-        # alive until they close them.  Forget the description.
-        if isinstance(pool.backing, CudaBacking):
-            self._exported.pop(pool.backing.generation, None)
-
-    # ------------------------------------------------------- encoder side
-    def open_peer(self, desc: dict) -> CudaIpcPeer:
-        layout, handle, offset, size = parse_desc(desc)
-        try:
-            check_ipc_possible(desc)
-        except CudaIpcUnavailable:
-            if self.allow_same_process and int(desc["pid"]) == os.getpid():
-                local = _local_backings.get(int(desc["generation"]))
-                if local is not None and not local.closed and local.ipc_handle().hex() == desc["handle"].lower():
-                    raw = local.raw[offset:offset + layout.nbytes]
-                    pool = BlockPool(layout, _OpenedBacking(raw, None, None))
-                    log.info("CUDA IPC cannot open a handle in the process that exported it: "
-                             "using a same-process device copy")
-                    peer = CudaIpcPeer(layout, desc, pool, local.device_index, False, None, same_process=True)
-                    self._peers.add(peer)
-                    return peer
-            raise
-        _require_cuda()
-        peer_dev = _local_device_for(desc)
-        enc_dev = self._encoder_device()
-        from ..kernels import cuda as kcuda
-        staged = peer_dev != enc_dev and not kcuda._can_access(enc_dev, peer_dev)
-        # with peer access the mapping lives in the encoder's context (lazy peer
-        # enable); without it, in the peer GPU's own context, written from there
-        open_dev = peer_dev if staged else enc_dev
-        cache = self.cache
-        key = cache.key_of(desc)
-        base = cache.open(desc, open_dev)
-        try:
-            raw = wrap_device_pointer(base + offset, layout.nbytes, peer_dev)
-            pool = BlockPool(layout, _OpenedBacking(raw, cache, key))
-        except BaseException:
-            cache.release(key)
-            raise
-        peer = CudaIpcPeer(layout, desc, pool, peer_dev, staged, key)
-        peer.launch_device = open_dev
-        self._peers.add(peer)
-        return peer
-
-    def write_chunk(self, peer: CudaIpcPeer, src, plan: ChunkPlan, aux: Optional[torch.Tensor]) -> None:
-        from ..kernels import cuda as kcuda
-        from ..kernels import scatter_chunk
-
-        if peer._closed:
-            raise TransferError("write to a closed CUDA IPC peer")
-        pool = peer.pool
-        bs = pool.layout.block_size
-        src_block0 = plan.src_block_start
-        sdev = kcuda._src_device(src)
-        if plan.tokens > 0 and (peer.staged or sdev is None or sdev.type != "cuda"):
-            # no peer access between the GPUs: stage the chunk through pinned
-            # host memory onto the peer's GPU, then scatter there.  A host
-            # source goes to the GPU whose context holds the mapping.
-            dev = torch.device("cuda", peer.launch_device)
-            src = kcuda.stage_source(src, src_block0, plan.tokens, bs, len(plan.dst_blocks), dev,
-                                     dtype=pool.layout.dtype, pin=peer.staged)
-            src_block0 = 0
-        scatter_chunk(pool, plan.dst_blocks, src, src_block0, plan.tokens, aux)
-        # the status may only be posted once the kernel completed: wait for
-        # the streams the launch (or a fallback copy) used
-        devs = {peer.device, peer.launch_device}
-        sdev = kcuda._src_device(src)
-        if sdev is not None and sdev.type == "cuda":
-            devs.add(sdev.index if sdev.index is not None else torch.cuda.current_device())
-        for d in devs:
-            torch.cuda.current_stream(d).synchronize()
-
-    def close_peer(self, peer: CudaIpcPeer) -> None:
-        peer.close()
-        self._peers.discard(peer)
-
-    def close(self) -> None:
-        for peer in list(self._peers):
-            self.close_peer(peer)
-        self._exported.clear()
-
-
-__all__ = ["CudaBacking", "CudaIpcPeer", "CudaIpcTransport", "CudaIpcUnavailable", "IpcHandleCache",
-           "check_ipc_possible", "create_cuda_pool", "default_cache", "parse_desc", "process_identity",
+__all__ = ["CudaBacking", "CudaIpcUnavailable", "OpenedBacking", "IpcHandleCache",
+           "check_ipc_possible", "create_cuda_pool", "default_cache", "local_backing", "local_device_for",
+           "require_cuda", "parse_desc", "process_identity",
            "wrap_device_pointer"]

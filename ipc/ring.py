@@ -27,7 +27,7 @@ from typing import Optional
 
 import posix_ipc
 
-from . import shm as _shm
+from embresume.ipc import shm as _shm
 
 HEADER = 192
 _U64 = struct.Struct("<Q")

@@ -9,7 +9,7 @@ from pool blocks.  Pools on a CUDA device use the CuPy kernels of
 
 from __future__ import annotations
 
-from . import cpu
+from embresume.kernels import cpu
 
 
 def _on_cuda(t) -> bool:
@@ -18,14 +18,14 @@ def _on_cuda(t) -> bool:
 
 def scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux=None) -> None:
     if _on_cuda(dst.embeddings):
-        from . import cuda
+        from embresume.kernels import cuda
         return cuda.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
     return cpu.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
 
 
 def gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0) -> None:
     if _on_cuda(src_pool.embeddings):
-        from . import cuda
+        from embresume.kernels import cuda
         return cuda.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
     return cpu.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
 

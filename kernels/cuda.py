@@ -35,7 +35,9 @@ destination pool) the torch reference runs on the CUDA tensors instead.
 
 The launch is asynchronous on the current stream, like a torch copy: callers
 that hand the data to another process synchronise that stream first
-(:class:`embresume.ipc.cuda_ipc.CudaIpcTransport` does).
+(:class:`embresume.transport.cuda_ipc.CudaIpcTransport` does).  Sources that are not on a
+GPU with access to the destination are staged by the caller
+(:func:`embresume.source.stage_chunk`); unstaged, the torch reference copies them.
 
 Importing this module needs neither CuPy nor a GPU; calling the kernels does.
 """
@@ -49,7 +51,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from . import cpu
+from embresume.kernels import cpu
 
 KERNEL_NAME = "embr_block_copy"
 THREADS = 256
@@ -298,8 +300,6 @@ def plan_scatter(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens:
                  aux: Optional[torch.Tensor] = None) -> Optional[Launch]:
     """Descriptors for :func:`scatter_chunk`.  ``src`` must already have the
     destination's hidden size and dtype.  Returns ``None`` when nothing is copied."""
-    from embresume.source import BlockSource
-
     L = dst.layout
     bs = L.block_size
     dst_blocks = list(dst_blocks)
@@ -326,11 +326,10 @@ def plan_scatter(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens:
         else:
             sel = None
         j = np.arange(nrec, dtype=np.int64)
-        if isinstance(src, BlockSource):
+        if hasattr(src, "blocks"):          # blocks of a pool
             sp = src.pool
             if sp.layout.block_size != bs:
-                from embresume.errors import ConfigError
-                raise ConfigError("source pool block size differs from the destination's")
+                raise ValueError("source pool block size differs from the destination's")
             if src_block0 + nrec > len(src.blocks):
                 raise IndexError(f"source blocks {src_block0}..{src_block0 + nrec - 1} outside the "
                                  f"{len(src.blocks)} source blocks")
@@ -453,58 +452,16 @@ def _dev_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
 
-def stage_source(src, src_block0: int, n_tokens: int, bs: int, nblocks: int, device,
-                 dtype: Optional[torch.dtype] = None, pin: bool = False):
-    """A contiguous :class:`TensorSource` of just the chunk's tokens
-    (``nblocks`` blocks from source block ``src_block0``) on ``device``,
-    optionally staged through pinned host memory; use it with ``src_block0 = 0``."""
-    from embresume.source import TensorSource
-
-    rows = [min(bs, n_tokens - j * bs) for j in range(nblocks)]
-    tot = sum(rows)
-    if isinstance(src, TensorSource):
-        t0 = src_block0 * bs
-        e, f, m = (src.embeddings[t0:t0 + tot], src.fill_ids[t0:t0 + tot],
-                   src.mrope_positions[:, t0:t0 + tot])
-        if src_block0 < 0 or e.shape[0] != tot:
-            raise RuntimeError(f"the chunk needs source tokens {t0}..{t0 + tot}, the source has "
-                               f"{src.embeddings.shape[0]}")
-    else:
-        if src_block0 < 0:
-            raise IndexError(f"source block {src_block0} is negative")
-        parts = [src.block_rows(src_block0 + j, bs, n) for j, n in enumerate(rows)]
-        e = torch.cat([p[0] for p in parts])
-        f = torch.cat([p[1] for p in parts])
-        m = torch.cat([p[2] for p in parts], dim=1)
-    if dtype is not None and e.dtype != dtype:
-        e = e.to(dtype)
-    if pin:
-        staged = []
-        for x in (e, f, m):
-            h = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-            h.copy_(x)          # synchronous D2H (or a host copy): complete on return
-            staged.append(h)
-        e, f, m = staged
-    # pinned -> device copies are asynchronous on the current stream; torch's
-    # host allocator keeps the pinned buffers alive until they completed
-    e, f, m = (x.to(device, non_blocking=True).contiguous() for x in (e, f, m))
-    return TensorSource(e, f, m, getattr(src, "mrope_delta", 0))
-
-
 def _src_device(src) -> Optional[torch.device]:
     """The one device all of ``src``'s tensors live on, or ``None`` if mixed."""
-    from embresume.source import TensorSource
-
-    if isinstance(src, TensorSource):
+    if not hasattr(src, "blocks"):          # tensors straight from the model
         devs = {src.embeddings.device, src.fill_ids.device, src.mrope_positions.device}
         return devs.pop() if len(devs) == 1 else None
     return src.device
 
 
 def _overlaps(src, dst) -> bool:
-    from embresume.source import BlockSource
-
-    if not isinstance(src, BlockSource):
+    if not hasattr(src, "blocks"):          # only a pool source can overlap a pool
         return False
     a0, a1 = src.pool.backing.raw.data_ptr(), src.pool.backing.raw.data_ptr() + src.pool.layout.nbytes
     b0, b1 = dst.backing.raw.data_ptr(), dst.backing.raw.data_ptr() + dst.layout.nbytes
@@ -525,17 +482,15 @@ def scatter_chunk(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens
     launch_dev = ddev
     if nblocks:
         if sdev_t is None or sdev_t.type != "cuda":
-            src = stage_source(src, src_block0, n_tokens, bs, nblocks, torch.device("cuda", ddev))
-            src_block0 = 0
-        else:
-            sdev = sdev_t.index if sdev_t.index is not None else torch.cuda.current_device()
-            if sdev != ddev:
-                if _can_access(sdev, ddev):
-                    launch_dev = sdev
-                else:
-                    src = stage_source(src, src_block0, n_tokens, bs, nblocks,
-                                       torch.device("cuda", ddev), pin=True)
-                    src_block0 = 0
+            # a host (or mixed) source: the caller stages it (embresume.source.stage_chunk);
+            # unstaged, the reference copies it (correct, not fast)
+            return cpu.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
+        sdev = sdev_t.index if sdev_t.index is not None else torch.cuda.current_device()
+        if sdev != ddev:
+            if not _can_access(sdev, ddev):
+                # no peer access: the caller stages through pinned memory; unstaged, the reference
+                return cpu.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
+            launch_dev = sdev
     if aux is not None and aux.is_cuda and _dev_index(aux) != launch_dev:
         aux = aux.cpu()
     launch = plan_scatter(dst, dst_blocks, src, src_block0, n_tokens, aux)
@@ -592,5 +547,5 @@ def gather_chunk(src_pool, src_blocks: Sequence[int], n_tokens: int, out_embeddi
         m_out.copy_(m_k)
 
 
-__all__ = ["scatter_chunk", "gather_chunk", "plan_scatter", "plan_gather", "run_launch", "stage_source",
+__all__ = ["scatter_chunk", "gather_chunk", "plan_scatter", "plan_gather", "run_launch",
            "Launch", "KERNEL_SOURCE", "CudaUnavailable", "is_available", "unavailable_reason"]

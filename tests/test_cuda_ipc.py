@@ -21,8 +21,9 @@ import torch
 from embresume.blocks import BlockAllocator, BlockLayout, BlockPool, TorchBacking
 from embresume.errors import TransferError
 from embresume.ipc import cuda_ipc
-from embresume.ipc.cuda_ipc import (CudaBacking, CudaIpcTransport, CudaIpcUnavailable, IpcHandleCache,
-                                    check_ipc_possible, parse_desc, process_identity)
+from embresume.ipc.cuda_ipc import (CudaBacking, CudaIpcUnavailable, IpcHandleCache, check_ipc_possible,
+                                    parse_desc, process_identity)
+from embresume.transport.cuda_ipc import CudaIpcTransport
 from embresume.planner import plan_chunk
 from embresume.source import BlockSource, TensorSource, make_aux
 from conftest import gpu_skip_reason
@@ -168,7 +169,7 @@ def test_export_needs_a_cuda_backing():
 def test_cuda_backing_without_gpu_says_why():
     with pytest.raises(CudaIpcUnavailable):
         CudaBacking(4096)
-    assert cuda_ipc.CudaIpcTransport.name == "cuda_ipc"
+    assert CudaIpcTransport.name == "cuda_ipc"
 
 
 # ---------------------------------------------------------------------------

@@ -2,11 +2,12 @@
 
 Lifecycle (NIXL-style: register -> exchange metadata -> transfer -> close)::
 
-    language rank                                  encoder
-    -------------                                  -------
-    pool = BlockPool(...)          (one per rank, created by the endpoint)
+    language endpoint                               encoder
+    -----------------                               -------
+    pool = BlockPool(layout, cls.create_backing(..))   (ONE pool per endpoint)
     desc = t.export_pool(pool)  --- handshake --->  peer = t.open_peer(desc)   # once per peer pool
-                                                    t.write_chunk(peer, src, plan, dst_blocks, aux)
+      (once per transport instance,                 t.write_chunk(peer, src, plan, aux)
+       whatever the number of encoders)
                                 <-- STATUS ------   (posted only after write_chunk returned)
     t.unexport_pool(pool)                           t.close_peer(peer)
     t.close()                                       t.close()
@@ -18,6 +19,27 @@ blocks may still be written later (a timed-out RDMA write): the language side
 must not hand them to another request until the connection is torn down or
 the peer confirmed.
 
+The endpoints never name a transport.  What they need to know they ask the
+class (capabilities) or the instance:
+
+* :attr:`Transport.same_host_only` -- usable only when both endpoints share a
+  node (shared memory, CUDA IPC); such transports use the shm ring pair as
+  their control channel (:attr:`Transport.control` ``"ring"``), the others
+  ZeroMQ (``"zmq"``);
+* :attr:`Transport.pool_devices` -- the device types of receive pools it can
+  carry; :meth:`Transport.create_backing` makes the memory of a pool it can
+  export (the language endpoint asks the most specific transport allowed);
+* :meth:`Transport.can_export` -- whether an existing pool can be exported;
+* :meth:`Transport.instance_key` / :meth:`Transport.create` -- how instances
+  are shared (Mooncake: one per local interface, chosen from the peer's
+  address; the others: one per process side);
+* :meth:`Transport.peer_host` -- where the peer of a pool description is
+  (the encoder's side of the same choice);
+* :class:`~embresume.errors.TransportUnavailable` -- raised by
+  ``create_backing``, ``export_pool`` or ``open_peer`` when this pair of
+  processes cannot use the transport: the handshake then falls back to the
+  next transport both sides allow.
+
 Everything above this interface (allocator, protocol, planner, merge,
 endpoints) is transport-agnostic.
 """
@@ -25,7 +47,7 @@ endpoints) is transport-agnostic.
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Hashable, Optional
 
 import torch
 
@@ -46,19 +68,51 @@ class PeerPool:
 
 class Transport(abc.ABC):
     name: ClassVar[str]
+    #: both endpoints must share a node (same host, PID/IPC namespaces as required)
+    same_host_only: ClassVar[bool] = False
+    #: device types ("cpu", "cuda") of receive pools this transport can carry
+    pool_devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    #: control channel: "ring" (shm ring pair, same host) or "zmq"
+    control: ClassVar[str] = "zmq"
     #: worth splitting a chunk into pieces whose PROGRESS lets the receiver
     #: copy out earlier pieces while later ones are written (CPU-driven copies)
-    pipelined: ClassVar[bool] = False
+    pipelined: bool = False
+
+    # ------------------------------------------------------ discovery
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        """Why this transport cannot run in this process (None when it can)."""
+        return None
+
+    @classmethod
+    def instance_key(cls, config, peer_host: Optional[str]) -> Hashable:
+        """Instances with equal keys are shared by the connections of one endpoint."""
+        return cls.name
+
+    @classmethod
+    def create(cls, config, peer_host: Optional[str]) -> "Transport":
+        """A new instance for ``config``; ``peer_host`` is where the peer is."""
+        return cls()
+
+    @classmethod
+    def peer_host(cls, desc: dict) -> Optional[str]:
+        """Encoder side: the host a pool description comes from (None: unknown)."""
+        return None
 
     # ------------------------------------------------------ language side
-    def create_backing(self, nbytes: int, device: str, prefault: bool = True):
-        """Memory for a receive pool this transport can export."""
+    @classmethod
+    def create_backing(cls, nbytes: int, device: str, prefault: bool = True):
+        """Memory for a receive pool this transport (and others) can export."""
         from ..blocks import TorchBacking
         return TorchBacking(nbytes, device)
 
+    def can_export(self, pool: BlockPool) -> bool:
+        return pool.device.type in self.pool_devices
+
     @abc.abstractmethod
     def export_pool(self, pool: BlockPool) -> dict:
-        """Make ``pool`` writable by a peer; return a JSON-able description."""
+        """Make ``pool`` writable by peers; return a JSON-able description.
+        Called once per pool and instance, however many peers open it."""
 
     def unexport_pool(self, pool: BlockPool) -> None:
         """Undo :meth:`export_pool` (called when the language endpoint closes)."""
@@ -78,6 +132,11 @@ class Transport(abc.ABC):
 
     def close_peer(self, peer: PeerPool) -> None:
         peer.close()
+
+    def peer_died(self, peer: PeerPool) -> None:
+        """The process that exported ``peer`` is gone (killed before it could
+        clean up): remove what only it would have removed.  Called before
+        :meth:`close_peer`."""
 
     def close(self) -> None:
         pass

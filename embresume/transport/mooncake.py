@@ -138,6 +138,12 @@ def import_mooncake(log_level: Optional[str] = None):
         else:
             os.environ["MC_LOG_LEVEL"] = level
             _log_level_used = level
+            if level == "ERROR" and "GLOG_minloglevel" not in os.environ:
+                # Mooncake's glog prints "Logging before InitGoogleLogging" and
+                # E-level lines for conditions it recovers from (a peer's segment
+                # not cached yet): silent by default, shown at a verbose level.
+                # Failures still reach the caller as return codes.
+                os.environ["GLOG_minloglevel"] = "3"
         try:
             import mooncake.engine as mod  # noqa: WPS433 (lazy on purpose)
         except Exception as e:  # pragma: no cover - depends on the machine
@@ -560,6 +566,48 @@ class MooncakeTransport(Transport):
     """
 
     name = "mooncake"
+    same_host_only = False
+    pool_devices = ("cpu", "cuda")
+    control = "zmq"
+
+    # ------------------------------------------------------------- discovery
+    @classmethod
+    def unavailable_reason(cls) -> Optional[str]:
+        try:
+            import_mooncake()
+        except TransferError as e:
+            return str(e)
+        return None
+
+    @staticmethod
+    def _local_host(config, peer_host: Optional[str]) -> str:
+        from .select import local_ip_towards
+        return config.mooncake_host or local_ip_towards(peer_host or "127.0.0.1")
+
+    @classmethod
+    def instance_key(cls, config, peer_host: Optional[str]):
+        # one instance (one export engine, one registration of the pool) per
+        # local interface the peers are reached through
+        return (cls.name, cls._local_host(config, peer_host))
+
+    @classmethod
+    def create(cls, config, peer_host: Optional[str]) -> "MooncakeTransport":
+        return cls.from_config(config, local_host=cls._local_host(config, peer_host),
+                               write_timeout=config.extra.get("mooncake_write_timeout"))
+
+    @classmethod
+    def peer_host(cls, desc: dict) -> Optional[str]:
+        try:
+            return parse_session(desc.get("session"))[0]
+        except (MooncakeDescError, AttributeError):
+            return None
+
+    def can_export(self, pool: BlockPool) -> bool:
+        try:
+            _location_of(pool.backing.raw)
+        except TransferError:
+            return False
+        return True
 
     def __init__(self, protocol: str = "tcp", device_names: str = "", local_host: str = "127.0.0.1", *,
                  tensor_mode: str = "auto", write_timeout: Optional[float] = None,

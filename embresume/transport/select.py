@@ -1,39 +1,183 @@
-"""Transport selection: same node -> shm (CPU pools) or cuda_ipc (GPU pools);
-different nodes -> mooncake.  Configuration can force a transport."""
+"""Transport registry and selection.
+
+The endpoints never name a transport; they call these functions, which ask
+the transport classes for their capabilities:
+
+* :func:`create_pool_backing` (language side, once): the memory of the one
+  receive pool, made by the most specific transport the configuration allows
+  for the pool's device (CPU -> POSIX shm, GPU -> one cudaMalloc), so that
+  every other allowed transport can export it too (Mooncake registers it);
+* :func:`offer` (language side, per connection): the transports that can
+  export that pool, in preference order, sent in the hello;
+* :func:`choose` (encoder side): the first offered transport this side allows
+  and can run, skipping same-host-only ones for peers on another node;
+* :class:`TransportSet`: instances shared by the connections of one endpoint
+  (:meth:`Transport.instance_key`).
+"""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import socket
-from typing import Optional
+import threading
+from typing import Iterable, Optional
 from urllib.parse import urlsplit
 
-from ..config import Config
-from ..errors import ConfigError
+from ..errors import ConfigError, TransportUnavailable
 from .base import Transport
 
-LOCAL = ("shm", "cuda_ipc")
+log = logging.getLogger("embresume.transport")
+
+#: preference order: the most specific (fastest, same-host) first
+REGISTRY: dict[str, str] = {
+    "cuda_ipc": "embresume.transport.cuda_ipc:CudaIpcTransport",
+    "shm": "embresume.transport.shm:ShmTransport",
+    "mooncake": "embresume.transport.mooncake:MooncakeTransport",
+}
+NAMES = tuple(REGISTRY)
 
 
-def choose_transport(encoder_pref: str, language_pref: str, same_node: bool, language_device: str) -> str:
-    forced = {p for p in (encoder_pref, language_pref) if p and p != "auto"}
-    if len(forced) > 1:
-        raise ConfigError(f"encoder forces transport {encoder_pref!r}, language forces {language_pref!r}")
-    if forced:
-        choice = forced.pop()
-        if choice in LOCAL and not same_node:
-            raise ConfigError(f"transport {choice!r} needs both endpoints on one node")
-        return choice
-    if same_node:
-        return "cuda_ipc" if language_device.startswith("cuda") else "shm"
-    return "mooncake"
+def transport_class(name: str) -> type[Transport]:
+    try:
+        mod, _, cls = REGISTRY[name].partition(":")
+    except KeyError:
+        raise ConfigError(f"unknown transport {name!r}; known: {', '.join(NAMES)}") from None
+    return getattr(importlib.import_module(mod), cls)
+
+
+def allowed(config) -> list[str]:
+    """Transports this side's configuration allows, in preference order."""
+    return list(NAMES) if config.transport == "auto" else [config.transport]
+
+
+def unavailable_reason(name: str) -> Optional[str]:
+    try:
+        cls = transport_class(name)
+    except Exception as e:  # an import failure is a reason, not a crash
+        return f"{type(e).__name__}: {e}"
+    return cls.unavailable_reason()
+
+
+def create_pool_backing(config, nbytes: int):
+    """Memory for the language endpoint's receive pool.
+
+    Returns ``(backing, device)``: for a GPU model whose GPU cannot be
+    exported by any allowed transport the pool stays on the host (results
+    are moved to the model's device after the merge)."""
+    dev_type = "cuda" if config.device.startswith("cuda") else "cpu"
+    tried = []
+    for device in ([config.device, "cpu"] if dev_type == "cuda" else ["cpu"]):
+        dtype = "cuda" if device.startswith("cuda") else "cpu"
+        for name in allowed(config):
+            cls = transport_class(name)
+            if dtype not in cls.pool_devices:
+                continue
+            reason = cls.unavailable_reason()
+            if reason:
+                tried.append(f"{name}: {reason}")
+                continue
+            try:
+                backing = cls.create_backing(nbytes, device, config.prefault)
+            except TransportUnavailable as e:
+                tried.append(f"{name}: {e}")
+                continue
+            if device != config.device:
+                log.warning("no transport can carry a receive pool on %s (%s); the pool stays in host "
+                            "memory and results are moved to %s", config.device, "; ".join(tried),
+                            config.device)
+            return backing, device
+    raise ConfigError(f"no allowed transport can carry a receive pool for device {config.device!r}: "
+                      + ("; ".join(tried) or f"transport={config.transport!r}"))
+
+
+def offer(config, transports: "TransportSet", pool, peer_host: Optional[str],
+          exclude: Iterable[str] = ()) -> list[str]:
+    """Language side: the transports that can export ``pool``, best first."""
+    out = []
+    for name in allowed(config):
+        if name in exclude or unavailable_reason(name):
+            continue
+        if transports.get(name, peer_host).can_export(pool):
+            out.append(name)
+    return out
+
+
+def accepted(config, name: str, same_node: bool) -> bool:
+    """Encoder side: may a peer use ``name``?  ``Config.allowed_transports``, by
+    default the same-host transports for peers on this node and the others for
+    peers elsewhere (a local peer cannot make us open Mooncake engines)."""
+    if config.transport != "auto" and name != config.transport:
+        return False
+    if config.allowed_transports is not None:
+        return name in config.allowed_transports
+    if config.transport != "auto":
+        return True
+    return transport_class(name).same_host_only == same_node
+
+
+def choose(config, offered: list, same_node: bool) -> str:
+    """Encoder side: the first offered transport this side allows and can run."""
+    reasons = []
+    for name in offered:
+        if name not in REGISTRY:
+            continue
+        cls = transport_class(name)
+        if cls.same_host_only and not same_node:
+            reasons.append(f"{name}: needs both endpoints on one node")
+            continue
+        if not accepted(config, name, same_node):
+            reasons.append(f"{name}: not accepted here (transport={config.transport!r}, "
+                           f"allowed_transports={config.allowed_transports!r})")
+            continue
+        reason = cls.unavailable_reason()
+        if reason:
+            reasons.append(f"{name}: {reason}")
+            continue
+        return name
+    raise ConfigError("no common transport: the language side offers "
+                      f"{', '.join(map(str, offered)) or 'none'}"
+                      + (f" ({'; '.join(reasons)})" if reasons else ""))
+
+
+class TransportSet:
+    """The transport instances of one endpoint, shared by its connections."""
+
+    def __init__(self, config):
+        self.config = config
+        self._lock = threading.Lock()
+        self._items: dict = {}
+
+    def get(self, name: str, peer_host: Optional[str] = None) -> Transport:
+        cls = transport_class(name)
+        key = cls.instance_key(self.config, peer_host)
+        with self._lock:
+            t = self._items.get(key)
+            if t is None:
+                t = self._items[key] = cls.create(self.config, peer_host)
+            return t
+
+    def for_desc(self, name: str, desc: dict) -> Transport:
+        """Encoder side: the instance that writes to the pool ``desc`` describes."""
+        return self.get(name, transport_class(name).peer_host(desc))
+
+    def instances(self) -> list[Transport]:
+        with self._lock:
+            return list(self._items.values())
+
+    def close(self) -> None:
+        for t in self.instances():
+            try:
+                t.close()
+            except Exception:
+                log.debug("transport close failed", exc_info=True)
 
 
 def endpoint_host(endpoint: str) -> str:
     """The host part of a ZeroMQ ``tcp://host:port`` endpoint."""
     if "://" not in endpoint:
         return "127.0.0.1"
-    host = urlsplit(endpoint).hostname or "127.0.0.1"
-    return host
+    return urlsplit(endpoint).hostname or "127.0.0.1"
 
 
 def local_ip_towards(host: str) -> str:
@@ -47,20 +191,3 @@ def local_ip_towards(host: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return socket.gethostbyname(socket.gethostname())
-
-
-def make_transport(name: str, config: Config, peer_host: Optional[str] = None) -> Transport:
-    """``peer_host``: where the peer is (for the address Mooncake advertises)."""
-    if name == "shm":
-        from ..ipc.transport import ShmTransport
-        return ShmTransport()
-    if name == "cuda_ipc":
-        from ..ipc.cuda_ipc import CudaIpcTransport
-        dev = config.device if config.device.startswith("cuda") else None
-        return CudaIpcTransport(device=dev, allow_same_process=True)
-    if name == "mooncake":
-        from .mooncake import MooncakeTransport
-        host = config.mooncake_host or local_ip_towards(peer_host or "127.0.0.1")
-        return MooncakeTransport.from_config(config, local_host=host,
-                                             write_timeout=config.extra.get("mooncake_write_timeout"))
-    raise ConfigError(f"unknown transport {name!r}")
