@@ -223,7 +223,7 @@ class BlockAllocator:
             return list(self._by_room)
 
     # -- operations ----------------------------------------------------
-    def allocate(self, tokens: int, room: int, *, min_tokens: Optional[int] = None) -> list[int]:
+    def allocate(self, tokens: int, room, *, min_tokens: Optional[int] = None) -> list[int]:
         """Allocate blocks for ``tokens`` tokens for ``room``.
 
         With ``min_tokens`` the allocation may be cut down to what the pool
@@ -233,8 +233,6 @@ class BlockAllocator:
         """
         if not isinstance(tokens, int) or tokens <= 0:
             raise AllocatorError(f"cannot allocate {tokens!r} tokens")
-        if room < 0:
-            raise AllocatorError(f"room must be non-negative, got {room}")
         want = self.blocks_for_tokens(tokens)
         with self._lock:
             n = want

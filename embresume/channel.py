@@ -31,6 +31,9 @@ OnError = Callable[["Channel", Exception], None]
 
 class Channel(abc.ABC):
     kind: str = "?"
+    #: the channel has a reader thread of its own (not shared with other peers),
+    #: so work triggered by a message may run on it without delaying others
+    dedicated: bool = False
 
     def __init__(self) -> None:
         self.on_message: Optional[OnMessage] = None
@@ -67,6 +70,8 @@ class Channel(abc.ABC):
 
 # --------------------------------------------------------------------- ZeroMQ
 _ctx_lock = threading.Lock()
+#: frames a socket queues from its peers before it stops reading them
+RCV_HWM = 10000
 
 
 def zmq_context() -> zmq.Context:
@@ -84,18 +89,32 @@ class ZmqHub:
 
     def __init__(self, sock_type: int, *, bind: Optional[str] = None, connect: Optional[str] = None,
                  on_frames: Callable[[bytes, bytes], None], name: str = "hub",
-                 on_send_error: Optional[Callable[[bytes, Exception], None]] = None):
+                 on_send_error: Optional[Callable[[bytes, Exception], None]] = None,
+                 curve_keys=None, max_frame: int = 0):
         ctx = zmq_context()
         self.sock = ctx.socket(sock_type)
         self.sock.setsockopt(zmq.LINGER, 0)
         # control messages are small and must never be dropped silently: no
-        # high-water mark, and a ROUTER reports unroutable identities
+        # send high-water mark, and a ROUTER reports unroutable identities.
+        # Receiving, a high-water mark only pushes back on a flooding peer
+        # (ZeroMQ stops reading its connection), it drops nothing.
         self.sock.setsockopt(zmq.SNDHWM, 0)
-        self.sock.setsockopt(zmq.RCVHWM, 0)
+        self.sock.setsockopt(zmq.RCVHWM, RCV_HWM)
+        if max_frame:
+            # a peer announcing a bigger frame is disconnected before it is buffered
+            self.sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
         if sock_type == zmq.ROUTER:
             self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._on_send_error = on_send_error
         self.sock_type = sock_type
+        self._zap_domain = None
+        if curve_keys is not None:
+            from . import auth
+            if bind:
+                self._zap_domain = f"embresume-{id(self):x}"
+                auth.make_server(self.sock, curve_keys, self._zap_domain)
+            else:
+                auth.make_client(self.sock, curve_keys)
         if bind:
             try:
                 self.sock.bind(bind)
@@ -183,6 +202,9 @@ class ZmqHub:
             self._thread.join(timeout=2)
         for s in (self._push, self._pull, self.sock):
             s.close(linger=0)
+        if self._zap_domain is not None:
+            from . import auth
+            auth.forget_server(self._zap_domain)
 
 
 class ZmqChannel(Channel):

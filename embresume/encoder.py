@@ -6,12 +6,15 @@ what fits, the transport writes it, and only then the chunk's STATUS
 (Transferring or Success) is posted — per rank, in order, on the rank's own
 worker thread, so one slow rank never delays another's control messages.
 
-Rules (DESIGN.md):
+Rules (docs/design.md):
 1. a room's source and total_tokens are kept until Success/Failed/timeout, so
    every RESUME re-triggers a transfer;
 2. allocated_tokens must equal ``len(dst_blocks) * block_size`` (checked);
 3. aux is written only into the first block of a rank's first chunk;
-4. INITs for rooms already Transferring/Success are ignored;
+4. INITs for rooms already Transferring/Success are ignored, and so is a
+   replayed INIT (same session, room and nonce) of a room that finished; a new
+   nonce for a finished room is a new use of the key (either order of send and
+   request works);
 5. with ``required_dst_info_num`` ranks, a chunk round starts when every rank
    that is not done has asked for it; each rank receives a full copy.
 
@@ -34,21 +37,28 @@ from typing import Callable, Optional, Sequence
 import torch
 import zmq
 
+from . import auth, metrics
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub
 from .config import Config
-from .errors import BlockSizeMismatch, ConfigError, PeerError, ProtocolError
+from .errors import (BlockSizeMismatch, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
+                     TransportUnavailable)
 from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
-from .planner import ChunkPlan, plan_chunk
+from .planner import ChunkPlan, check_block_size, plan_chunk
 from .source import BlockSource, TensorSource, make_aux
 from .status import Status, StatusTracker
+from .transport import select
 from .transport.base import PeerPool, Transport
-from .transport.select import LOCAL, choose_transport, make_transport
 
 log = logging.getLogger("embresume.encoder")
 
 FINISHED_MEMORY = 65536
+#: hellos whose pool description has not come yet
+MAX_PENDING_HANDSHAKES = 256
+#: the largest control frame accepted from any peer (an INIT of 1M blocks, a handshake description)
+MAX_FRAME = max(P.MAX_BLOB, 4 << 20) + 64 * 1024
+_INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
 class _Peer:
@@ -66,6 +76,7 @@ class _Peer:
         self.last_seen = time.monotonic()
         self.busy = False
         self.alive = True
+        self.bad = 0
         self.jobs: "queue.SimpleQueue[Optional[Callable[[], None]]]" = queue.SimpleQueue()
         self.worker = threading.Thread(target=self._work, name=f"embresume-enc-{session_id}", daemon=True)
 
@@ -83,6 +94,7 @@ class _Peer:
 @dataclass
 class _Rank:
     peer: _Peer
+    nonce: int = 0
     dst_blocks: tuple = ()
     allocated_tokens: int = 0
     sent_tokens: int = 0
@@ -96,15 +108,16 @@ class _Rank:
 
 @dataclass
 class _Room:
-    room: int
+    room: P.Room
     deadline: float
     tracker: StatusTracker = field(default_factory=StatusTracker)
     source: object = None
     required: int = 0
     ranks: dict = field(default_factory=dict)
-    on_done: Optional[Callable[[int, Status], None]] = None
+    on_done: Optional[Callable[[P.Room, Status], None]] = None
     own_blocks: Optional[list] = None
     reason: str = ""
+    t0: float = field(default_factory=time.monotonic)
 
 
 class EncoderEndpoint:
@@ -126,39 +139,98 @@ class EncoderEndpoint:
             self.pool = BlockPool.create(layout, c.device)
             self.allocator = BlockAllocator(pool_blocks, c.block_size)
         self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)      # a room became terminal
         self._tls = threading.local()
-        self._rooms: dict[int, _Room] = {}
-        self._finished: "collections.OrderedDict[int, Status]" = collections.OrderedDict()
+        self._rooms: dict[P.Room, _Room] = {}
+        self._finished: "collections.OrderedDict[P.Room, Status]" = collections.OrderedDict()
+        #: (session, room, nonce) of INITs whose room finished: a replay is a duplicate
+        self._finished_inits: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
         self._peers: dict[str, _Peer] = {}
         self._zmq_peers: dict[bytes, _Peer] = {}
         self._handshakes: dict[bytes, dict] = {}
-        self._transports: dict[str, Transport] = {}
+        self._transports = select.TransportSet(self.config)
         self._closed = False
         self._stop = threading.Event()
         self.stats = collections.Counter()
-        self._hub = ZmqHub(zmq.ROUTER, bind=bind or c.encoder_endpoint, on_frames=self._on_frames, name="encoder",
-                           on_send_error=self._on_send_error)
+        #: process-wide counters and histograms (embresume.metrics)
+        self.metrics = metrics.StandardMetrics(metrics.REGISTRY, role="encoder")
+        address = bind or c.encoder_endpoint
+        keys = auth.keys_for(c)
+        if keys is None and not auth.is_loopback(address):
+            raise ConfigError(f"refusing to bind {address} without an auth_key: anyone who reaches it could "
+                              "read the embeddings. Set Config(auth_key=...) or EMBRESUME_AUTH_KEY on both sides, "
+                              "or bind a loopback address")
+        self._hub = ZmqHub(zmq.ROUTER, bind=address, on_frames=self._on_frames, name="encoder",
+                           on_send_error=self._on_send_error, curve_keys=keys, max_frame=MAX_FRAME)
         self.address = self._hub.address
         self._monitor = threading.Thread(target=self._monitor_loop, name="embresume-enc-monitor", daemon=True)
         self._monitor.start()
 
     # ------------------------------------------------------------ public API
-    def send_tensors(self, room: int, embeddings: torch.Tensor, fill_ids: torch.Tensor,
+    def send_tensors(self, room: P.Room, embeddings: torch.Tensor, fill_ids: torch.Tensor,
                      mrope_positions: torch.Tensor, mrope_delta: int = 0,
-                     on_done: Optional[Callable[[int, Status], None]] = None) -> None:
-        """Register the model's output for ``room`` (kept, not copied, until done)."""
-        self._register(room, TensorSource(embeddings, fill_ids, mrope_positions, mrope_delta), on_done, None)
+                     on_done: Optional[Callable[[P.Room, Status], None]] = None) -> None:
+        """Register the model's output for ``room`` (kept, not copied, until done).
 
-    def send(self, room: int, src_blocks: Sequence[int], total_tokens: int, mrope_delta: int = 0,
-             on_done: Optional[Callable[[int, Status], None]] = None, free_blocks: bool = True) -> None:
+        ``room`` is an int, str or bytes key (see :mod:`embresume.protocol`).
+        Bad arguments raise :class:`~embresume.errors.InvalidArgument` here,
+        before anything is registered."""
+        P.check_room(room)
+        self._check_delta(mrope_delta)
+        self._register(room, TensorSource(embeddings, fill_ids, mrope_positions, int(mrope_delta)), on_done, None)
+
+    def send(self, room: P.Room, src_blocks: Sequence[int], total_tokens: int, mrope_delta: int = 0,
+             on_done: Optional[Callable[[P.Room, Status], None]] = None, free_blocks: bool = True) -> None:
         """Register an embedding held in blocks of this endpoint's pool.
 
         With ``free_blocks`` the blocks go back to :attr:`allocator` when the
         room ends (Success, Failed or timeout)."""
         if self.pool is None:
             raise ConfigError("this encoder has no local pool; create it with pool_blocks=N or use send_tensors")
-        src = BlockSource(self.pool, list(src_blocks), total_tokens, mrope_delta)
+        P.check_room(room)
+        self._check_delta(mrope_delta)
+        src = BlockSource(self.pool, list(src_blocks), total_tokens, int(mrope_delta))
         self._register(room, src, on_done, list(src_blocks) if free_blocks else None)
+
+    @staticmethod
+    def _check_delta(delta) -> None:
+        if isinstance(delta, bool) or not isinstance(delta, int) or not _INT32[0] <= delta <= _INT32[1]:
+            raise InvalidArgument(f"mrope_delta must be an int32, got {delta!r}")
+
+    def wait(self, room: P.Room, timeout: Optional[float] = None) -> Status:
+        """Block until ``room`` is terminal (Success or Failed) or ``timeout``
+        seconds passed; returns its status then (non-terminal on timeout).
+        Raises KeyError for a room this endpoint never saw."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                r = self._rooms.get(room)
+                if r is None:
+                    if room in self._finished:
+                        return self._finished[room]
+                    raise KeyError(f"unknown room {room!r}")
+                if r.tracker.status.terminal:
+                    return r.tracker.status
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return r.tracker.status
+                self._cond.wait(left)
+
+    def drain(self, timeout: Optional[float] = None) -> None:
+        """Block until every room sent so far is terminal (delivered to all its
+        ranks, failed or timed out), so that a script may send and then close.
+        Raises :class:`~embresume.errors.EmbResumeTimeout` after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                left_rooms = [r.room for r in self._rooms.values() if r.source is not None]
+                if not left_rooms:
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise EmbResumeTimeout(f"{len(left_rooms)} sent rooms not delivered within {timeout}s "
+                                           f"(e.g. {left_rooms[:5]!r}): no language rank requested them")
+                self._cond.wait(left if left is not None else 1.0)
 
     def allocate(self, tokens: int, room: int) -> list[int]:
         """Blocks of the local pool for an embedding of ``tokens`` tokens."""
@@ -166,14 +238,14 @@ class EncoderEndpoint:
             raise ConfigError("this encoder has no local pool")
         return self.allocator.allocate(tokens, room)
 
-    def poll(self, room: int) -> Status:
+    def poll(self, room: P.Room) -> Status:
         with self._lock:
             r = self._rooms.get(room)
             if r is not None:
                 return r.tracker.status
             if room in self._finished:
                 return self._finished[room]
-        raise KeyError(f"unknown room {room}")
+        raise KeyError(f"unknown room {room!r}")
 
     def peers(self) -> list[dict]:
         with self._lock:
@@ -189,9 +261,7 @@ class EncoderEndpoint:
             time.sleep(0.005)
         raise PeerError(f"{n} language ranks did not connect within {timeout}s")
 
-    def _register(self, room: int, src, on_done, own_blocks) -> None:
-        if not isinstance(room, int) or room < 0:
-            raise ValueError(f"room must be a non-negative int, got {room!r}")
+    def _register(self, room: P.Room, src, on_done, own_blocks) -> None:
         with self._lock:
             if self._closed:
                 raise PeerError("endpoint is closed")
@@ -201,10 +271,12 @@ class EncoderEndpoint:
                 self._rooms[room] = r
                 self._finished.pop(room, None)
             elif r.source is not None:
-                raise ValueError(f"room {room} already has an embedding")
+                raise InvalidArgument(f"room {room!r} already has an embedding in flight")
             r.source, r.on_done, r.own_blocks = src, on_done, own_blocks
             r.deadline = time.monotonic() + self.config.request_timeout
+            r.t0 = time.monotonic()
             self.stats["sends"] += 1
+            self.metrics.request_started()
             self._maybe_start(r)
 
     # ------------------------------------------------------------ handshake
@@ -216,7 +288,7 @@ class EncoderEndpoint:
         try:
             msg = P.decode(data)
         except ProtocolError as e:
-            log.warning("bad handshake frame: %s", e)
+            self._warn_bad(f"bad handshake frame: {e}")
             self._hub.send(ident, P.encode(P.Bye(f"bad handshake frame: {e}")))
             return
         if not isinstance(msg, P.Register) or msg.role != P.Role.LANGUAGE:
@@ -225,7 +297,7 @@ class EncoderEndpoint:
         try:
             self._handshake(ident, msg)
         except Exception as e:
-            log.warning("handshake with %s failed: %s", msg.session_id, e)
+            self._warn_bad(f"handshake with {msg.session_id!r} failed: {e}")
             self._handshakes.pop(ident, None)
             self._hub.send(ident, P.encode(P.Bye(f"{type(e).__name__}: {e}")))
 
@@ -239,14 +311,18 @@ class EncoderEndpoint:
         phase = msg.desc.get("phase")
         if phase == "hello":
             same = msg.node_id == node_id()
-            device = str(msg.desc.get("device", "cpu"))
             layout = BlockLayout.from_dict(msg.desc.get("layout", {}))
             if layout.block_size != c.block_size or layout.hidden != c.hidden_size or layout.dtype != c.dtype:
                 raise ConfigError(f"pool layout mismatch: language block_size={layout.block_size} "
                                   f"hidden={layout.hidden} dtype={layout.dtype}, encoder block_size={c.block_size} "
                                   f"hidden={c.hidden_size} dtype={c.dtype}")
-            chosen = choose_transport(c.transport, msg.transport, same, device)
-            self._handshakes[ident] = {"transport": chosen, "same": same,
+            offered = msg.desc.get("offer")
+            if not isinstance(offered, list) or not all(isinstance(x, str) for x in offered[:16]):
+                raise ProtocolError("desc.offer", "expected a list of transport names")
+            chosen = select.choose(c, offered[:16], same)
+            while len(self._handshakes) >= MAX_PENDING_HANDSHAKES:   # the oldest half-open hello goes
+                self._handshakes.pop(next(iter(self._handshakes)))
+            self._handshakes[ident] = {"transport": chosen, "same": same, "t": time.monotonic(),
                                        "pid_check": same and msg.desc.get("pidns") == _pidns()}
             reply = {"phase": "hello", "pidns": _pidns()}
             self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
@@ -259,69 +335,76 @@ class EncoderEndpoint:
             raise ProtocolError("transport", "pool description without a matching hello")
         name = hs["transport"]
         pdesc = msg.desc.get("pool") or {}
-        peer_host = None
-        if name == "mooncake":
-            peer_host = str(pdesc.get("session", "")).rsplit(":", 1)[0].strip("[]") or None
-        transport = self._transport(name, peer_host)
+        if not isinstance(pdesc, dict):
+            raise ProtocolError("desc.pool", "expected an object")
+        transport = self._transports.for_desc(name, pdesc)
         try:
             pool = transport.open_peer(pdesc)
-        except Exception as e:
-            if name == "cuda_ipc":
-                raise PeerError(f"cuda_ipc unavailable: {e}") from None
+        except TransportUnavailable as e:
+            # this pair of processes cannot use it: the language side offers the next one
+            log.info("transport %s unavailable for %s: %s", name, msg.session_id, e)
+            self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
+                                                      name, {"phase": "retry", "reason": str(e)[:1000]})))
+            return
+        try:
+            if type(transport).control == "ring":
+                from .ipc.channel import RingChannel
+                from .ipc.ring import ShmRing
+                rings = msg.desc.get("rings") or {}
+                channel: Channel = RingChannel(tx=ShmRing.attach(rings["e2l"]), rx=ShmRing.attach(rings["l2e"]),
+                                               name=f"enc-{msg.session_id}")
+            else:
+                channel = ZmqChannel(self._hub, ident)
+        except BaseException:
+            transport.close_peer(pool)
             raise
-        if name in LOCAL:
-            from .ipc.channel import RingChannel
-            from .ipc.ring import ShmRing
-            rings = msg.desc.get("rings") or {}
-            channel: Channel = RingChannel(tx=ShmRing.attach(rings["e2l"]), rx=ShmRing.attach(rings["l2e"]),
-                                           name=f"enc-{msg.session_id}")
-        else:
-            channel = ZmqChannel(self._hub, ident)
         peer = _Peer(msg.session_id, msg.tp_rank, msg.pid, transport, pool, channel, hs["pid_check"])
         with self._lock:
             if self._closed:
                 channel.close()
                 transport.close_peer(pool)
                 raise PeerError("encoder endpoint is closing")
-            old = self._peers.get(msg.session_id)
-            if old is not None:
-                self._drop_peer(old, "replaced by a new connection of the same session")
+            if msg.session_id in self._peers:
+                # a session id is bound to the connection that registered it
+                channel.close()
+                transport.close_peer(pool)
+                raise PeerError(f"session {msg.session_id!r} is already connected")
+            # 'ready' goes out before the peer is visible to the monitor, so
+            # the first frame the language side sees on this socket is 'ready',
+            # never a heartbeat
+            self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
+                                                      name, {"phase": "ready"})))
             self._peers[msg.session_id] = peer
-            if name not in LOCAL:
+            if isinstance(channel, ZmqChannel):
                 self._zmq_peers[ident] = peer
         peer.worker.start()
         channel.start(lambda ch, m: self._on_message(peer, m),
                       lambda ch, e: self._on_bad_message(peer, e),
                       lambda ch: self._peer_lost(peer, "control channel closed"))
-        self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
-                                                  name, {"phase": "ready"})))
         log.info("language rank %d (%s) connected via %s", msg.tp_rank, msg.session_id, name)
-
-    def _transport(self, name: str, peer_host: Optional[str] = None) -> Transport:
-        """One transport per kind (and, for Mooncake, per local interface)."""
-        key = name
-        if name == "mooncake":
-            from .transport.select import local_ip_towards
-            key = f"mooncake@{self.config.mooncake_host or local_ip_towards(peer_host or '127.0.0.1')}"
-        with self._lock:
-            t = self._transports.get(key)
-            if t is None:
-                t = self._transports[key] = make_transport(name, self.config, peer_host)
-            return t
 
     # ------------------------------------------------------------ messages
     def _on_bad_message(self, peer: _Peer, err: Exception) -> None:
         self.stats["bad_messages"] += 1
-        log.warning("bad message from %s: %s", peer.session_id, err)
+        peer.bad += 1
+        if peer.bad <= 10 or peer.bad % 1000 == 0:
+            log.warning("bad message from %s: %s (%d from this peer so far)", peer.session_id, err, peer.bad)
+
+    def _warn_bad(self, text: str) -> None:
+        """Rate-limited warning about a frame from a not yet registered peer."""
+        self.stats["bad_handshakes"] += 1
+        n = self.stats["bad_handshakes"]
+        if n <= 10 or n % 1000 == 0:
+            log.warning("%s (%d bad handshake frames so far)", text, n)
 
     def _on_message(self, peer: _Peer, msg: P.Message) -> None:
         peer.last_seen = time.monotonic()
         if isinstance(msg, P.Heartbeat):
             return
-        inline = peer.transport.name in LOCAL
+        inline = peer.channel.dedicated
         peer.busy = True            # the monitor does not count silence while we work
         if inline:
-            # same-host copies are fast: this peer's own reader thread does the
+            # a channel with its own reader thread (the same-host ring) does the
             # write right after this message, saving a thread hand-off (the
             # ZeroMQ reader is shared by all remote peers and never writes)
             self._tls.peer, self._tls.jobs = peer, []
@@ -356,16 +439,15 @@ class EncoderEndpoint:
         if msg.session_id != peer.session_id:
             raise ProtocolError("session_id", f"{msg.session_id!r} on the channel of {peer.session_id!r}")
         nb = peer.pool.layout.num_blocks
-        bad = [b for b in msg.dst_blocks if b >= nb]
-        if bad:
-            raise ProtocolError("dst_blocks", f"block {bad[0]} out of range [0, {nb})")
-        from .planner import check_block_size
+        if max(msg.dst_blocks) >= nb:
+            bad = next(b for b in msg.dst_blocks if b >= nb)
+            raise ProtocolError("dst_blocks", f"block {bad} out of range [0, {nb})")
         check_block_size(msg.allocated_tokens, msg.dst_blocks, peer.pool.layout.block_size)
 
     def _reject(self, peer: _Peer, room: int, reason: str) -> None:
         """Fail one room for one rank that sent something invalid."""
         self.stats["rejected"] += 1
-        log.warning("room %d from %s rejected: %s", room, peer.session_id, reason)
+        log.warning("room %r from %s rejected: %s", room, peer.session_id, reason)
         r = self._rooms.get(room)
         if r is not None and peer.session_id in r.ranks:
             self._fail_room(r, reason)
@@ -374,12 +456,21 @@ class EncoderEndpoint:
 
     def _on_init(self, peer: _Peer, msg: P.Init) -> None:
         r = self._rooms.get(msg.room)
-        if r is not None and r.tracker.status in (Status.Transferring, Status.Success):
-            self.stats["duplicates"] += 1  # rule 4
+        if r is None and (peer.session_id, msg.room, msg.nonce) in self._finished_inits:
+            self.stats["duplicates"] += 1  # rule 4: a replay of an INIT whose room finished
             return
-        if r is None and self._finished.get(msg.room) is Status.Success:
-            self.stats["duplicates"] += 1
-            return
+        if r is not None:
+            k = r.ranks.get(peer.session_id)
+            if k is not None:
+                if k.nonce == msg.nonce:
+                    self.stats["duplicates"] += 1  # rule 4
+                    return
+                self._reject(peer, msg.room, "a new request for a room this rank is still receiving")
+                return
+            if r.tracker.status in (Status.Transferring, Status.Success):
+                self._reject(peer, msg.room, f"room already {r.tracker.status.name} to its "
+                                             f"{r.required} rank(s)")
+                return
         try:
             self._validate_dst(peer, msg)
         except (ProtocolError, BlockSizeMismatch) as e:
@@ -390,17 +481,16 @@ class EncoderEndpoint:
             self._rooms[msg.room] = r
             self._finished.pop(msg.room, None)
         if r.required and r.required != msg.required_dst_info_num:
-            self._fail_room(r, f"ranks disagree on required_dst_info_num ({r.required} vs "
-                               f"{msg.required_dst_info_num})")
+            reason = (f"ranks disagree on required_dst_info_num ({r.required} vs "
+                      f"{msg.required_dst_info_num})")
+            self._reject(peer, msg.room, reason)       # the disagreeing rank is told too
+            self._fail_room(r, reason)
             return
         r.required = msg.required_dst_info_num
-        if peer.session_id in r.ranks:
-            self.stats["duplicates"] += 1
-            return
         if len(r.ranks) >= r.required:
             self._reject(peer, msg.room, f"more than required_dst_info_num={r.required} ranks")
             return
-        r.ranks[peer.session_id] = _Rank(peer, msg.dst_blocks, msg.allocated_tokens, pending=True)
+        r.ranks[peer.session_id] = _Rank(peer, msg.nonce, msg.dst_blocks, msg.allocated_tokens, pending=True)
         r.deadline = time.monotonic() + self.config.request_timeout
         if len(r.ranks) == r.required and r.tracker.status is Status.Bootstrapping:
             r.tracker.set(Status.WaitingForInput)
@@ -409,19 +499,19 @@ class EncoderEndpoint:
     def _on_resume(self, peer: _Peer, msg: P.Resume) -> None:
         r = self._rooms.get(msg.room)
         rank = r.ranks.get(peer.session_id) if r is not None else None
-        if rank is None or r.source is None:
+        if rank is None or r.source is None or rank.nonce != msg.nonce:
             self._reject(peer, msg.room, "resume for a room this encoder does not hold")
             return
         try:
             self._validate_dst(peer, msg)
         except (ProtocolError, BlockSizeMismatch) as e:
-            self._fail_room(r, str(e))
+            self._fail_room(r, str(e), cause="bad_message")
             return
         if rank.done or rank.pending or rank.in_flight:
             self.stats["duplicates"] += 1
             return
         if msg.sent_tokens != rank.sent_tokens:
-            self._fail_room(r, f"resume with sent_tokens={msg.sent_tokens}, encoder sent {rank.sent_tokens}")
+            self._fail_room(r, f"resume with sent_tokens={msg.sent_tokens}, encoder sent {rank.sent_tokens}", cause="bad_message")
             return
         rank.dst_blocks, rank.allocated_tokens, rank.pending = msg.dst_blocks, msg.allocated_tokens, True
         r.deadline = time.monotonic() + self.config.request_timeout
@@ -430,7 +520,7 @@ class EncoderEndpoint:
     def _on_abort(self, peer: _Peer, msg: P.Abort) -> None:
         r = self._rooms.get(msg.room)
         if r is not None and peer.session_id in r.ranks:
-            self._fail_room(r, f"aborted by rank {peer.tp_rank}: {msg.reason}", ack_peer=peer)
+            self._fail_room(r, f"aborted by rank {peer.tp_rank}: {msg.reason}", ack_peer=peer, cause="aborted")
         else:
             # nothing of ours in flight: confirm at once so the rank frees its blocks
             self._post(peer, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed",
@@ -456,7 +546,7 @@ class EncoderEndpoint:
                 plan = plan_chunk(src.total_tokens, k.sent_tokens, k.allocated_tokens, layout.block_size,
                                   k.dst_blocks)
             except (ProtocolError, BlockSizeMismatch) as e:
-                self._fail_room(r, str(e))
+                self._fail_room(r, str(e), cause="bad_message")
                 return
             k.pending, k.in_flight = False, True
             aux = make_aux(src.total_tokens, src.mrope_delta, layout.aux_ints) if k.chunks == 0 else None
@@ -489,7 +579,7 @@ class EncoderEndpoint:
                 # the failed write may still land: this rank must keep its blocks
                 # away from other requests until the connection is torn down
                 k.unsafe = True
-                self._fail_room(r, f"transfer to rank {k.peer.tp_rank} failed: {e}")
+                self._fail_room(r, f"transfer to rank {k.peer.tp_rank} failed: {e}", cause="transfer")
             self._end_in_flight(r, k)
             return
         with self._lock:
@@ -514,6 +604,7 @@ class EncoderEndpoint:
         r.deadline = time.monotonic() + self.config.request_timeout
         self.stats["chunks"] += 1
         self.stats["bytes"] += plan.tokens * k.peer.pool.layout.emb_row_bytes
+        self.metrics.chunk(plan.tokens * (k.peer.pool.layout.emb_row_bytes + 16))
         status = Status.Transferring if plan.partial else Status.Success
         msg = P.StatusMsg(r.room, status, k.chunks, k.sent_tokens, plan.tokens, src.total_tokens)
         if plan.partial:
@@ -521,6 +612,8 @@ class EncoderEndpoint:
                 r.tracker.set(Status.Transferring)
         elif all(x.done for x in r.ranks.values()):
             r.tracker.set(Status.Success)
+            self.metrics.request_succeeded(resumes=max(x.chunks for x in r.ranks.values()) - 1,
+                                           latency_s=time.monotonic() - r.t0)
             self._finish(r)
         else:
             # this rank is done: ranks that already asked for their next
@@ -567,12 +660,13 @@ class EncoderEndpoint:
                 pass
         peer.jobs.put(job)
 
-    def _fail_room(self, r: _Room, reason: str, ack_peer: Optional[_Peer] = None) -> None:
+    def _fail_room(self, r: _Room, reason: str, ack_peer: Optional[_Peer] = None, cause: str = "error") -> None:
         if not r.tracker.fail():
             return
         r.reason = reason
         self.stats["failed"] += 1
-        log.warning("room %d failed: %s", r.room, reason)
+        self.metrics.request_failed(cause)
+        log.warning("room %r failed: %s", r.room, reason)
         for k in r.ranks.values():
             if k.peer.alive:
                 flags = (P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0) | (P.FLAG_ABORT_ACK if k.peer is ack_peer else 0)
@@ -589,6 +683,11 @@ class EncoderEndpoint:
         self._finished[r.room] = r.tracker.status
         while len(self._finished) > FINISHED_MEMORY:
             self._finished.popitem(last=False)
+        for k in r.ranks.values():
+            self._finished_inits[(k.peer.session_id, r.room, k.nonce)] = None
+        while len(self._finished_inits) > FINISHED_MEMORY:
+            self._finished_inits.popitem(last=False)
+        self._cond.notify_all()
         if r.own_blocks and self.allocator is not None:
             self.allocator.free(r.own_blocks, r.room)
         r.source = None
@@ -616,7 +715,7 @@ class EncoderEndpoint:
                 del self._zmq_peers[ident]
         for r in list(self._rooms.values()):
             if peer.session_id in r.ranks:
-                self._fail_room(r, f"language rank {peer.tp_rank} lost: {reason}")
+                self._fail_room(r, f"language rank {peer.tp_rank} lost: {reason}", cause="peer_lost")
         peer.jobs.put(lambda: self._close_peer(peer))
         peer.jobs.put(None)
 
@@ -626,6 +725,11 @@ class EncoderEndpoint:
             peer.channel.close()
         except Exception:
             pass
+        if peer.pid_check and not _pid_alive(peer.pid):
+            try:
+                peer.transport.peer_died(peer.pool)
+            except Exception:
+                log.debug("peer_died clean-up failed", exc_info=True)
         try:
             peer.transport.close_peer(peer.pool)
         except Exception:
@@ -655,10 +759,13 @@ class EncoderEndpoint:
                 self._peer_lost(p, f"no message for {now - p.last_seen:.1f}s")
             elif p.pid_check and not _pid_alive(p.pid):
                 self._peer_lost(p, f"process {p.pid} exited")
+        for ident, hs in list(self._handshakes.items()):     # hellos never followed by a pool
+            if now - hs["t"] > c.handshake_timeout:
+                self._handshakes.pop(ident, None)
         with self._lock:
             for r in list(self._rooms.values()):
                 if now > r.deadline:
-                    self._fail_room(r, f"timed out in {r.tracker.status.name} after {c.request_timeout}s")
+                    self._fail_room(r, f"timed out in {r.tracker.status.name} after {c.request_timeout}s", cause="timeout")
 
     # ------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -667,7 +774,7 @@ class EncoderEndpoint:
                 return
             self._closed = True
             for r in list(self._rooms.values()):
-                self._fail_room(r, "encoder endpoint closed")
+                self._fail_room(r, "encoder endpoint closed", cause="closed")
             peers = list(self._peers.values())
         self._stop.set()
         self._monitor.join(timeout=2)
@@ -681,11 +788,7 @@ class EncoderEndpoint:
         for p in peers:
             p.worker.join(timeout=5)
         self._hub.close()
-        for t in self._transports.values():
-            try:
-                t.close()
-            except Exception:
-                log.debug("transport close failed", exc_info=True)
+        self._transports.close()
         if self.pool is not None:
             self.pool.close()
 

@@ -11,6 +11,23 @@ class ConfigError(EmbResumeError, ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
+class InvalidArgument(EmbResumeError, ValueError):
+    """A caller passed a bad argument (room key, token count, rank count, shape, ...).
+
+    Raised at the call, before anything is allocated or sent."""
+
+
+class UnknownRoom(InvalidArgument, KeyError):
+    """No request (or no uncollected result) for that room on this endpoint."""
+
+    def __str__(self) -> str:          # KeyError would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class EmbResumeTimeout(EmbResumeError, TimeoutError):
+    """A bounded wait ran out (``recv``, ``wait``, ``drain``, a handshake)."""
+
+
 class ProtocolError(EmbResumeError, ValueError):
     """A control message is malformed.  ``field`` names the offending field."""
 
@@ -36,10 +53,16 @@ class PeerError(EmbResumeError, ConnectionError):
     """The peer is dead, unreachable or did not answer in time."""
 
 
+class TransportUnavailable(TransferError):
+    """A transport cannot serve this pair of endpoints (no CUDA IPC between
+    these processes, a library missing, ...): the handshake falls back to the
+    next transport both sides allow."""
+
+
 class TransferFailed(EmbResumeError, RuntimeError):
     """A request ended in the ``Failed`` status.  ``room`` names the request."""
 
-    def __init__(self, room: int, reason: str):
+    def __init__(self, room, reason: str):
         super().__init__(f"room {room} failed: {reason}")
         self.room = room
         self.reason = reason

@@ -23,6 +23,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple]) -> None:
+    from .procutil import die_with_parent
+    die_with_parent()  # never outlive the test, demo or bench that started us
+
     import torch  # noqa: F401  (import cost paid before the ready message)
     from .encoder import EncoderEndpoint
     from .synthetic import SyntheticData
@@ -52,6 +55,9 @@ def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple]) -> 
                     for room, tokens in cmd[1]:
                         e, f, m, d = data.sample(room, tokens)
                         enc.send_tensors(room, e, f, m, d)
+                elif op == "drain":
+                    enc.drain(cmd[1])
+                    res_q.put(("drain", True))
                 elif op == "stats":
                     res_q.put(("stats", dict(enc.stats), enc.peers()))
                 elif op == "poll":
@@ -88,7 +94,7 @@ class EncoderProcess:
             raise RuntimeError(f"encoder process failed to start: {msg[1]}")
         self.address = msg[1]
 
-    def send(self, room: int, tokens: int) -> None:
+    def send(self, room, tokens: int) -> None:
         self.cmd_q.put(("send", room, tokens))
 
     def send_many(self, items) -> None:
@@ -142,8 +148,10 @@ def _language_child(config: Config, room: int, res_q, report_status: str) -> Non
     import time
 
     from .language import LanguageEndpoint
+    from .procutil import die_with_parent
     from .status import Status
 
+    die_with_parent()
     try:
         lang = LanguageEndpoint(config)
         lang.request(room)

@@ -1,16 +1,28 @@
-"""The language endpoint: receive pool, requests, resume and merge.
+"""The language endpoint: one receive pool, any number of encoders, resume and merge.
 
 Lifecycle of one request (``room``) on a language rank::
 
-    request(room)                      Bootstrapping   (waits here while the pool is empty)
-      allocate default_allocate_tokens (or what the pool holds, >= 1 block)
-      send INIT(allocated_tokens = len(blocks) * block_size)
+    request(room, encoder=addr, expected_tokens=N)
+                                       Bootstrapping   (while the encoder's connection is set
+                                                        up off the caller's thread, or the pool
+                                                        has no room)
+      allocate ceil(N / block_size) blocks (hint) or default_allocate_tokens (>= 1 block)
+      send INIT(allocated_tokens = len(blocks) * block_size) to that encoder
                                        WaitingForInput
     STATUS Transferring (chunk k)      Transferring
       chunk 1: read total + mrope delta from aux of the first block, allocate the merged tensors
       gather the chunk into place, free its blocks, allocate the rest, send RESUME(sent_tokens, allocated_tokens)
     STATUS Success (last chunk)        Success   -> result(room) / recv(room)
     STATUS Failed / timeout / peer death           Failed    -> blocks freed, reason kept
+
+One endpoint owns ONE receive pool and ONE allocator, whatever the number of
+encoders: the pool is exported once per transport instance (shm: one segment
+each encoder maps; cuda_ipc: one handle; Mooncake: one registration) and every
+encoder connection gets the same description.  Each connection has its own
+control channel, heartbeats and liveness check; an encoder's death fails only
+the rooms requested from it, and the next request naming it reconnects
+(bounded backoff).  Which block belongs to whom at each moment, and the lock
+rule, are in docs/design.md ("Who owns a block").
 
 The scheduler loop calls :meth:`LanguageEndpoint.poll` (non-blocking) and
 :meth:`LanguageEndpoint.result`; :meth:`LanguageEndpoint.recv` is the blocking
@@ -20,40 +32,54 @@ convenience.  All network and copy work runs on threads the endpoint owns.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Optional
+from urllib.parse import urlsplit
 
 import torch
 import zmq
 
+from . import auth, metrics
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub
 from .config import Config
-from .errors import AllocatorError, PeerError, ProtocolError, TransferFailed
+from .errors import (AllocatorError, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
+                     TransferFailed, UnknownRoom)
 from .merge import EmbeddingResult, MergeBuffer, ResultArena
 from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
+from .planner import plan_chunk
 from .status import Status, StatusTracker
-from .transport.select import LOCAL, endpoint_host, make_transport
+from .transport import select
 
 log = logging.getLogger("embresume.language")
 
 #: sanity bound on a request's total tokens as read from aux (a corrupt or
-#: hostile aux record must not make us allocate terabytes)
+#: hostile aux record must not make us allocate terabytes); also the largest hint
 MAX_REQUEST_TOKENS = 1 << 24
+#: reconnect back-off after a failed connection attempt: doubles from BASE up to CAP
+BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
+#: the largest control frame accepted from an encoder
+MAX_FRAME = 1 << 20
 
 
 @dataclass
 class _Request:
-    room: int
+    room: P.Room
     required_dst_info_num: int
     deadline: float
+    enc: "_Encoder"
+    nonce: int = 0
+    hint: Optional[int] = None
+    t0: float = field(default_factory=time.monotonic)
     tracker: StatusTracker = field(default_factory=StatusTracker)
     blocks: list = field(default_factory=list)
     sent_tokens: int = 0
@@ -70,44 +96,119 @@ class _Request:
     event: threading.Event = field(default_factory=threading.Event)
 
 
-class LanguageEndpoint:
-    """One language (tensor-parallel) rank's side of the connection to an encoder.
+class _Link:
+    """One live connection to an encoder: control channel and liveness."""
 
-    ``LanguageEndpoint(config, tp_rank=0)`` connects to ``config.encoder_endpoint``,
-    agrees on a transport, creates and exports the receive pool, and starts
-    the control channel.  Thread-safe; use as a context manager or call
-    :meth:`close`.
+    def __init__(self, channel: Channel, hub: Optional[ZmqHub], transport: str, peer_pid: int, pid_check: bool,
+                 session_id: str):
+        self.channel = channel
+        self.session_id = session_id
+        self.hub = hub
+        self.transport = transport
+        self.peer_pid = peer_pid
+        self.pid_check = pid_check
+        self.last_seen = time.monotonic()
+        self.busy = False
+        self.alive = True
+        self.hb_seq = 0
+
+    def close(self) -> None:
+        self.alive = False
+        try:
+            self.channel.close()
+        finally:
+            if self.hub is not None:
+                self.hub.close()
+
+
+class _Encoder:
+    """An encoder this endpoint talks to (by address), across reconnections.
+
+    Blocks parked for it: ``quarantine`` (an ABORT went out; freed when the
+    encoder confirms or the connection goes) and ``held`` (a write into them
+    failed and may still land; freed when the connection goes)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.state = "idle"                 # idle | connecting | up | down
+        self.link: Optional[_Link] = None
+        self.transport = ""                 # of the last connection
+        self.pending: list = []             # rooms waiting for the connection
+        self.quarantine: dict = {}
+        self.held: dict = {}
+        self.failures = 0                   # failed attempts in a row (back-off)
+        self.connections = 0                # successful ones
+        self.retry_at = 0.0
+        self.reason = ""
+        self.connected = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+
+
+class _Retry(Exception):
+    """The encoder cannot use the transport it chose: offer the others."""
+
+    def __init__(self, transport: str, reason: str):
+        super().__init__(reason)
+        self.transport, self.reason = transport, reason
+
+
+def _check_address(address) -> str:
+    if not isinstance(address, str):
+        raise InvalidArgument(f"an encoder address is a str like 'tcp://host:port', got {type(address).__name__}")
+    if address.startswith("tcp://"):
+        try:
+            u = urlsplit(address)
+            ok = bool(u.hostname) and u.port is not None and 0 < u.port < 65536
+        except ValueError:
+            ok = False
+        if not ok:
+            raise InvalidArgument(f"bad encoder address {address!r}: expected tcp://host:port")
+    elif not address.startswith(("ipc://", "inproc://")):
+        raise InvalidArgument(f"bad encoder address {address!r}: expected tcp://host:port")
+    return address
+
+
+class LanguageEndpoint:
+    """One language (tensor-parallel) rank: one receive pool fed by any number of encoders.
+
+    ``LanguageEndpoint(config, tp_rank=0)`` creates the pool and, with
+    ``connect=True``, connects to ``config.encoder_endpoint`` before
+    returning (raising :class:`~embresume.errors.PeerError` when it cannot).
+    With ``connect=False`` no encoder is contacted until a request names one.
+    Thread-safe; use as a context manager or call :meth:`close`.
     """
 
     def __init__(self, config: Optional[Config] = None, *, tp_rank: int = 0, connect: bool = True):
         self.config = config or Config()
+        if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank <= 0xFFFF:
+            raise InvalidArgument(f"tp_rank must be an int in [0, 65535], got {tp_rank!r}")
         self.tp_rank = tp_rank
         self.session_id = f"lang-{uuid.uuid4().hex[:12]}-r{tp_rank}"
         c = self.config
         self.layout = BlockLayout(c.total_pool_blocks, c.block_size, c.hidden_size, c.dtype, c.aux_ints)
         self.allocator = BlockAllocator(self.layout.num_blocks, self.layout.block_size)
         self.arena = ResultArena(c.result_cache_bytes, c.block_size)
-        self.pool: Optional[BlockPool] = None
-        self.transport = None
-        self.transport_name = ""
-        self.channel: Optional[Channel] = None
-        self._hub: Optional[ZmqHub] = None
         self._lock = threading.RLock()
-        self._reqs: dict[int, _Request] = {}
-        self._waiting: collections.deque[int] = collections.deque()
-        self._quarantine: dict[int, list[int]] = {}
-        self._held: dict[int, list[int]] = {}
-        self._peer_alive = False
-        self._busy = False
-        self._peer_reason = ""
-        self._last_seen = time.monotonic()
-        self._peer_pid = 0
-        self._pid_check = False
-        self._hb_seq = 0
+        self._reqs: dict = {}
+        self._waiting: collections.deque = collections.deque()
+        self._encoders: dict[str, _Encoder] = {}
+        self._exports: dict[int, dict] = {}          # id(transport instance) -> pool description
+        self._nonces = itertools.count(1)
+        self._connections = itertools.count(1)
         self._closed = False
         self._stop = threading.Event()
-        self._monitor: Optional[threading.Thread] = None
         self.stats = collections.Counter()
+        #: process-wide counters and histograms (embresume.metrics; Prometheus export there)
+        self.metrics = metrics.StandardMetrics(metrics.REGISTRY, role="language")
+        self._transports = select.TransportSet(c)
+        self._keys = auth.keys_for(c)
+        backing, device = select.create_pool_backing(c, self.layout.nbytes)
+        self.pool = BlockPool(self.layout, backing)
+        log.info("rank %d: receive pool of %d blocks x %d tokens, %.1f MiB on %s", tp_rank,
+                 self.layout.num_blocks, self.layout.block_size, self.layout.nbytes / 2**20, device)
+        self._monitor = threading.Thread(target=self._monitor_loop, name=f"embresume-lang-r{tp_rank}-monitor",
+                                         daemon=True)
+        self._monitor.start()
         if connect:
             try:
                 self.connect()
@@ -115,167 +216,300 @@ class LanguageEndpoint:
                 self.close()
                 raise
 
-    # ------------------------------------------------------------ handshake
-    def connect(self) -> None:
-        c = self.config
-        pref = c.transport
-        for attempt in range(2):
-            try:
-                self._handshake(pref)
-                break
-            except _Fallback as fb:
-                log.warning("transport %s unavailable (%s); falling back to %s", fb.failed, fb.reason, fb.to)
-                pref = fb.to
-        self._peer_alive = True
-        self._last_seen = time.monotonic()
-        self.channel.start(self._on_message, self._on_channel_error, self._on_channel_closed)
-        self._monitor = threading.Thread(target=self._monitor_loop, name="embresume-lang-monitor", daemon=True)
-        self._monitor.start()
+    # ------------------------------------------------------------ connections
+    def _encoder(self, address: Optional[str] = None) -> _Encoder:
+        """The record of ``address`` (default: config.encoder_endpoint), created on first use."""
+        address = self.config.encoder_endpoint if address is None else address
+        with self._lock:
+            enc = self._encoders.get(address)
+            if enc is None:
+                enc = self._encoders[address] = _Encoder(_check_address(address))
+            return enc
 
-    def _handshake(self, pref: str) -> None:
+    def connect(self, encoder: Optional[str] = None, timeout: Optional[float] = None) -> None:
+        """Connect to ``encoder`` (default ``config.encoder_endpoint``) now and
+        wait for it; a no-op when already connected.  Raises PeerError."""
+        enc = self._encoder(encoder)
+        with self._lock:
+            if self._closed:
+                raise PeerError("endpoint is closed")
+            if enc.state == "up":
+                return
+            enc.retry_at = 0.0              # an explicit connect does not wait out a back-off
+            self._start_connecting(enc)
+        timeout = self.config.handshake_timeout * 3 if timeout is None else timeout
+        if not enc.connected.wait(timeout) or enc.state != "up":
+            raise PeerError(f"cannot connect to the encoder at {enc.address}: {enc.reason or 'timed out'}")
+
+    def _start_connecting(self, enc: _Encoder) -> None:
+        """(lock held) Start the handshake with ``enc`` off the caller's thread."""
+        if enc.state in ("connecting", "up") or self._closed:
+            return
+        enc.state = "connecting"
+        enc.connected.clear()
+        enc.thread = threading.Thread(target=self._connector, args=(enc,), daemon=True,
+                                      name=f"embresume-lang-r{self.tp_rank}-connect")
+        enc.thread.start()
+
+    def _connector(self, enc: _Encoder) -> None:
+        delay = enc.retry_at - time.monotonic()
+        if delay > 0:
+            self._stop.wait(delay)
+        link, err = None, None
+        if not self._stop.is_set():
+            try:
+                link = self._handshake(enc)
+            except Exception as e:  # any failure ends this attempt; the requests are told
+                err = e
+        with self._lock:
+            if link is not None and not self._closed:
+                enc.link, enc.state, enc.reason, enc.transport = link, "up", "", link.transport
+                if enc.connections:
+                    log.info("rank %d reconnected to the encoder at %s", self.tp_rank, enc.address)
+                    self.stats["reconnects"] += 1
+                enc.connections += 1
+                enc.failures = 0
+                enc.connected.set()
+                link.channel.start(lambda ch, m: self._on_message(enc, m),
+                                   lambda ch, e: self._on_channel_error(enc, e),
+                                   lambda ch: self._link_lost(enc, link, "control channel closed by the encoder"))
+                pending, enc.pending = enc.pending, []
+                for room in pending:
+                    req = self._reqs.get(room)
+                    if req is not None and req.enc is enc and req.tracker.status is Status.Bootstrapping:
+                        self._admit(req)
+                return
+            if link is not None:       # closed meanwhile
+                link.close()
+            reason = "endpoint closed" if self._closed else f"{type(err).__name__}: {err}"
+            enc.state, enc.reason = "down", reason
+            enc.failures += 1
+            enc.retry_at = time.monotonic() + min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (enc.failures - 1))
+            (log.warning if enc.failures == 1 else log.debug)(
+                "rank %d cannot connect to the encoder at %s: %s (retried on the next request for it, "
+                "with back-off up to %.1fs)", self.tp_rank, enc.address, reason, BACKOFF_CAP)
+            enc.connected.set()
+            pending, enc.pending = enc.pending, []
+            for room in pending:
+                req = self._reqs.get(room)
+                if req is not None and req.enc is enc and not req.tracker.status.terminal:
+                    self._fail(req, f"cannot connect to the encoder at {enc.address}: {reason}", notify=False, cause="unreachable")
+
+    def _export(self, transport) -> dict:
+        """The pool's description for ``transport`` (exported once per instance)."""
+        with self._lock:
+            desc = self._exports.get(id(transport))
+            if desc is None:
+                desc = self._exports[id(transport)] = transport.export_pool(self.pool)
+            return desc
+
+    def _handshake(self, enc: _Encoder) -> _Link:
+        exclude: list[str] = []
+        while True:
+            try:
+                return self._handshake_once(enc, exclude)
+            except _Retry as r:
+                log.warning("transport %s unavailable towards %s (%s); trying the next one", r.transport,
+                            enc.address, r.reason)
+                exclude.append(r.transport)
+
+    def _probe(self, enc: _Encoder) -> None:
+        """Fail fast when nothing listens at a tcp address (ZeroMQ itself would
+        queue the hello and wait out the whole handshake timeout)."""
+        if not enc.address.startswith("tcp://"):
+            return
+        u = urlsplit(enc.address)
+        try:
+            socket.create_connection((u.hostname, u.port), timeout=min(1.0, self.config.handshake_timeout)).close()
+        except OSError as e:
+            raise PeerError(f"nothing accepts connections at {enc.address}: {e.strerror or e}") from None
+
+    def _handshake_once(self, enc: _Encoder, exclude: list) -> _Link:
         c = self.config
-        inbox: "queue.Queue[bytes]" = queue.Queue()
-        relay = {"channel": None}
+        self._probe(enc)
+        inbox: "queue.Queue[bytes]" = queue.Queue(maxsize=64)
+        relay: dict = {"channel": None}
 
         def on_frames(_ident: bytes, data: bytes) -> None:
             ch = relay["channel"]
             if ch is not None:
                 ch.deliver(data)
             else:
-                inbox.put(data)
+                try:
+                    inbox.put_nowait(data)
+                except queue.Full:          # a chatty or hostile peer: the handshake fails on its own
+                    pass
 
-        hub = ZmqHub(zmq.DEALER, connect=c.encoder_endpoint, on_frames=on_frames,
-                     name=f"lang-r{self.tp_rank}")
+        # one session id per connection: an encoder never confuses a reconnection
+        # with the connection it replaces, and never lets a session be taken over
+        session = f"{self.session_id}-c{next(self._connections)}"
+        hub: Optional[ZmqHub] = ZmqHub(zmq.DEALER, connect=enc.address, on_frames=on_frames,
+                                       name=f"lang-r{self.tp_rank}", curve_keys=self._keys, max_frame=MAX_FRAME)
         rings = None
         try:
-            hello = {"phase": "hello", "device": c.device, "layout": self.layout.to_dict(),
-                     "pidns": _pidns()}
-            hub.send(b"", P.encode(self._register(pref, hello)))
-            reply = self._await(inbox, "hello")
+            peer_host = select.endpoint_host(enc.address)
+            offered = select.offer(c, self._transports, self.pool, peer_host, exclude)
+            if not offered:
+                raise ConfigError(f"no transport can export this endpoint's pool (transport={c.transport!r}"
+                                  + (f", excluded {exclude}" if exclude else "") + ")")
+            hello = {"phase": "hello", "device": str(self.pool.device), "layout": self.layout.to_dict(),
+                     "pidns": _pidns(), "offer": offered}
+            hub.send(b"", P.encode(self._register(session, "", hello)))
+            reply = self._await(inbox, ("hello",), enc)
             chosen = reply.transport
-            self._peer_pid = reply.pid
-            self._pid_check = reply.node_id == node_id() and reply.desc.get("pidns") == _pidns()
-            transport = make_transport(chosen, c, peer_host=endpoint_host(c.encoder_endpoint))
-            # the shm path keeps the pool on the host even for a GPU model (the
-            # fallback when CUDA IPC is unavailable); results move to c.device
-            pool_device = "cpu" if chosen == "shm" else c.device
-            backing = transport.create_backing(self.layout.nbytes, pool_device, c.prefault)
-            pool = BlockPool(self.layout, backing)
-            try:
-                desc = {"phase": "pool", "pool": transport.export_pool(pool)}
-            except Exception as e:
-                pool.close()
-                if chosen == "cuda_ipc":
-                    raise _Fallback("cuda_ipc", str(e), "shm") from None
-                raise
-            if chosen in LOCAL:
+            if chosen not in offered:
+                raise ProtocolError("transport", f"the encoder chose {chosen!r}, which was not offered")
+            transport = self._transports.get(chosen, peer_host)
+            desc = {"phase": "pool", "pool": self._export(transport)}
+            if type(transport).control == "ring":
                 from .ipc.channel import RingChannel
                 rings = RingChannel.create_pair(c.ring_bytes)
                 desc["rings"] = {"l2e": rings[0].name, "e2l": rings[1].name}
-            self.pool, self.transport, self.transport_name = pool, transport, chosen
-            hub.send(b"", P.encode(self._register(chosen, desc)))
-            try:
-                self._await(inbox, "ready")
-            except PeerError as e:
-                if chosen == "cuda_ipc" and "cuda_ipc unavailable" in str(e):
-                    self._drop_pool(rings)
-                    rings = None
-                    raise _Fallback("cuda_ipc", str(e), "shm") from None
-                raise
-            if chosen in LOCAL:
+            hub.send(b"", P.encode(self._register(session, chosen, desc)))
+            ready = self._await(inbox, ("ready", "retry"), enc)
+            if ready.desc.get("phase") == "retry":
+                raise _Retry(chosen, str(ready.desc.get("reason", ""))[:1000])
+            pid_check = reply.node_id == node_id() and reply.desc.get("pidns") == _pidns()
+            if rings is not None:
                 # both sides attached: the names can go, the mappings stay
                 from .ipc.channel import RingChannel
-                self.channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}")
-                self.channel.unlink()
-                transport.unexport_pool(pool)
+                channel: Channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}")
+                rings = None
+                channel.unlink()
                 hub.close()
+                hub = None
             else:
-                self._hub = hub
-                self.channel = ZmqChannel(hub)
-                relay["channel"] = self.channel
+                channel = ZmqChannel(hub)
+            link = _Link(channel, hub, chosen, reply.pid, pid_check, session)
+            if hub is not None:
+                # frames that arrived meanwhile, then the channel takes over (its
+                # callbacks are set by the caller before anything is sent)
+                relay["channel"] = channel
                 while not inbox.empty():
-                    self.channel.deliver(inbox.get_nowait())
-            log.info("rank %d connected to %s via %s", self.tp_rank, c.encoder_endpoint, chosen)
+                    channel.deliver(inbox.get_nowait())
+            log.info("rank %d connected to %s via %s", self.tp_rank, enc.address, chosen)
+            return link
         except BaseException:
-            if self.channel is None:
+            if rings is not None:
+                for r in rings:
+                    r.close()
+            if hub is not None:
                 hub.close()
-                self._drop_pool(rings)
             raise
 
-    def _drop_pool(self, rings) -> None:
-        if rings:
-            for r in rings:
-                r.close()
-        if self.pool is not None:
-            if self.transport is not None:
-                try:
-                    self.transport.unexport_pool(self.pool)
-                except Exception:
-                    pass
-            self.pool.close()
-            self.pool = None
+    def _register(self, session: str, transport: str, desc: dict) -> P.Register:
+        return P.Register(P.Role.LANGUAGE, session, node_id(), os.getpid(), self.tp_rank, transport, desc)
 
-    def _register(self, transport: str, desc: dict) -> P.Register:
-        return P.Register(P.Role.LANGUAGE, self.session_id, node_id(), os.getpid(), self.tp_rank, transport, desc)
-
-    def _await(self, inbox: "queue.Queue[bytes]", phase: str) -> P.Register:
-        try:
-            data = inbox.get(timeout=self.config.handshake_timeout)
-        except queue.Empty:
-            raise PeerError(f"no handshake reply ({phase}) from encoder at {self.config.encoder_endpoint} "
-                            f"within {self.config.handshake_timeout}s") from None
-        msg = P.decode(data)
-        if isinstance(msg, P.Bye):
-            raise PeerError(f"encoder refused the handshake: {msg.reason}")
-        if not isinstance(msg, P.Register) or msg.role != P.Role.ENCODER or msg.desc.get("phase") != phase:
-            raise ProtocolError("handshake", f"expected the encoder's {phase!r} register, got {msg!r}")
-        return msg
+    def _await(self, inbox: "queue.Queue[bytes]", phases: tuple, enc: _Encoder) -> P.Register:
+        deadline = time.monotonic() + self.config.handshake_timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0 or self._stop.is_set():
+                    raise queue.Empty
+                data = inbox.get(timeout=min(left, 0.25))
+            except queue.Empty:
+                if self._stop.is_set():
+                    raise PeerError("endpoint closed during the handshake") from None
+                if left > 0:
+                    continue
+                hint = (" (do both sides use the same auth_key?)" if self._keys is not None
+                        else " (does the encoder require an auth_key?)")
+                raise PeerError(f"no handshake reply ({phases[0]}) from the encoder at {enc.address} "
+                                f"within {self.config.handshake_timeout}s{hint}") from None
+            msg = P.decode(data)
+            if isinstance(msg, P.Heartbeat):
+                continue
+            if isinstance(msg, P.Bye):
+                raise PeerError(f"encoder refused the handshake: {msg.reason}")
+            if not isinstance(msg, P.Register) or msg.role != P.Role.ENCODER or msg.desc.get("phase") not in phases:
+                raise ProtocolError("handshake", f"expected the encoder's {phases[0]!r} register, got {msg!r}")
+            return msg
 
     # ------------------------------------------------------------ requests
-    def request(self, room: int, required_dst_info_num: int = 1) -> Status:
-        """Start receiving ``room``: allocate and send INIT (or queue for blocks)."""
-        if not isinstance(room, int) or room < 0:
-            raise ValueError(f"room must be a non-negative int, got {room!r}")
+    def request(self, room: P.Room, required_dst_info_num: int = 1, *, encoder: Optional[str] = None,
+                expected_tokens: Optional[int] = None) -> Status:
+        """Start receiving ``room`` from ``encoder`` (default ``config.encoder_endpoint``).
+
+        Non-blocking: allocates and sends INIT, or queues for blocks, or (for
+        an encoder not connected yet) starts the handshake on a thread of the
+        endpoint and returns ``Bootstrapping``.  ``expected_tokens`` (a size
+        hint) allocates exactly ``ceil(expected_tokens / block_size)`` blocks,
+        so a correct hint never needs a resume; a low hint resumes, a high one
+        wastes only the difference.  Bad arguments raise
+        :class:`~embresume.errors.InvalidArgument` before anything is allocated."""
+        P.check_room(room)
+        n = required_dst_info_num
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 0xFFFF:
+            raise InvalidArgument(f"required_dst_info_num must be an int in [1, 65535], got {n!r}")
+        if expected_tokens is not None and (isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int)
+                                            or not 1 <= expected_tokens <= MAX_REQUEST_TOKENS):
+            raise InvalidArgument(f"expected_tokens must be an int in [1, {MAX_REQUEST_TOKENS}], "
+                                  f"got {expected_tokens!r}")
+        enc = self._encoder(encoder)
         with self._lock:
             if self._closed:
                 raise PeerError("endpoint is closed")
             old = self._reqs.get(room)
             if old is not None and not old.tracker.status.terminal:
-                raise ValueError(f"room {room} is already in flight")
+                raise InvalidArgument(f"room {room!r} is already in flight")
             if old is not None and old.tracker.status is Status.Success:
-                raise ValueError(f"room {room} has a result nobody collected: call result({room}) first")
+                raise InvalidArgument(f"room {room!r} has a result nobody collected: call result() first")
             if old is not None and old.copying:
-                raise ValueError(f"room {room} is still being released after a failure")
-            if room in self._quarantine or room in self._held:
-                raise ValueError(f"room {room} still waits for the encoder to confirm an abort")
-            req = _Request(room, required_dst_info_num, time.monotonic() + self.config.request_timeout)
+                raise InvalidArgument(f"room {room!r} is still being released after a failure")
+            if any(room in e.quarantine or room in e.held for e in self._encoders.values()):
+                raise InvalidArgument(f"room {room!r} still waits for an encoder to confirm an abort")
+            req = _Request(room, n, time.monotonic() + self.config.request_timeout, enc,
+                           next(self._nonces), expected_tokens)
             self._reqs[room] = req
-            if not self._peer_alive:
-                self._fail(req, f"encoder is unreachable: {self._peer_reason or 'not connected'}", notify=False)
-                return req.tracker.status
-            if self._waiting or not self._try_allocate(req, self.config.default_allocate_tokens):
-                req.waiting_alloc = True
-                self._waiting.append(room)
+            self.stats["requests"] += 1
+            self.metrics.request_started()
+            if expected_tokens is not None:
+                self.stats["hinted"] += 1
+            if enc.state == "up":
+                self._admit(req)
+            else:
+                enc.pending.append(room)
+                self._start_connecting(enc)
             return req.tracker.status
 
-    def _try_allocate(self, req: _Request, tokens: int) -> bool:
-        """Allocate up to ``tokens`` tokens (>= 1 block) and send INIT/RESUME."""
+    def _first_tokens(self, req: _Request) -> tuple[int, int]:
+        """(tokens to ask for, the least worth taking) for a request's first chunk."""
+        if req.hint is None:
+            return self.config.default_allocate_tokens, 1
+        want = req.hint
+        cap = self.layout.num_blocks * self.layout.block_size
+        if self.config.max_chunk_tokens:
+            cap = min(cap, self.config.max_chunk_tokens)
+        # a hint is served whole (no resume) unless the pool or max_chunk_tokens cannot hold it
+        return want, min(want, cap)
+
+    def _admit(self, req: _Request) -> None:
+        """(lock held) The encoder is connected: allocate and send INIT, or queue."""
+        if self._waiting or not self._try_allocate(req, *self._first_tokens(req)):
+            req.waiting_alloc = True
+            self._waiting.append(req.room)
+
+    def _try_allocate(self, req: _Request, tokens: int, min_tokens: int = 1) -> bool:
+        """Allocate up to ``tokens`` tokens (at least ``min_tokens``) and send INIT/RESUME."""
         if self.config.max_chunk_tokens:
             tokens = min(tokens, self.config.max_chunk_tokens)
-        blocks = self.allocator.allocate(tokens, req.room, min_tokens=1)
+        blocks = self.allocator.allocate(tokens, req.room, min_tokens=min(min_tokens, tokens))
         if not blocks:
             return False
         req.blocks = blocks
         allocated = self.allocator.allocated_tokens(blocks)  # rule 2: what was really allocated
-        endpoint = self.config.encoder_endpoint
-        fields = dict(room=req.room, endpoint=endpoint, dst_port=self.tp_rank, session_id=self.session_id,
-                      dst_blocks=tuple(blocks), required_dst_info_num=req.required_dst_info_num,
-                      allocated_tokens=allocated)
-        msg = P.Init(**fields) if req.chunks == 0 else P.Resume(**fields, sent_tokens=req.sent_tokens)
+        link = req.enc.link
         try:
-            self.channel.send(msg)
+            if link is None or not link.alive:
+                raise PeerError(f"not connected ({req.enc.reason or 'connection lost'})")
+            fields = dict(room=req.room, endpoint=req.enc.address, dst_port=self.tp_rank, session_id=link.session_id,
+                          dst_blocks=tuple(blocks), required_dst_info_num=req.required_dst_info_num,
+                          allocated_tokens=allocated, nonce=req.nonce)
+            msg = P.Init(**fields) if req.chunks == 0 else P.Resume(**fields, sent_tokens=req.sent_tokens)
+            link.channel.send(msg)
         except PeerError as e:
-            self._fail(req, f"cannot reach the encoder: {e}", notify=False)
+            self._fail(req, f"cannot reach the encoder at {req.enc.address}: {e}", notify=False, cause="unreachable")
             return True
         if req.chunks == 0:
             req.tracker.set(Status.WaitingForInput)
@@ -291,76 +525,118 @@ class LanguageEndpoint:
             if req is None or req.tracker.status.terminal or not req.waiting_alloc:
                 self._waiting.popleft()
                 continue
-            want = (self.config.default_allocate_tokens if req.chunks == 0
-                    else req.total_tokens - req.sent_tokens)
-            if not self._try_allocate(req, want):
+            if req.chunks == 0:
+                ok = self._try_allocate(req, *self._first_tokens(req))
+            else:
+                ok = self._try_allocate(req, req.total_tokens - req.sent_tokens)
+            if not ok:
                 return
             req.waiting_alloc = False
             self._waiting.popleft()
 
-    def poll(self, room: int) -> Status:
+    def poll(self, room: P.Room) -> Status:
         """Non-blocking: never waits for the endpoint's lock or a copy."""
         req = self._reqs.get(room)
         if req is None:
-            raise KeyError(f"unknown room {room}")
+            raise UnknownRoom(f"room {room!r} is not requested on this endpoint (or its result was collected)")
         return req.tracker.status
 
-    def result(self, room: int) -> EmbeddingResult:
+    def result(self, room: P.Room) -> EmbeddingResult:
         """Pop the merged result of a room that reached Success."""
         with self._lock:
             req = self._reqs.get(room)
             if req is None:
-                raise KeyError(f"unknown room {room}")
+                raise UnknownRoom(f"room {room!r} has no result here: never requested, or its result "
+                                  "was already collected")
             if req.tracker.status is Status.Failed:
                 del self._reqs[room]
                 raise TransferFailed(room, req.reason)
             if req.tracker.status is not Status.Success:
-                raise RuntimeError(f"room {room} is {req.tracker.status.name}, not Success")
+                raise InvalidArgument(f"room {room!r} is {req.tracker.status.name}, not Success: "
+                                      "wait() or poll() first")
             del self._reqs[room]
             return req.result
 
-    def failure_reason(self, room: int) -> str:
+    def failure_reason(self, room: P.Room) -> str:
         with self._lock:
             req = self._reqs.get(room)
             return req.reason if req else ""
 
-    def history(self, room: int) -> list[Status]:
+    def history(self, room: P.Room) -> list[Status]:
         with self._lock:
-            return list(self._reqs[room].tracker.history)
+            req = self._reqs.get(room)
+            if req is None:
+                raise UnknownRoom(f"room {room!r} is not requested on this endpoint")
+            return list(req.tracker.history)
 
-    def wait(self, room: int, timeout: Optional[float] = None) -> Status:
+    def wait(self, room: P.Room, timeout: Optional[float] = None) -> Status:
+        """Block until ``room`` is terminal or ``timeout`` passed; returns its status."""
         with self._lock:
             req = self._reqs.get(room)
         if req is None:
-            raise KeyError(f"unknown room {room}")
+            raise UnknownRoom(f"room {room!r} is not requested on this endpoint")
         req.event.wait(timeout)
         return req.tracker.status
 
-    def recv(self, room: int, timeout: Optional[float] = None, required_dst_info_num: int = 1) -> EmbeddingResult:
+    def recv(self, room: P.Room, timeout: Optional[float] = None, required_dst_info_num: int = 1, *,
+             encoder: Optional[str] = None, expected_tokens: Optional[int] = None) -> EmbeddingResult:
         """Blocking convenience: request ``room`` (unless already requested),
-        wait for a terminal status, return the merged result."""
+        wait for a terminal status, return the merged result.  Raises
+        :class:`~embresume.errors.TransferFailed` when the room failed and
+        :class:`~embresume.errors.EmbResumeTimeout` (the room aborted) when
+        ``timeout`` (default ``request_timeout``) ran out."""
         with self._lock:
             req = self._reqs.get(room)
             if req is not None and req.tracker.status is Status.Success:
                 return self.result(room)        # it arrived before we were asked
         if req is None or req.tracker.status is Status.Failed:
-            self.request(room, required_dst_info_num)
+            self.request(room, required_dst_info_num, encoder=encoder, expected_tokens=expected_tokens)
         timeout = self.config.request_timeout if timeout is None else timeout
         st = self.wait(room, timeout)
         if not st.terminal:
             self.abort(room, f"no result within {timeout}s")
+            with self._lock:
+                req = self._reqs.get(room)
+                if req is not None and req.tracker.status is Status.Failed:
+                    del self._reqs[room]
+                    raise EmbResumeTimeout(f"room {room!r}: no result within {timeout}s "
+                                           f"(it was {st.name}; aborted)")
         return self.result(room)
 
-    def abort(self, room: int, reason: str = "aborted by the language side") -> None:
+    def abort(self, room: P.Room, reason: str = "aborted by the language side") -> None:
         with self._lock:
             req = self._reqs.get(room)
             if req is None or req.tracker.status.terminal:
                 return
-            self._fail(req, reason, notify=True)
+            self._fail(req, reason, notify=True, cause="aborted")
+
+    # single-encoder conveniences (the default encoder's connection)
+    @property
+    def connected(self) -> bool:
+        enc = self._encoders.get(self.config.encoder_endpoint)
+        return enc is not None and enc.state == "up"
+
+    @property
+    def channel(self) -> Optional[Channel]:
+        enc = self._encoders.get(self.config.encoder_endpoint)
+        return enc.link.channel if enc is not None and enc.link is not None else None
+
+    @property
+    def transport_name(self) -> str:
+        """The transport of the default encoder's (last) connection."""
+        enc = self._encoders.get(self.config.encoder_endpoint)
+        return enc.transport if enc is not None else ""
+
+    def encoders(self) -> list[dict]:
+        """The encoders this endpoint knows, their state and transport."""
+        with self._lock:
+            return [{"address": e.address, "state": e.state, "transport": e.link.transport if e.link else "",
+                     "rooms": sum(1 for r in self._reqs.values() if r.enc is e and not r.tracker.status.terminal),
+                     "reason": e.reason} for e in self._encoders.values()]
 
     # ------------------------------------------------------------ failure
     def _fail(self, req: _Request, reason: str, *, notify: bool, peer_dead: bool = False,
-              hold: bool = False) -> None:
+              hold: bool = False, cause: str = "error") -> None:
         """Mark Failed and release blocks.  When the encoder may still write
         into the blocks (it was told to abort, not dead), they stay
         quarantined until it confirms; a dead peer or torn-down connection
@@ -370,11 +646,14 @@ class LanguageEndpoint:
         req.reason = reason
         req.waiting_alloc = False
         self.stats["failed"] += 1
-        log.warning("room %d failed: %s", req.room, reason)
+        self.metrics.request_failed(cause)
+        log.warning("room %r failed: %s", req.room, reason)
         if req.merge is not None and not req.copying:
             req.merge.discard()
             req.merge = None
-        alive = self._peer_alive and not peer_dead
+        enc = req.enc
+        link = enc.link
+        alive = link is not None and link.alive and not peer_dead
         mode = "hold" if hold and alive else "quarantine" if notify and alive else "free"
         if req.copying:
             # the reader thread is copying out of these blocks: it releases them
@@ -382,102 +661,108 @@ class LanguageEndpoint:
         elif req.blocks or mode == "quarantine":
             # an ABORT goes out: the room stays quarantined (even without blocks)
             # until the encoder's acknowledgement, so a retry never meets it
-            self._park(req.room, req.blocks, mode)
+            self._park(enc, req.room, req.blocks, mode)
             req.blocks = []
-        if notify and self._peer_alive and not peer_dead:
+        if notify and alive:
             try:
-                self.channel.send(P.Abort(req.room, reason[:1000]))
+                link.channel.send(P.Abort(req.room, reason[:1000]))
             except PeerError:
-                self._release_quarantine(req.room)
+                self._release_quarantine(enc, req.room)
         req.event.set()
         self._drain_waiting()
 
-    def _release_held(self) -> None:
+    def _release_held(self, enc: _Encoder) -> None:
         """The connection is torn down: nothing can land in held blocks any more."""
-        for room, blocks in list(self._held.items()):
+        for room, blocks in list(enc.held.items()):
             self.allocator.free(blocks, room)
-        self._held.clear()
+        enc.held.clear()
 
-    def _release_quarantine(self, room: int) -> None:
-        blocks = self._quarantine.pop(room, None)
+    def _release_quarantine(self, enc: _Encoder, room) -> None:
+        blocks = enc.quarantine.pop(room, None)
         if blocks:
             self.allocator.free(blocks, room)
 
     # ------------------------------------------------------------ messages
-    def _on_message(self, _ch: Channel, msg: P.Message) -> None:
-        self._last_seen = time.monotonic()
+    def _on_message(self, enc: _Encoder, msg: P.Message) -> None:
+        """Runs on ``enc``'s channel reader thread."""
+        link = enc.link
+        if link is None:
+            return
+        link.last_seen = time.monotonic()
         if isinstance(msg, P.Heartbeat):
             return
         if isinstance(msg, (P.StatusMsg, P.Progress)):
             with self._lock:
-                job = self._on_status(msg) if isinstance(msg, P.StatusMsg) else self._on_progress(msg)
+                job = self._on_status(enc, msg) if isinstance(msg, P.StatusMsg) else self._on_progress(enc, msg)
             if job is not None:
-                self._busy = True  # the monitor does not count silence while we copy
+                link.busy = True  # the monitor does not count silence while we copy
                 try:
                     self._copy(*job)  # outside the lock: poll() never waits for it
                 finally:
-                    self._busy = False
-                    self._last_seen = time.monotonic()
+                    link.busy = False
+                    link.last_seen = time.monotonic()
             return
         if isinstance(msg, P.Bye):
-            self._peer_lost(f"encoder closed the connection: {msg.reason}")
+            self._link_lost(enc, link, f"encoder closed the connection: {msg.reason}", clean=True)
             return
-        log.warning("ignoring unexpected %s from the encoder", type(msg).__name__)
+        log.warning("ignoring unexpected %s from the encoder at %s", type(msg).__name__, enc.address)
 
-    def _live_request(self, room: int) -> Optional[_Request]:
+    def _live_request(self, enc: _Encoder, room) -> Optional[_Request]:
+        """The live request for ``room`` that was asked of ``enc`` (another
+        encoder's messages never touch it)."""
         req = self._reqs.get(room)
-        if req is None or req.tracker.status.terminal:
+        if req is None or req.enc is not enc or req.tracker.status.terminal:
             return None
         return req
 
-    def _on_status(self, msg: P.StatusMsg):
+    def _on_status(self, enc: _Encoder, msg: P.StatusMsg):
         room = msg.room
-        if room in self._quarantine:
+        if room in enc.quarantine:
             # the encoder's answer to our abort (or its own failure of the
             # aborted attempt): nothing more will be written into those blocks
             if msg.status is Status.Failed:
-                self._release_quarantine(room)
+                self._release_quarantine(enc, room)
                 self._drain_waiting()
             return None
         if msg.flags & P.FLAG_ABORT_ACK:
             return None  # a late acknowledgement: it never fails a newer request for the room
-        req = self._live_request(room)
+        req = self._live_request(enc, room)
         if req is None:
-            log.debug("late status %s for room %d ignored", msg.status.name, room)
+            log.debug("late status %s for room %r ignored", msg.status.name, room)
             return None
         if msg.status is Status.Failed:
             if msg.flags & P.FLAG_BLOCKS_UNSAFE:
                 # a write into these blocks may still land: quarantined until teardown
                 self.stats["unsafe_blocks"] += len(req.blocks)
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True)
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True, cause="encoder")
             else:
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False)
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, cause="encoder")
             return None
         if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.waiting_alloc:
-            self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}", notify=True)
+            self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}", notify=True, cause="bad_message")
             return None
         try:
             return self._check_chunk(req, msg)
         except (ValueError, ProtocolError, AllocatorError) as e:
-            self._fail(req, f"bad chunk: {e}", notify=True)
+            self._fail(req, f"bad chunk: {e}", notify=True, cause="bad_message")
         return None
 
-    def _on_progress(self, msg: P.Progress):
+    def _on_progress(self, enc: _Encoder, msg: P.Progress):
         """Part of the current chunk landed: copy it out while the rest is written."""
-        req = self._live_request(msg.room)
-        if req is None or msg.room in self._quarantine:
+        req = self._live_request(enc, msg.room)
+        if req is None or msg.room in enc.quarantine:
             return None
         try:
             if not req.blocks or req.waiting_alloc or msg.seq != req.chunks + 1:
                 raise ProtocolError("seq", f"progress for chunk {msg.seq} while expecting {req.chunks + 1}")
             bs = self.layout.block_size
             self._ensure_total(req, 0)
-            tokens = min(req.total_tokens - req.sent_tokens, self.allocator.allocated_tokens(req.blocks))
+            tokens = self._plan(req).tokens
             if msg.landed % bs or not req.landed < msg.landed < tokens:
                 raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
                                               f"({req.landed}, {tokens})")
-        except (ValueError, ProtocolError) as e:
-            self._fail(req, f"bad progress report: {e}", notify=True)
+        except (ValueError, ProtocolError, AllocatorError) as e:
+            self._fail(req, f"bad progress report: {e}", notify=True, cause="bad_message")
             return None
         if self._zero_copy_candidate(req, tokens):
             return None  # the whole request arrives in this chunk: it will not be copied at all
@@ -522,6 +807,8 @@ class LanguageEndpoint:
         # mrope is [3, bs] per block: [3, T] needs this small copy (12 bytes a token)
         mrope = pool.mrope[b0:b0 + need].transpose(0, 1).reshape(3, need * bs)[:, :tokens].contiguous()
         spare = req.blocks[need:]
+        wasted = self.allocator.allocated_tokens(req.blocks) - tokens
+        self.stats["wasted_tokens"] += wasted
         if spare:
             self.allocator.free(spare, req.room)
         blocks, req.blocks = req.blocks[:need], []
@@ -535,14 +822,26 @@ class LanguageEndpoint:
         req.result = res
         req.tracker.set(Status.Success)
         self.stats["success"] += 1
+        self._record_success(req, tokens, wasted)
         req.event.set()
         self._drain_waiting()
         return True
 
-    def _release_pool_lease(self, room: int, blocks: list) -> None:
+    def _record_success(self, req: _Request, last_tokens: int, wasted: int) -> None:
+        m = self.metrics
+        m.chunk(last_tokens * (self.layout.emb_row_bytes + 16))
+        m.request_succeeded(resumes=req.chunks - 1, latency_s=time.monotonic() - req.t0, wasted_tokens=wasted)
+        m.pool(self.allocator.used_blocks, self.layout.num_blocks)
+
+    def _release_pool_lease(self, room, blocks: list) -> None:
         with self._lock:
             self.allocator.free(blocks, room)
             self._drain_waiting()
+
+    def _plan(self, req: _Request):
+        """The chunk the encoder sends into ``req.blocks`` (:func:`~embresume.planner.plan_chunk`)."""
+        return plan_chunk(req.total_tokens, req.sent_tokens, self.allocator.allocated_tokens(req.blocks),
+                          self.layout.block_size, req.blocks)
 
     def _check_chunk(self, req: _Request, msg: P.StatusMsg):
         """Validate a chunk's STATUS (under the lock); returns the copy job."""
@@ -551,14 +850,13 @@ class LanguageEndpoint:
         self._ensure_total(req, msg.total_tokens)
         if msg.total_tokens and msg.total_tokens != req.total_tokens:
             raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux said {req.total_tokens}")
-        allocated = self.allocator.allocated_tokens(req.blocks)
-        remaining = req.total_tokens - req.sent_tokens
-        tokens = min(remaining, allocated)
-        complete = tokens == remaining
+        plan = self._plan(req)          # the encoder's decision, recomputed by the same function
+        tokens, complete = plan.tokens, not plan.partial
         if msg.chunk_tokens != tokens:
             raise ProtocolError("chunk_tokens", f"expected {tokens}, got {msg.chunk_tokens}")
         if (msg.status is Status.Success) != complete:
-            raise ProtocolError("status", f"{msg.status.name} with {remaining - tokens} tokens left")
+            raise ProtocolError("status", f"{msg.status.name} with {req.total_tokens - req.sent_tokens - tokens} "
+                                          "tokens left")
         if msg.sent_tokens != req.sent_tokens + tokens:
             raise ProtocolError("sent_tokens", f"expected {req.sent_tokens + tokens}, got {msg.sent_tokens}")
         if complete and self._zero_copy(req, tokens):
@@ -590,7 +888,7 @@ class LanguageEndpoint:
                 self._release_after_copy(req)
                 return
             if err is not None:
-                self._fail(req, f"copying the chunk failed: {err}", notify=True)
+                self._fail(req, f"copying the chunk failed: {err}", notify=True, cause="copy")
                 return
             req.landed += tokens
             if end is not None:
@@ -602,12 +900,13 @@ class LanguageEndpoint:
             req.merge.discard()
             req.merge = None
         blocks, req.blocks = req.blocks, []
-        mode = req.release if self._peer_alive else "free"
+        link = req.enc.link
+        mode = req.release if link is not None and link.alive else "free"
         if blocks or mode == "quarantine":
-            self._park(req.room, blocks, mode)
+            self._park(req.enc, req.room, blocks, mode)
             self._drain_waiting()
 
-    def _park(self, room: int, blocks: list, mode: str) -> None:
+    def _park(self, enc: _Encoder, room, blocks: list, mode: str) -> None:
         """Release a failed room's blocks: ``free`` now; ``quarantine`` until the
         encoder confirms our abort; ``hold`` until the connection is torn down
         (a failed write into them may still land)."""
@@ -615,12 +914,14 @@ class LanguageEndpoint:
             if blocks:
                 self.allocator.free(blocks, room)
         elif mode == "quarantine":
-            self._quarantine.setdefault(room, []).extend(blocks)
+            enc.quarantine.setdefault(room, []).extend(blocks)
         else:
-            self._held.setdefault(room, []).extend(blocks)
+            enc.held.setdefault(room, []).extend(blocks)
 
     def _chunk_done(self, req: _Request, tokens: int, complete: bool) -> None:
         pool = self.pool
+        wasted = self.allocator.allocated_tokens(req.blocks) - tokens if complete else 0
+        self.stats["wasted_tokens"] += wasted
         self.allocator.free(req.blocks, req.room)
         req.blocks = []
         req.sent_tokens += tokens
@@ -630,16 +931,19 @@ class LanguageEndpoint:
         self.stats["bytes"] += tokens * self.layout.emb_row_bytes
         if complete:
             res = req.merge.result(req.room, req.tracker.history + [Status.Success], req.chunks)
-            if pool.device.type != "cuda" and self.config.device.startswith("cuda"):
+            if pool.device.type != torch.device(self.config.device).type:
+                # the pool stayed on the host (no transport could export a GPU pool)
                 res.embeddings, res.fill_ids, res.mrope_positions = (
                     t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))
             req.result = res
             req.merge = None
             req.tracker.set(Status.Success)
             self.stats["success"] += 1
+            self._record_success(req, tokens, wasted)
             req.event.set()
             self._drain_waiting()
             return
+        self.metrics.chunk(tokens * (self.layout.emb_row_bytes + 16))
         req.tracker.set(Status.Transferring)
         # free first, then allocate the rest: a resume can always reuse its own
         # blocks, and it never queues behind new requests (with TP ranks that
@@ -650,31 +954,35 @@ class LanguageEndpoint:
             self._drain_waiting()
 
     # ------------------------------------------------------------ liveness
-    def _on_channel_error(self, _ch: Channel, err: Exception) -> None:
+    def _on_channel_error(self, enc: _Encoder, err: Exception) -> None:
         self.stats["bad_messages"] += 1
-        log.warning("bad control message from the encoder: %s", err)
+        if self.stats["bad_messages"] <= 10 or self.stats["bad_messages"] % 1000 == 0:
+            log.warning("bad control message from the encoder at %s: %s (%d so far)", enc.address, err,
+                        self.stats["bad_messages"])
 
-    def _on_channel_closed(self, _ch: Channel) -> None:
-        self._peer_lost("control channel closed by the encoder")
-
-    def _peer_lost(self, reason: str) -> None:
+    def _link_lost(self, enc: _Encoder, link: _Link, reason: str, clean: bool = False) -> None:
+        """``link`` to ``enc`` is gone: fail its rooms, release what was parked
+        for it, close it.  The next request naming ``enc`` reconnects."""
         with self._lock:
-            if not self._peer_alive:
+            if enc.link is not link or not link.alive:
                 return
-            self._peer_alive = False
-            self._peer_reason = reason
-            log.error("encoder lost: %s", reason)
-            for room in list(self._quarantine):
-                self._release_quarantine(room)
-            self._release_held()
+            link.alive = False
+            enc.link = None
+            enc.state, enc.reason = "down", reason
+            enc.retry_at = 0.0
+            if not self._closed:
+                (log.info if clean else log.error)("rank %d: encoder at %s %s", self.tp_rank, enc.address,
+                                                    reason if clean else f"lost: {reason}")
+            for room in list(enc.quarantine):
+                self._release_quarantine(enc, room)
+            self._release_held(enc)
             for req in list(self._reqs.values()):
-                if not req.tracker.status.terminal:
-                    self._fail(req, f"encoder lost: {reason}", notify=False, peer_dead=True)
-            self._waiting.clear()
-
-    @property
-    def connected(self) -> bool:
-        return self._peer_alive
+                if req.enc is enc and not req.tracker.status.terminal:
+                    self._fail(req, f"encoder lost ({enc.address}): {reason}", notify=False, peer_dead=True, cause="peer_lost")
+            self._drain_waiting()
+        # closed on a thread of its own: this may run on the link's reader thread,
+        # which the close joins (and a ZeroMQ hub must not close under its own loop)
+        threading.Thread(target=_close_quietly, args=(link,), name="embresume-link-close", daemon=True).start()
 
     def _monitor_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_interval):
@@ -685,23 +993,32 @@ class LanguageEndpoint:
 
     def _monitor_once(self) -> None:
         c = self.config
-        if self._peer_alive:
-            self._hb_seq += 1
+        with self._lock:
+            links = [(e, e.link) for e in self._encoders.values() if e.link is not None and e.link.alive]
+        for enc, link in links:
+            link.hb_seq += 1
             try:
-                self.channel.send(P.Heartbeat(self._hb_seq, time.time_ns()))
+                link.channel.send(P.Heartbeat(link.hb_seq, time.time_ns()))
             except PeerError as e:
-                self._peer_lost(str(e))
-            silent = time.monotonic() - self._last_seen
-            if silent > c.peer_timeout and not self._busy:
-                self._peer_lost(f"no message for {silent:.1f}s (peer_timeout {c.peer_timeout}s)")
-            elif self._pid_check and self._peer_pid and not _pid_alive(self._peer_pid):
-                self._peer_lost(f"encoder process {self._peer_pid} exited")
+                self._link_lost(enc, link, str(e))
+                continue
+            silent = time.monotonic() - link.last_seen
+            if silent > c.peer_timeout and not link.busy:
+                self._link_lost(enc, link, f"no message for {silent:.1f}s (peer_timeout {c.peer_timeout}s)")
+            elif link.pid_check and link.peer_pid and not _pid_alive(link.peer_pid):
+                self._link_lost(enc, link, f"encoder process {link.peer_pid} exited")
+        self.metrics.pool(self.allocator.used_blocks, self.layout.num_blocks)
         now = time.monotonic()
         with self._lock:
             for req in list(self._reqs.values()):
                 if not req.tracker.status.terminal and now > req.deadline:
-                    self._fail(req, f"timed out in {req.tracker.status.name} "
-                                    f"after {c.request_timeout}s without progress", notify=True)
+                    reason = f"timed out in {req.tracker.status.name} after {c.request_timeout}s without progress"
+                    if req.required_dst_info_num > 1 and req.tracker.status is Status.WaitingForInput:
+                        reason += (f" (required_dst_info_num={req.required_dst_info_num}: the encoder starts only "
+                                   f"when all {req.required_dst_info_num} tensor-parallel ranks requested the room)")
+                    elif req.tracker.status is Status.WaitingForInput:
+                        reason += " (the encoder never sent this room)"
+                    self._fail(req, reason, notify=True, cause="timeout")
 
     # ------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -709,35 +1026,43 @@ class LanguageEndpoint:
             if self._closed:
                 return
             self._closed = True
+            encs = list(self._encoders.values())
         self._stop.set()
-        if self.channel is not None and self._peer_alive:
-            try:
-                self.channel.send(P.Bye("language endpoint closed"))
-            except PeerError:
-                pass
+        links = []
         with self._lock:
-            self._peer_alive = False
-            self._peer_reason = "endpoint closed"
             for req in list(self._reqs.values()):
                 if not req.tracker.status.terminal:
-                    self._fail(req, "endpoint closed", notify=False, peer_dead=True)
-            for room in list(self._quarantine):
-                self._release_quarantine(room)
-            self._release_held()
-        if self._monitor is not None:
+                    self._fail(req, "endpoint closed", notify=False, peer_dead=True, cause="closed")
+            for enc in encs:
+                if enc.link is not None and enc.link.alive:
+                    links.append(enc.link)
+                    try:
+                        enc.link.channel.send(P.Bye("language endpoint closed"))
+                    except PeerError:
+                        pass
+                    enc.link.alive = False
+                enc.link, enc.state = None, "down"
+                for room in list(enc.quarantine):
+                    self._release_quarantine(enc, room)
+                self._release_held(enc)
+        for enc in encs:
+            t = enc.thread
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=self.config.handshake_timeout + 1)
+        if self._monitor is not threading.current_thread():
             self._monitor.join(timeout=2)
-        if self.channel is not None:
-            self.channel.close()
-        if self._hub is not None:
-            self._hub.close()
-        if self.pool is not None:
-            if self.transport is not None:
-                try:
-                    self.transport.unexport_pool(self.pool)
-                except Exception:
-                    log.debug("unexport failed", exc_info=True)
-                self.transport.close()
-            self.pool.close()
+        for link in links:
+            try:
+                link.close()
+            except Exception:
+                log.debug("link close failed", exc_info=True)
+        for t in self._transports.instances():
+            try:
+                t.unexport_pool(self.pool)
+            except Exception:
+                log.debug("unexport failed", exc_info=True)
+        self._transports.close()
+        self.pool.close()
 
     def __enter__(self) -> "LanguageEndpoint":
         return self
@@ -751,14 +1076,15 @@ class _PoolLease:
 
     __slots__ = ("endpoint", "room", "blocks")
 
-    def __init__(self, endpoint: "LanguageEndpoint", room: int, blocks: list):
+    def __init__(self, endpoint: "LanguageEndpoint", room, blocks: list):
         self.endpoint, self.room, self.blocks = endpoint, room, blocks
 
     def give_back(self) -> None:
         self.endpoint._release_pool_lease(self.room, self.blocks)
 
 
-class _Fallback(Exception):
-    def __init__(self, failed: str, reason: str, to: str):
-        super().__init__(reason)
-        self.failed, self.reason, self.to = failed, reason, to
+def _close_quietly(link: _Link) -> None:
+    try:
+        link.close()
+    except Exception:
+        log.debug("closing a lost link failed", exc_info=True)

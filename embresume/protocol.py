@@ -8,18 +8,28 @@ Every frame starts with an 8-byte header::
     +--------+--------+-------+----------+-------------------------+
 
 Bodies (``str`` = u16 length + UTF-8, ``blob`` = u32 length + UTF-8 JSON,
-``u32[]`` = u32 count + items):
+``u32[]`` = u32 count + items, ``key`` = a room key, see below):
 
     REGISTER  role u8, tp_rank u16, pid u32, session_id str, node_id str, transport str, desc blob
-    INIT      room u64, dst_port u32, required_dst_info_num u16, allocated_tokens u64,
+    INIT      room key, nonce u64, dst_port u32, required_dst_info_num u16, allocated_tokens u64,
               endpoint str, session_id str, dst_blocks u32[]
     RESUME    INIT's fields + sent_tokens u64
-    STATUS    room u64, status u8, seq u32, sent_tokens u64, chunk_tokens u32, total_tokens u64, flags u8,
+    STATUS    room key, status u8, seq u32, sent_tokens u64, chunk_tokens u32, total_tokens u64, flags u8,
               reason str
-    ABORT     room u64, reason str
+    ABORT     room key, reason str
     HEARTBEAT seq u64, time_ns u64
     BYE       reason str
-    PROGRESS  room u64, seq u32, landed u32     (tokens of chunk ``seq`` already written, whole blocks)
+    PROGRESS  room key, seq u32, landed u32     (tokens of chunk ``seq`` already written, whole blocks)
+
+Room keys: serving stacks key items by request id or multimodal hash, so a
+room is an int (``0 <= room < 2**64``), a str (UTF-8, at most 256 bytes) or
+bytes (at most 256)::
+
+    key  =  tag u8 (0 int, 1 str, 2 bytes), then u64 (int) or u16 length + bytes
+
+``nonce`` identifies one request attempt of one language endpoint: a replayed
+INIT (same session, room and nonce) is a duplicate, a new nonce for a room
+that finished earlier is a new use of the key.
 
 :func:`decode` validates every field and raises :class:`ProtocolError` naming
 the first bad one; it never returns a partially valid message.
@@ -38,10 +48,13 @@ from .errors import ProtocolError
 from .status import Status
 
 MAGIC = b"EMBR"
-VERSION = 1
-MAX_BLOCKS = 1 << 24
+VERSION = 2
+MAX_BLOCKS = 1 << 20
 MAX_STR = 4096
 MAX_BLOB = 1 << 20
+MAX_KEY = 256
+#: JSON nesting accepted in a handshake description
+MAX_JSON_DEPTH = 32
 
 _HDR = struct.Struct("<4sBBH")
 
@@ -73,20 +86,24 @@ class Register:
     desc: dict = field(default_factory=dict)
 
 
+Room = Union[int, str, bytes]
+
+
 @dataclass(frozen=True)
 class Init:
-    room: int
+    room: Room
     endpoint: str
     dst_port: int
     session_id: str
     dst_blocks: tuple[int, ...]
     required_dst_info_num: int
     allocated_tokens: int
+    nonce: int = 0
 
 
 @dataclass(frozen=True)
 class Resume:
-    room: int
+    room: Room
     endpoint: str
     dst_port: int
     session_id: str
@@ -94,6 +111,7 @@ class Resume:
     required_dst_info_num: int
     allocated_tokens: int
     sent_tokens: int
+    nonce: int = 0
 
 
 #: STATUS flag: a write into the receiver's blocks failed or timed out and may
@@ -106,7 +124,7 @@ FLAG_ABORT_ACK = 2
 
 @dataclass(frozen=True)
 class StatusMsg:
-    room: int
+    room: Room
     status: Status
     seq: int = 0
     sent_tokens: int = 0
@@ -118,7 +136,7 @@ class StatusMsg:
 
 @dataclass(frozen=True)
 class Abort:
-    room: int
+    room: Room
     reason: str = ""
 
 
@@ -138,7 +156,7 @@ class Progress:
     """Part of a chunk has landed: the receiver may start copying it out
     while the rest is still being written (pipelined chunks)."""
 
-    room: int
+    room: Room
     seq: int
     landed: int
 
@@ -169,6 +187,14 @@ class _Writer:
             raise ProtocolError(name, f"{len(b)} bytes exceeds {MAX_STR}")
         self.parts += [_U16.pack(len(b)), b]
 
+    def key(self, name: str, room) -> None:
+        check_room(room, ProtocolError, name)
+        if isinstance(room, int):
+            self.parts += [_U8.pack(KEY_INT), _U64.pack(room)]
+        else:
+            b = room.encode() if isinstance(room, str) else bytes(room)
+            self.parts += [_U8.pack(KEY_STR if isinstance(room, str) else KEY_BYTES), _U16.pack(len(b)), b]
+
     def blob(self, name: str, obj) -> None:
         try:
             b = json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
@@ -191,6 +217,38 @@ class _Writer:
         return b"".join(self.parts)
 
 
+KEY_INT, KEY_STR, KEY_BYTES = 0, 1, 2
+
+
+def check_room(room, error=None, name: str = "room") -> None:
+    """Validate a room key; raises ``error`` (default
+    :class:`~embresume.errors.InvalidArgument`) with a clear message."""
+    if error is None:
+        from .errors import InvalidArgument as error
+    msg = None
+    if isinstance(room, bool):
+        msg = "a room key is an int, str or bytes, not a bool"
+    elif isinstance(room, int):
+        if not 0 <= room <= _LIMITS["Q"]:
+            msg = f"int room keys must be in [0, 2**64), got {room}"
+    elif isinstance(room, str):
+        try:
+            n = len(room.encode())
+        except UnicodeEncodeError:
+            n, msg = 0, "str room keys must be valid UTF-8 (no lone surrogates)"
+        if n > MAX_KEY:
+            msg = f"str room keys are at most {MAX_KEY} bytes of UTF-8, got {n}"
+    elif isinstance(room, (bytes, bytearray, memoryview)):
+        if len(room) > MAX_KEY:
+            msg = f"bytes room keys are at most {MAX_KEY} bytes, got {len(room)}"
+    else:
+        msg = f"a room key is an int, str or bytes, got {type(room).__name__}"
+    if msg is not None:
+        if error is ProtocolError:
+            raise ProtocolError(name, msg)
+        raise error(msg)
+
+
 def encode(msg: Message) -> bytes:
     if isinstance(msg, Register):
         w = _Writer(Kind.REGISTER)
@@ -203,7 +261,8 @@ def encode(msg: Message) -> bytes:
         w.blob("desc", msg.desc)
     elif isinstance(msg, (Init, Resume)):
         w = _Writer(Kind.INIT if isinstance(msg, Init) else Kind.RESUME)
-        w.num("room", "Q", msg.room)
+        w.key("room", msg.room)
+        w.num("nonce", "Q", msg.nonce)
         w.num("dst_port", "I", msg.dst_port)
         w.num("required_dst_info_num", "H", msg.required_dst_info_num)
         w.num("allocated_tokens", "Q", msg.allocated_tokens)
@@ -214,7 +273,7 @@ def encode(msg: Message) -> bytes:
             w.num("sent_tokens", "Q", msg.sent_tokens)
     elif isinstance(msg, StatusMsg):
         w = _Writer(Kind.STATUS)
-        w.num("room", "Q", msg.room)
+        w.key("room", msg.room)
         w.num("status", "B", int(msg.status))
         w.num("seq", "I", msg.seq)
         w.num("sent_tokens", "Q", msg.sent_tokens)
@@ -224,7 +283,7 @@ def encode(msg: Message) -> bytes:
         w.str("reason", msg.reason)
     elif isinstance(msg, Abort):
         w = _Writer(Kind.ABORT)
-        w.num("room", "Q", msg.room)
+        w.key("room", msg.room)
         w.str("reason", msg.reason)
     elif isinstance(msg, Heartbeat):
         w = _Writer(Kind.HEARTBEAT)
@@ -232,15 +291,25 @@ def encode(msg: Message) -> bytes:
         w.num("time_ns", "Q", msg.time_ns)
     elif isinstance(msg, Bye):
         w = _Writer(Kind.BYE)
-        w.str("reason", msg.reason)
+        w.str("reason", _truncate(msg.reason))
     elif isinstance(msg, Progress):
         w = _Writer(Kind.PROGRESS)
-        w.num("room", "Q", msg.room)
+        w.key("room", msg.room)
         w.num("seq", "I", msg.seq)
         w.num("landed", "I", msg.landed)
     else:
         raise ProtocolError("kind", f"cannot encode {type(msg).__name__}")
     return w.bytes()
+
+
+def _truncate(text: str, limit: int = MAX_STR) -> str:
+    """At most ``limit`` bytes of UTF-8 (a reason must never make its message unencodable)."""
+    if not isinstance(text, str):
+        text = str(text)
+    b = text.encode(errors="replace")
+    if len(b) <= limit:
+        return text
+    return b[:limit - 3].decode(errors="ignore") + "..."
 
 
 # ---------------------------------------------------------------- decoding
@@ -270,14 +339,33 @@ class _Reader:
         except UnicodeDecodeError:
             raise ProtocolError(name, "not valid UTF-8") from None
 
+    def key(self, name: str):
+        tag = self.num(name, _U8)
+        if tag == KEY_INT:
+            return self.num(name, _U64)
+        if tag not in (KEY_STR, KEY_BYTES):
+            raise ProtocolError(name, f"unknown key tag {tag}")
+        n = self.num(name, _U16)
+        if n > MAX_KEY:
+            raise ProtocolError(name, f"key of {n} bytes exceeds {MAX_KEY}")
+        raw = bytes(self._take(name, n))
+        if tag == KEY_BYTES:
+            return raw
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(name, "str key is not valid UTF-8") from None
+
     def blob(self, name: str) -> dict:
         n = self.num(name, _U32)
         if n > MAX_BLOB:
             raise ProtocolError(name, f"length {n} exceeds {MAX_BLOB}")
         raw = bytes(self._take(name, n))
+        if _json_depth(raw) > MAX_JSON_DEPTH:
+            raise ProtocolError(name, f"JSON nested deeper than {MAX_JSON_DEPTH}")
         try:
             obj = json.loads(raw)
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise ProtocolError(name, "not valid JSON") from None
         if not isinstance(obj, dict):
             raise ProtocolError(name, "must be a JSON object")
@@ -294,6 +382,23 @@ class _Reader:
     def end(self) -> None:
         if self.pos != len(self.buf):
             raise ProtocolError("frame", f"{len(self.buf) - self.pos} trailing bytes")
+
+
+def _json_depth(raw: bytes) -> int:
+    """Maximum bracket nesting of a JSON text (brackets inside strings count
+    too: an over-estimate is fine for a bound, and it needs no parse)."""
+    depth = best = 0
+    for c in raw.translate(None, _NOT_BRACKETS):
+        if c in b"[{":
+            depth += 1
+            if depth > best:
+                best = depth
+        else:
+            depth -= 1
+    return best
+
+
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def _check_blocks(name: str, blocks: tuple[int, ...]) -> None:
@@ -327,7 +432,8 @@ def decode(data) -> Message:
                        session_id=r.str("session_id"), node_id=r.str("node_id"),
                        transport=r.str("transport"), desc=r.blob("desc"))
     elif kind in (Kind.INIT, Kind.RESUME):
-        room = r.num("room", _U64)
+        room = r.key("room")
+        nonce = r.num("nonce", _U64)
         dst_port = r.num("dst_port", _U32)
         req = r.num("required_dst_info_num", _U16)
         alloc = r.num("allocated_tokens", _U64)
@@ -340,14 +446,14 @@ def decode(data) -> Message:
             raise ProtocolError("allocated_tokens", "must be positive")
         _check_blocks("dst_blocks", blocks)
         if kind is Kind.INIT:
-            msg = Init(room, endpoint, dst_port, session, blocks, req, alloc)
+            msg = Init(room, endpoint, dst_port, session, blocks, req, alloc, nonce)
         else:
             sent = r.num("sent_tokens", _U64)
             if sent <= 0:
                 raise ProtocolError("sent_tokens", "a resume must follow at least one sent chunk")
-            msg = Resume(room, endpoint, dst_port, session, blocks, req, alloc, sent)
+            msg = Resume(room, endpoint, dst_port, session, blocks, req, alloc, sent, nonce)
     elif kind is Kind.STATUS:
-        room = r.num("room", _U64)
+        room = r.key("room")
         st = r.num("status", _U8)
         try:
             st = Status(st)
@@ -359,11 +465,11 @@ def decode(data) -> Message:
         if msg.sent_tokens > msg.total_tokens and msg.status in (Status.Transferring, Status.Success):
             raise ProtocolError("sent_tokens", f"{msg.sent_tokens} exceeds total_tokens {msg.total_tokens}")
     elif kind is Kind.ABORT:
-        msg = Abort(r.num("room", _U64), r.str("reason"))
+        msg = Abort(r.key("room"), r.str("reason"))
     elif kind is Kind.HEARTBEAT:
         msg = Heartbeat(r.num("seq", _U64), r.num("time_ns", _U64))
     elif kind is Kind.PROGRESS:
-        msg = Progress(r.num("room", _U64), r.num("seq", _U32), r.num("landed", _U32))
+        msg = Progress(r.key("room"), r.num("seq", _U32), r.num("landed", _U32))
         if msg.seq < 1:
             raise ProtocolError("seq", "chunks are numbered from 1")
         if msg.landed < 1:

@@ -7,6 +7,7 @@ verify every merged result bit for bit without shipping the expected data.
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import torch
@@ -28,18 +29,29 @@ class SyntheticData:
         if device != "cpu":  # the encoder's model output lives on the GPU
             self._emb, self._fill, self._mrope = (t.to(device) for t in self._cpu)
 
-    def _offset(self, room: int) -> int:
-        return (room * 2654435761) % self.max_tokens
+    @staticmethod
+    def _num(room) -> int:
+        """A room key (int, str or bytes) as a stable integer."""
+        if isinstance(room, int):
+            return room
+        raw = room.encode() if isinstance(room, str) else bytes(room)
+        return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
-    def sample(self, room: int, tokens: int):
+    def _offset(self, room) -> int:
+        return (self._num(room) * 2654435761) % self.max_tokens
+
+    def delta(self, room) -> int:
+        return (self._num(room) * 31) % 1000 - 500
+
+    def sample(self, room, tokens: int):
         """(embeddings [T, H], fill_ids [T], mrope [3, T], mrope_delta) for ``room``."""
         if not 0 < tokens <= self.max_tokens:
             raise ValueError(f"tokens must be in [1, {self.max_tokens}], got {tokens}")
         o = self._offset(room)
         return (self._emb[o:o + tokens], self._fill[o:o + tokens], self._mrope[:, o:o + tokens],
-                (room * 31) % 1000 - 500)
+                self.delta(room))
 
-    def verify(self, room: int, result) -> bool:
+    def verify(self, room, result) -> bool:
         T = result.total_tokens
         if not 0 < T <= self.max_tokens:
             return False
@@ -47,7 +59,7 @@ class SyntheticData:
         e, f, m = self._cpu
         return (torch.equal(result.embeddings.cpu(), e[o:o + T]) and torch.equal(result.fill_ids.cpu(), f[o:o + T])
                 and torch.equal(result.mrope_positions.cpu(), m[:, o:o + T])
-                and result.mrope_delta == (room * 31) % 1000 - 500)
+                and result.mrope_delta == self.delta(room))
 
 
 #: token counts a request mix must contain (relative to the default allocation)

@@ -8,8 +8,33 @@ from embresume.config import Config
 from embresume.harness import free_port
 
 
+def _creator(path):
+    """The pid in /dev/shm/[sem.]embr-<pid>[.<ns>]-...; None if unreadable."""
+    base = os.path.basename(path).removeprefix("sem.").removeprefix("embr-")
+    pid = base.split("-", 1)[0].split(".", 1)[0]
+    return int(pid) if pid.isdigit() else None
+
+
+def _ppid(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None          # gone
+
+
 def _ours():
-    return set(glob.glob("/dev/shm/embr-*")) | set(glob.glob("/dev/shm/sem.embr-*"))
+    """Our shared-memory names: created by this process, one of its children, or
+    a process that is gone (a leak); not those of unrelated live processes (another
+    test run on the same machine)."""
+    me = os.getpid()
+    out = set()
+    for path in glob.glob("/dev/shm/embr-*") + glob.glob("/dev/shm/sem.embr-*"):
+        pid = _creator(path)
+        if pid is None or pid == me or _ppid(pid) in (None, me):
+            out.add(path)
+    return out
 
 
 @pytest.fixture(autouse=True)

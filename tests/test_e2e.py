@@ -224,7 +224,7 @@ def test_bad_progress_fails_the_room(encoder, data):
         room = next(_rooms)
         lang.request(room)
         # a forged progress report beyond the allocation, delivered as if from the encoder
-        lang._on_message(lang.channel, P.Progress(room, 1, 10**6))
+        lang._on_message(lang._encoder(), P.Progress(room, 1, 10**6))
         assert lang.poll(room) is Status.Failed and "bad progress report" in lang.failure_reason(room)
         run_one(lang, enc, data, 1500)
         assert wait_for_free(lang)

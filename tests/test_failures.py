@@ -30,7 +30,7 @@ def pair(transport):
 def incoming(lang):
     """Record every STATUS the language rank receives."""
     seen = []
-    orig = lang._on_message
+    orig = lang.channel.on_message
 
     def on_message(ch, msg):
         if isinstance(msg, P.StatusMsg):
@@ -76,7 +76,7 @@ def test_bad_init_fails_that_room_only(pair, bad, reason):
     cfg, enc, lang, data = pair
     seen = incoming(lang)
     room = next(_rooms)
-    fields = dict(room=room, endpoint="x", dst_port=0, session_id=lang.session_id, dst_blocks=(0, 1),
+    fields = dict(room=room, endpoint="x", dst_port=0, session_id=lang._encoder().link.session_id, dst_blocks=(0, 1),
                   required_dst_info_num=1, allocated_tokens=256)
     fields.update(bad)
     lang.channel.send(P.Init(**fields))
@@ -92,7 +92,7 @@ def test_resume_with_wrong_sent_tokens_fails_the_room(pair):
     room = next(_rooms)
     # a resume before any chunk was sent (the encoder has no embedding for the room yet)
     lang.request(room)
-    lang.channel.send(P.Resume(room, "x", 0, lang.session_id, (15,), 1, 128, sent_tokens=999 * 128))
+    lang.channel.send(P.Resume(room, "x", 0, lang._encoder().link.session_id, (15,), 1, 128, sent_tokens=999 * 128))
     assert lang.wait(room, 10) is Status.Failed
     assert "resume" in lang.failure_reason(room)
     assert wait_for(lambda: lang.allocator.free_blocks == 16)
@@ -149,7 +149,11 @@ def test_encoder_death_mid_resume(transport):
             assert not lang.connected
             with pytest.raises(Exception):
                 lang.result(room)
-            assert lang.request(next(_rooms)) is Status.Failed   # fails fast, no hang
+            room2 = next(_rooms)
+            lang.request(room2)                  # reconnects off the caller's thread ...
+            t0 = time.monotonic()
+            assert lang.wait(room2, 5) is Status.Failed   # ... and fails fast, no hang
+            assert time.monotonic() - t0 < 3 and "cannot connect" in lang.failure_reason(room2)
     finally:
         enc.close()
 
@@ -186,7 +190,7 @@ def test_failed_write_holds_blocks_until_teardown(monkeypatch):
     """A write that failed may still land later (timed-out RDMA): its blocks are
     not reused while the connection lives, and are freed when it is torn down."""
     from embresume.errors import TransferError
-    from embresume.ipc.transport import ShmTransport
+    from embresume.transport.shm import ShmTransport
 
     cfg = make_config("shm", hidden_size=HIDDEN, pool_blocks=16)
     data = SyntheticData(HIDDEN, "bf16", 5000, seed=1)
@@ -242,7 +246,7 @@ def test_abort_of_a_waiting_request_blocks_retries_until_acknowledged():
             lang.abort(room, "user gave up")
             with pytest.raises(ValueError, match="abort"):
                 lang.request(room)
-        assert wait_for(lambda: room not in lang._quarantine, 5)
+        assert wait_for(lambda: room not in lang._encoder().quarantine, 5)
         lang.request(room)                      # the retry is now allowed ...
         _send(enc, data, hold, 500)
         _send(enc, data, room, 700)

@@ -89,7 +89,7 @@ def test_field_errors_name_the_field():
         P.decode(P.encode(_init(required_dst_info_num=0)))
     assert e.value.field == "required_dst_info_num"
     bad_status = bytearray(P.encode(P.StatusMsg(1, Status.Success, 1, 1, 1, 1)))
-    bad_status[8 + 8] = 9
+    bad_status[8 + 1 + 8] = 9          # header, key tag, u64 room, then the status byte
     with pytest.raises(ProtocolError) as e:
         P.decode(bytes(bad_status))
     assert e.value.field == "status"
