@@ -231,6 +231,13 @@ def serve(cmd_q, res_q, handler: Callable[..., Any], idle_timeout: float = 900.0
             res_q.put(("error", f"{type(e).__name__}: {e}", traceback.format_exc(limit=8)))
 
 
+def _child_main(target, *args) -> None:
+    """Entry of every bench child: first make sure it dies with the bench."""
+    from embresume.procutil import die_with_parent
+    die_with_parent()
+    target(*args)
+
+
 class Child:
     """A spawned child process driven over two queues with bounded waits.
 
@@ -245,7 +252,7 @@ class Child:
         ctx = ctx or mp.get_context("spawn")
         self.cmd_q = ctx.Queue()
         self.res_q = ctx.Queue()
-        self.proc = ctx.Process(target=target, args=(self.cmd_q, self.res_q) + tuple(args), name=name,
+        self.proc = ctx.Process(target=_child_main, args=(target, self.cmd_q, self.res_q) + tuple(args), name=name,
                                 daemon=True)
         self.proc.start()
         if wait:

@@ -50,6 +50,8 @@ def _print(*a) -> None:
 # the language process owning the pool
 # ---------------------------------------------------------------------------
 def _language_child(conn, layout_dict: dict, max_wait_s: float) -> None:
+    from embresume.procutil import die_with_parent
+    die_with_parent()
     try:
         import torch
         from embresume.blocks import BlockLayout

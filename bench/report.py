@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,7 +16,7 @@ GOAL_TOKENS, GOAL_HIDDEN = 8192, 4096
 ZMQ_PATHS = ("zmq-ipc", "zmq-tcp")
 MOONCAKE_PATHS = ("mooncake", "mooncake-raw")
 
-PATH_ORDER = ["memcpy", "shm", "cuda_ipc", "mooncake", "mooncake-raw", "mp-queue", "zmq-ipc", "zmq-tcp"]
+PATH_ORDER = ["memcpy", "shm", "shm-zc", "cuda_ipc", "mooncake", "mooncake-raw", "mp-queue", "zmq-ipc", "zmq-tcp"]
 
 
 def _finite(x) -> bool:
@@ -119,6 +120,24 @@ def _order(p: str) -> int:
     return PATH_ORDER.index(p) if p in PATH_ORDER else len(PATH_ORDER)
 
 
+def _table(title: str, columns, first_left: int = 0) -> Table:
+    """A compact table: no outer edge, one space between columns, long cells fold
+    (never cut to '…'), so it fits 80 columns."""
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True,
+              title_justify="left")
+    for i, col in enumerate(columns):
+        t.add_column(col, justify="left" if i < first_left else "right", overflow="fold")
+    return t
+
+
+def _path_cell(path: str) -> str:
+    return ("[bold]" + path + "[/]") if path in ("shm", "cuda_ipc", "mooncake") else path
+
+
+def _ok(v) -> str:
+    return "[green]yes[/]" if v else ("[red]NO[/]" if v is False else "?")
+
+
 def render(data: dict, console: Optional[Console] = None) -> None:
     console = console or Console()
     m = data["machine"]
@@ -126,54 +145,47 @@ def render(data: dict, console: Optional[Console] = None) -> None:
                   f"{m.get('usable_cores')} cores  {m.get('memory_gib')} GiB  python {m.get('python')}  "
                   f"torch {m.get('torch')}")
 
-    t = Table(title="Latency and throughput (GB/s = 10^9 embedding bytes/s at p50; ratios at p50)",
-              show_lines=False)
-    for col, just in (("hidden", "right"), ("tokens", "right"), ("MiB", "right"), ("path", "left"),
-                      ("p50 ms", "right"), ("p99 ms", "right"), ("GB/s", "right"), ("x memcpy", "right"),
-                      ("x zmq-pickle", "right"), ("n", "right"), ("verified", "center")):
-        t.add_column(col, justify=just)
     samples = sorted(data.get("samples", []), key=lambda s: (s["hidden"], s["tokens"], _order(s["path"])))
-    last = None
-    for s in samples:
-        key = (s["hidden"], s["tokens"])
-        if last is not None and key != last:
-            t.add_section()
-        last = key
-        ok = s.get("verified")
-        t.add_row(str(s["hidden"]), str(s["tokens"]), f"{s['bytes'] / 2**20:.1f}",
-                  ("[bold]" + s["path"] + "[/]") if s["path"] in ("shm", "cuda_ipc", "mooncake") else s["path"],
-                  _ms(s.get("p50_s")), _ms(s.get("p99_s")),
-                  f"{s['gbps_p50']:.3f}" if _finite(s.get("gbps_p50")) else "-",
-                  _x(s.get("ratio_memcpy")), _x(s.get("ratio_zmq")), str(s.get("n", "")),
-                  "[green]yes[/]" if ok else ("[red]NO[/]" if ok is False else "?"))
-    console.print(t)
+    dtype = str(data.get("settings", {}).get("dtype", "")).removeprefix("torch.")
+    for hidden in sorted({s["hidden"] for s in samples}):
+        t = _table(f"hidden {hidden} {dtype}: latency, throughput (GB/s = 1e9 embedding bytes/s at p50), "
+                   "ratios at p50", ("tokens", "MiB", "path", "p50 ms", "p99 ms", "GB/s", "x memcpy",
+                                     "x pickle", "ok"), first_left=0)
+        t.columns[2].justify = "left"
+        last = None
+        for s in (x for x in samples if x["hidden"] == hidden):
+            if last is not None and s["tokens"] != last:
+                t.add_section()
+            last = s["tokens"]
+            t.add_row(str(s["tokens"]), f"{s['bytes'] / 2**20:.1f}", _path_cell(s["path"]),
+                      _ms(s.get("p50_s")), _ms(s.get("p99_s")),
+                      f"{s['gbps_p50']:.3f}" if _finite(s.get("gbps_p50")) else "-",
+                      _x(s.get("ratio_memcpy")), _x(s.get("ratio_zmq")), _ok(s.get("verified")))
+        console.print(t)
 
     if data.get("resume"):
-        t = Table(title="Resume overhead (same total tokens, forced resumes)")
-        for col in ("path", "tokens", "hidden", "alloc tokens", "resumes", "p50 ms", "p99 ms", "GB/s",
-                    "x no-resume", "verified"):
-            t.add_column(col, justify="right")
+        t = _table("Resume overhead (same total tokens, forced resumes)",
+                   ("path", "tokens", "hidden", "chunk", "resumes", "p50 ms", "p99 ms", "GB/s", "x none", "ok"),
+                   first_left=1)
         for e in data["resume"]:
             t.add_row(e["path"], str(e["tokens"]), str(e["hidden"]), str(e["chunk_tokens"]),
                       f"{e['resumes']} ({','.join(map(str, e['measured_resumes']))})", _ms(e["p50_s"]),
                       _ms(e["p99_s"]), f"{e['gbps_p50']:.3f}" if _finite(e.get("gbps_p50")) else "-",
-                      _x(e.get("ratio_to_no_resume")), "[green]yes[/]" if e["verified"] else "[red]NO[/]")
+                      _x(e.get("ratio_to_no_resume")), _ok(e["verified"]))
         console.print(t)
 
     if data.get("concurrency"):
-        t = Table(title="Concurrency (N requests in flight; latency from batch start to each result)")
-        for col in ("path", "in flight", "tokens", "hidden", "p50 ms", "p99 ms", "aggregate GB/s", "verified"):
-            t.add_column(col, justify="right")
+        t = _table("Concurrency (N requests in flight; latency from batch start to each result)",
+                   ("path", "in flight", "tokens", "hidden", "p50 ms", "p99 ms", "total GB/s", "ok"), first_left=1)
         for e in data["concurrency"]:
             t.add_row(e["path"], str(e["in_flight"]), str(e["tokens"]), str(e["hidden"]), _ms(e["p50_s"]),
                       _ms(e["p99_s"]), f"{e['throughput_gbps']:.3f}" if _finite(e["throughput_gbps"]) else "-",
-                      "[green]yes[/]" if e["verified"] else "[red]NO[/]")
+                      _ok(e["verified"]))
         console.print(t)
 
     if data.get("allocator"):
-        t = Table(title="Allocator: allocate+free pairs per second (pool half full)")
-        for col in ("pool blocks", "blocks/alloc", "pairs/s (median)", "us/pair"):
-            t.add_column(col, justify="right")
+        t = _table("Allocator: allocate+free pairs per second (pool half full)",
+                   ("pool blocks", "blocks/alloc", "pairs/s (median)", "us/pair"))
         for e in data["allocator"]:
             t.add_row(str(e["pool_blocks"]), str(e["blocks_per_allocation"]), f"{e['ops_per_s']:,.0f}",
                       f"{e['us_per_pair']:.2f}")

@@ -1,5 +1,7 @@
 """``embresume bench``: every transfer path of this machine, side by side, in one run.
 
+(The command's help text is :data:`DESCRIPTION`; this docstring is for readers of the code.)
+
 Measured (each where available, otherwise listed as skipped with the reason):
 
 ==============  ==========================================================
@@ -55,13 +57,16 @@ PROFILES: dict[str, dict] = {
         alloc_pools=[1024, 2048, 4096, 8192, 16384, 32768, 65536], alloc_pairs=20000, alloc_rounds=5,
         alloc_blocks=8, request_timeout=120.0, raw_repeats=5,
     ),
+    # under a minute on a quiet 2-core VM (about 45 s): every section, fewer repeats; the
+    # slow baselines (pickle over ZeroMQ: 0.3-0.8 s per 128 MiB message) get the fewest
     "quick": dict(
         sizes=[256, 2048, 8192, 16384], hidden=[4096],
         target_bytes=256 * MiB, min_repeats=3, max_repeats=12, warmup=1,
-        resume_total=8192, resume_targets=[0, 1, 3, 10], resume_repeats=6,
-        conc_tokens=512, conc_levels=[1, 8, 32, 64], conc_batches=3,
+        resume_total=8192, resume_targets=[0, 1, 3, 10], resume_repeats=5,
+        conc_tokens=512, conc_levels=[1, 8, 32, 64], conc_batches=2,
         alloc_pools=[1024, 8192, 65536], alloc_pairs=5000, alloc_rounds=3,
         alloc_blocks=8, request_timeout=60.0, raw_repeats=3, raw_max_tokens=8192,
+        baseline=dict(target_bytes=64 * MiB, min_repeats=2, max_repeats=6),
     ),
     "tiny": dict(
         sizes=[256, 1024], hidden=[256],
@@ -103,29 +108,67 @@ def _ints(s: str) -> list[int]:
     return vals
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="embresume bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = """\
+Measures every transfer path of this machine side by side, in one run:
+
+  shm            the product, same host, CPU pools in POSIX shared memory
+  shm-zc         as shm, with zero-copy receive (results are views of the pool)
+  cuda_ipc       the product, same host, GPU pools (only with a CUDA device)
+  mooncake       the product over the Mooncake Transfer Engine (tcp here)
+  mooncake-raw   Mooncake batch_transfer_sync_write alone
+  mp-queue       torch.multiprocessing queue (shared-memory tensor passing)
+  zmq-ipc/-tcp   the tensors pickled over ZeroMQ (ipc:// and tcp:// loopback)
+  memcpy         single-thread copy of the same bytes: the roofline
+
+plus the resume overhead (0/1/3/10 forced resumes), N requests in flight and
+allocator operations per second.  Writes results.json and PNG plots into --out
+and prints tables with ratios to memcpy and to pickle-over-ZeroMQ.
+
+Profiles: --tiny (seconds), --quick (under a minute on a 2-core machine),
+the default full profile (about five minutes)."""
+
+
+def _paths_arg(s: str) -> list[str]:
+    paths = [p.strip() for p in s.split(",") if p.strip()]
+    bad = [p for p in paths if p not in ALL_PATHS]
+    if bad or not paths:
+        raise argparse.ArgumentTypeError(f"unknown path(s) {','.join(bad) or repr(s)}; "
+                                         f"choose from {','.join(ALL_PATHS)}")
+    return paths
+
+
+def add_arguments(p: argparse.ArgumentParser, verbose: bool = True) -> None:
+    """The bench options (``verbose=False``: -v comes from the caller's common flags)."""
+    from embresume.cli import dtype_arg, int_arg, positive_int
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", choices=sorted(PROFILES), default=None, help="profile (default: full)")
     g.add_argument("--quick", action="store_true", help="under a minute: fewer sizes, one hidden size")
     g.add_argument("--tiny", action="store_true", help="seconds: hidden 256, 2 sizes, 2 repeats, all paths")
-    p.add_argument("--out", default="bench-results", help="output directory (default: bench-results/)")
+    p.add_argument("--out", default="bench-results", metavar="DIR",
+                   help="output directory (default: bench-results/)")
     p.add_argument("--sizes", type=_ints, help="token counts, e.g. 256,8192")
     p.add_argument("--hidden", type=_ints, help="hidden sizes, e.g. 4096")
-    p.add_argument("--dtype", default="bf16", help="embedding dtype (default bf16)")
-    p.add_argument("--repeats", type=int, help="repeats per size (overrides the profile's)")
-    p.add_argument("--paths", help=f"comma-separated subset of {','.join(ALL_PATHS)}")
-    p.add_argument("--skip-resume", action="store_true")
-    p.add_argument("--skip-concurrency", action="store_true")
-    p.add_argument("--skip-allocator", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+    p.add_argument("--dtype", type=dtype_arg, default="bf16", help="embedding dtype (default bf16)")
+    p.add_argument("--repeats", type=positive_int, metavar="N", help="repeats per size (overrides the profile's)")
+    p.add_argument("--paths", type=_paths_arg, metavar="LIST", help=f"comma-separated subset of {','.join(ALL_PATHS)}")
+    p.add_argument("--skip-resume", action="store_true", help="leave out the resume-overhead section")
+    p.add_argument("--skip-concurrency", action="store_true", help="leave out the requests-in-flight section")
+    p.add_argument("--skip-allocator", action="store_true", help="leave out the allocator section")
+    p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--torch-threads", type=positive_int, default=None, metavar="N",
                    help="torch intra-op threads in the bench process and the children (default: torch's own "
                         "choice, i.e. what the library gets in production)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verbose", "-v", action="store_true", help="show embresume's log messages")
+    p.add_argument("--seed", type=int_arg, default=0, help="seed of the data (default 0)")
+    if verbose:
+        p.add_argument("--verbose", "-v", action="count", default=0, help="show embresume's log messages")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from embresume.cli import ArgumentParser
+    p = ArgumentParser(prog="embresume bench", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
     return p
 
 
@@ -138,6 +181,7 @@ def _profile(args) -> tuple[str, dict]:
         prof["hidden"] = list(dict.fromkeys(args.hidden))
     if args.repeats:
         prof["min_repeats"] = prof["max_repeats"] = prof["resume_repeats"] = prof["raw_repeats"] = args.repeats
+        prof.pop("baseline", None)
     if args.skip_resume:
         prof["resume_targets"] = []
     if args.skip_concurrency:
@@ -385,12 +429,13 @@ class _Run:
                     self.raw_mod = None
                     self.mark("mooncake-raw", "failed", _err(e))
                     self.data["warnings"].append(f"path mooncake-raw failed and was dropped: {_err(e)}")
+            bprof = {**prof, **prof.get("baseline", {})}  # the baselines' own repeat counts, if the profile has them
             for p in BASELINE_PATHS:
                 b = self.active.get(p)
                 if b is None:
                     continue
                 try:
-                    self.data["samples"] += b.measure(expected, h, sizes, self.dtype, self.seed, prof, self.tick)
+                    self.data["samples"] += b.measure(expected, h, sizes, self.dtype, self.seed, bprof, self.tick)
                 except Exception as e:
                     self.fail(p, e)
             del expected
@@ -438,25 +483,32 @@ def _loadavg() -> Optional[list]:
 
 
 def main(argv: Optional[list] = None) -> int:
-    args = _parser().parse_args(argv)
+    """``embresume bench`` on its own (``python -m embresume.bench.run``); returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error (already printed, one line)
+        return e.code if isinstance(e.code, int) else 2
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     from embresume.config import parse_dtype
     from embresume.errors import ConfigError
     try:
         dtype = parse_dtype(args.dtype)
     except ConfigError as e:
-        print(f"embresume bench: {e}", file=sys.stderr)
+        print(f"embresume: error: {e}", file=sys.stderr)
         return 2
+    from embresume.cli import set_mooncake_log_level
+    set_mooncake_log_level(args.verbose)  # before mooncake is first imported (children inherit it)
     name, prof = _profile(args)
-    if args.paths:
-        paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        bad = [p for p in paths if p not in ALL_PATHS]
-        if bad:
-            print(f"embresume bench: unknown path(s) {bad}; choose from {','.join(ALL_PATHS)}", file=sys.stderr)
-            return 2
-    else:
-        paths = list(ALL_PATHS)
+    paths = list(args.paths) if args.paths else list(ALL_PATHS)
     out_dir = args.out
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        print(f"embresume: error: cannot create the output directory {out_dir}: {e.strerror}", file=sys.stderr)
+        return 2
 
     elog = logging.getLogger("embresume")
     old_level = elog.level
@@ -533,7 +585,8 @@ def main(argv: Optional[list] = None) -> int:
     with open(json_path, "w") as f:
         json.dump(data, f, indent=1, default=str, allow_nan=True)
     from rich.console import Console
-    console = Console(highlight=False) if sys.stdout.isatty() else Console(width=160, highlight=False)
+    # the tables fit 80 columns (they fold below that); a pipe or a file gets 100
+    console = Console(highlight=False) if sys.stdout.isatty() else Console(width=100, highlight=False)
     render(data, console)
     console.print(f"wrote {json_path}" + (f" and {len(data['files'].get('plots', []))} plots" if not args.no_plots
                                             else "") + f" in {data['elapsed_s']:.1f}s")

@@ -27,6 +27,13 @@ ENV_NAMES = {
 
 DEFAULTS = {"default_allocate_tokens": 8192, "block_size": 128, "cache_buffers": 64}
 
+#: env var of ``pool_bytes`` (a byte count: ``268435456``, ``512M``, ``2G``, ``1GiB``)
+POOL_BYTES_ENV = "EMBRESUME_POOL_BYTES"
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30, "t": 1 << 40, "tb": 1 << 40,
+               "tib": 1 << 40}
+
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
@@ -48,6 +55,46 @@ def parse_dtype(value) -> torch.dtype:
         if key in _DTYPES:
             return _DTYPES[key]
     raise ConfigError(f"unknown embedding dtype {value!r}; use one of {sorted(_DTYPES)}")
+
+
+def parse_size(value, what: str = "size") -> int:
+    """Bytes from an int or a string with an optional binary suffix:
+    ``"268435456"``, ``"512M"``, ``"512MiB"``, ``"2G"``, ``"1.5GiB"`` (K/M/G/T are powers of 1024)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what} must be a byte count, got {value!r}")
+    if isinstance(value, int):
+        n = value
+    elif isinstance(value, float) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str):
+        raw = value.strip().replace("_", "").replace(" ", "")
+        i = len(raw)
+        while i > 0 and raw[i - 1].isalpha():
+            i -= 1
+        num, unit = raw[:i], raw[i:].lower()
+        if unit not in _SIZE_UNITS or not num:
+            raise ConfigError(f"{what} {value!r} is not a byte count; use e.g. 268435456, 512M, 2G or 1GiB")
+        try:
+            f = float(num)
+        except ValueError:
+            raise ConfigError(f"{what} {value!r} is not a byte count; use e.g. 268435456, 512M, 2G or 1GiB") \
+                from None
+        if not f == f or f in (float("inf"), float("-inf")):
+            raise ConfigError(f"{what} {value!r} is not a byte count")
+        n = int(f * _SIZE_UNITS[unit])
+    else:
+        raise ConfigError(f"{what} must be a byte count (int or a string like '512M'), got {value!r}")
+    if n <= 0:
+        raise ConfigError(f"{what} must be positive, got {value!r}")
+    return n
+
+
+def format_bytes(n: int) -> str:
+    """``268435456`` -> ``"256.0 MiB"``."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -78,6 +125,10 @@ class Config:
     default_allocate_tokens: Optional[int] = None
     cache_buffers: Optional[int] = None
     pool_blocks: Optional[int] = None
+    #: size cap of the receive pool in bytes (int or "512M", "2G", "1GiB"; env
+    #: ``EMBRESUME_POOL_BYTES``): the pool gets the most blocks that fit.
+    #: Precedence: pool_blocks, then pool_bytes, then cache_buffers.
+    pool_bytes: Optional[int | str] = None
     aux_ints: int = 16
     #: cap on the tokens one allocation (init or resume) asks for; None = no cap
     max_chunk_tokens: Optional[int] = None
@@ -111,14 +162,33 @@ class Config:
     mooncake_devices: str = ""
     #: host name/IP the Mooncake engine advertises (None: derived from the endpoint)
     mooncake_host: Optional[str] = None
+    #: encoder side: the transports it accepts from peers.  None (default): the
+    #: same-host paths (shm, cuda_ipc) for peers on this node and mooncake for
+    #: others, so a local peer cannot make it open Mooncake engines (ports on all
+    #: interfaces); list "mooncake" to allow it for local peers too
+    allowed_transports: Optional[tuple] = None
+    #: shared secret of the TCP handshake (ZeroMQ CURVE keys derived from it, see
+    #: embresume.auth); required to bind a non-loopback address.  Env: EMBRESUME_AUTH_KEY
+    auth_key: Optional[str] = field(default=None, repr=False)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)
+        if self.auth_key is None:
+            self.auth_key = os.environ.get("EMBRESUME_AUTH_KEY") or None
         for name in ("block_size", "default_allocate_tokens", "cache_buffers"):
             if getattr(self, name) is None:
                 value = _env_int(name)
                 setattr(self, name, DEFAULTS[name] if value is None else value)
+        if self.pool_bytes is None:
+            raw = os.environ.get(POOL_BYTES_ENV, "").strip()
+            if raw:
+                try:
+                    self.pool_bytes = parse_size(raw, POOL_BYTES_ENV)
+                except ConfigError as e:
+                    raise ConfigError(f"environment variable {POOL_BYTES_ENV}={raw!r}: {e}") from None
+        elif not isinstance(self.pool_bytes, int) or isinstance(self.pool_bytes, bool):
+            self.pool_bytes = parse_size(self.pool_bytes, "pool_bytes")
         self.validate()
 
     # ------------------------------------------------------------------
@@ -132,6 +202,10 @@ class Config:
             positive(name)
         if self.pool_blocks is not None:
             positive("pool_blocks")
+        if self.pool_bytes is not None:
+            positive("pool_bytes")
+            if self.pool_blocks is None:
+                self.total_pool_blocks  # noqa: B018  (raises ConfigError when not even one block fits)
         if self.max_chunk_tokens is not None:
             positive("max_chunk_tokens")
         if self.aux_ints < 16:
@@ -148,6 +222,14 @@ class Config:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
         if self.peer_timeout <= self.heartbeat_interval:
             raise ConfigError("peer_timeout must be longer than heartbeat_interval")
+        if self.allowed_transports is not None:
+            if isinstance(self.allowed_transports, str):
+                self.allowed_transports = tuple(x.strip() for x in self.allowed_transports.split(",") if x.strip())
+            self.allowed_transports = tuple(self.allowed_transports)
+            bad = [x for x in self.allowed_transports if x not in ("shm", "cuda_ipc", "mooncake")]
+            if bad or not self.allowed_transports:
+                raise ConfigError(f"allowed_transports must name shm, cuda_ipc or mooncake, got "
+                                  f"{self.allowed_transports!r}")
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise ConfigError(f"mooncake_protocol must be tcp or rdma, got {self.mooncake_protocol!r}")
 
@@ -157,9 +239,42 @@ class Config:
 
     @property
     def total_pool_blocks(self) -> int:
+        """Blocks of the receive pool: ``pool_blocks``, else the most that fit in
+        ``pool_bytes``, else ``cache_buffers`` default allocations."""
         if self.pool_blocks is not None:
             return self.pool_blocks
+        if self.pool_bytes is not None:
+            return blocks_for_bytes(self.pool_bytes, self.block_size, self.hidden_size, self.dtype, self.aux_ints)
         return self.cache_buffers * self.blocks_per_default_allocation
+
+    @property
+    def pool_nbytes(self) -> int:
+        """Bytes of one receive pool (one shm segment / GPU allocation per language rank)."""
+        from .blocks import BlockLayout
+        return BlockLayout(self.total_pool_blocks, self.block_size, self.hidden_size, self.dtype,
+                           self.aux_ints).nbytes
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
+
+
+def blocks_for_bytes(nbytes: int, block_size: int, hidden: int, dtype: torch.dtype, aux_ints: int = 16) -> int:
+    """The largest block count whose pool (:class:`~embresume.blocks.BlockLayout`) fits in ``nbytes``."""
+    from .blocks import BlockLayout
+    dtype = parse_dtype(dtype)
+
+    def size(n: int) -> int:
+        return BlockLayout(n, block_size, hidden, dtype, aux_ints).nbytes
+
+    per_block = block_size * hidden * dtype.itemsize + block_size * 4 + 3 * block_size * 4 + aux_ints * 4
+    if nbytes < size(1):
+        raise ConfigError(f"pool_bytes={nbytes} ({format_bytes(nbytes)}) is smaller than one block of "
+                          f"{block_size} tokens x hidden {hidden} ({format_bytes(size(1))} with its metadata)")
+    lo, hi = 1, max(1, nbytes // per_block)   # size(lo) <= nbytes; the answer is <= hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if size(mid) <= nbytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

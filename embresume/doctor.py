@@ -6,6 +6,28 @@ import os
 import shutil
 
 
+def shm_budget(free: int) -> tuple[str, bool, str]:
+    """Does the receive pool of the default Config (environment included) fit in /dev/shm?"""
+    from .config import Config, format_bytes
+    from .errors import ConfigError
+    try:
+        c = Config()
+    except ConfigError as e:
+        return ("shm budget (default Config)", False, f"bad configuration: {e}")
+    need = c.pool_nbytes
+    how = (f"pool_blocks={c.pool_blocks}" if c.pool_blocks is not None else
+           f"pool_bytes={c.pool_bytes}" if c.pool_bytes is not None else
+           f"{c.cache_buffers} x {c.default_allocate_tokens} tokens")
+    detail = (f"one receive pool per language rank: {format_bytes(need)} ({need} bytes; {c.total_pool_blocks} "
+              f"blocks, {how}, hidden {c.hidden_size} {str(c.dtype).removeprefix('torch.')}) vs "
+              f"{format_bytes(free)} free")
+    if need <= free:
+        return ("shm budget (default Config)", True, detail + f": fits {free // need} rank(s)")
+    return ("shm budget (default Config)", False,
+            detail + ": does NOT fit; set EMBRESUME_POOL_BYTES / Config(pool_bytes=...) or fewer cache_buffers, "
+                     "or enlarge /dev/shm (docker run --shm-size=8g)")
+
+
 def checks() -> list[tuple[str, bool, str]]:
     out = []
     import torch
@@ -23,6 +45,7 @@ def checks() -> list[tuple[str, bool, str]]:
     if os.path.isdir("/dev/shm"):
         u = shutil.disk_usage("/dev/shm")
         out.append(("/dev/shm", True, f"{u.free / 2**30:.1f} GiB free of {u.total / 2**30:.1f} GiB"))
+        out.append(shm_budget(u.free))
     else:
         out.append(("/dev/shm", False, "missing: the same-host CPU path cannot run"))
     cuda = torch.cuda.is_available()
@@ -50,9 +73,9 @@ def run() -> int:
     from rich.console import Console
     from rich.table import Table
     t = Table(title="embresume doctor")
-    t.add_column("component")
+    t.add_column("component", overflow="fold")
     t.add_column("ok")
-    t.add_column("details")
+    t.add_column("details", overflow="fold")
     for name, ok, detail in checks():
         t.add_row(name, "[green]yes[/]" if ok else "[yellow]no[/]", detail)
     Console().print(t)

@@ -200,6 +200,7 @@ class LanguageEndpoint:
         self.stats = collections.Counter()
         #: process-wide counters and histograms (embresume.metrics; Prometheus export there)
         self.metrics = metrics.StandardMetrics(metrics.REGISTRY, role="language")
+        self.metrics.pool(0, self.layout.num_blocks)
         self._transports = select.TransportSet(c)
         self._keys = auth.keys_for(c)
         backing, device = select.create_pool_backing(c, self.layout.nbytes)

@@ -138,12 +138,7 @@ def import_mooncake(log_level: Optional[str] = None):
         else:
             os.environ["MC_LOG_LEVEL"] = level
             _log_level_used = level
-            if level == "ERROR" and "GLOG_minloglevel" not in os.environ:
-                # Mooncake's glog prints "Logging before InitGoogleLogging" and
-                # E-level lines for conditions it recovers from (a peer's segment
-                # not cached yet): silent by default, shown at a verbose level.
-                # Failures still reach the caller as return codes.
-                os.environ["GLOG_minloglevel"] = "3"
+
         try:
             import mooncake.engine as mod  # noqa: WPS433 (lazy on purpose)
         except Exception as e:  # pragma: no cover - depends on the machine
@@ -151,8 +146,30 @@ def import_mooncake(log_level: Optional[str] = None):
             raise TransferError(
                 "the Mooncake transport needs mooncake-transfer-engine (CUDA hosts) or "
                 f"mooncake-transfer-engine-non-cuda (CPU hosts): {type(e).__name__}: {e}") from e
+        if level == "ERROR" and _log_level_used == level:
+            # Mooncake's glog prints E-level lines for conditions it recovers from
+            # (a peer's segment not cached yet) that users read as errors: quiet by
+            # default, shown at a verbose level.  Failures still reach the caller
+            # as return codes.
+            _silence_glog()
         _mc_engine_mod = mod
         return mod
+
+
+def _silence_glog() -> None:
+    """Mooncake sets glog's FLAGS_minloglevel from MC_LOG_LEVEL when it is
+    imported (ERROR at most) and ignores GLOG_minloglevel: raise the flag to
+    FATAL in the loaded libglog."""
+    try:
+        with open("/proc/self/maps") as f:
+            libs = {line.split()[-1] for line in f if "libglog" in line and ".so" in line}
+    except OSError:
+        return
+    for lib in libs:
+        try:
+            ctypes.c_int.in_dll(ctypes.CDLL(lib), "_ZN3fLI17FLAGS_minloglevelE").value = 3
+        except (OSError, ValueError):
+            pass
 
 
 def mooncake_available() -> bool:

@@ -81,7 +81,7 @@ class ShmTransport(Transport):
         # the language endpoint keeps its pool's name while it lives (encoders
         # that connect later map it); killed, it cannot unlink it: we do, if the
         # creator named in it (/embr-<pid>.<pidns>-...) is really gone
-        from ..ipc.shm import PREFIX, _creator_pid as creator_pid, unlink_segment
+        from ..ipc.shm import PREFIX, creator_pid, unlink_segment
         from ..node import pid_alive
         name = str(peer.desc.get("segment", ""))
         pid = creator_pid(name.lstrip("/")) if name.startswith(PREFIX) else None
