@@ -56,6 +56,8 @@ PROFILES: dict[str, dict] = {
         conc_tokens=2048, conc_levels=[1, 8, 32, 64], conc_batches=3,
         alloc_pools=[1024, 2048, 4096, 8192, 16384, 32768, 65536], alloc_pairs=20000, alloc_rounds=5,
         alloc_blocks=8, request_timeout=120.0, raw_repeats=5,
+        fan_in=dict(encoders=[1, 4], requests=400, inflight=16, hidden=4096),
+        hints=dict(requests=400, hidden=1024),
     ),
     # under a minute on a quiet 2-core VM (about 45 s): every section, fewer repeats; the
     # slow baselines (pickle over ZeroMQ: 0.3-0.8 s per 128 MiB message) get the fewest
@@ -67,6 +69,8 @@ PROFILES: dict[str, dict] = {
         alloc_pools=[1024, 8192, 65536], alloc_pairs=5000, alloc_rounds=3,
         alloc_blocks=8, request_timeout=60.0, raw_repeats=3, raw_max_tokens=8192,
         baseline=dict(target_bytes=64 * MiB, min_repeats=2, max_repeats=6),
+        fan_in=dict(encoders=[1, 4], requests=120, inflight=16, hidden=1024),
+        hints=dict(requests=150, hidden=256),
     ),
     "tiny": dict(
         sizes=[256, 1024], hidden=[256],
@@ -75,6 +79,8 @@ PROFILES: dict[str, dict] = {
         conc_tokens=256, conc_levels=[1, 8, 32, 64], conc_batches=1,
         alloc_pools=[1024, 65536], alloc_pairs=2000, alloc_rounds=2,
         alloc_blocks=8, request_timeout=30.0, raw_repeats=2,
+        fan_in=dict(encoders=[1, 2], requests=12, inflight=4, hidden=256),
+        hints=dict(requests=12, hidden=256),
     ),
 }
 
@@ -439,6 +445,22 @@ class _Run:
                 except Exception as e:
                     self.fail(p, e)
             del expected
+        if prof.get("fan_in") and "shm" in self.wanted:
+            from .bench_topology import run_fan_in
+            f = prof["fan_in"]
+            try:
+                self.data["fan_in"] = run_fan_in(tuple(f["encoders"]), f["requests"], f["inflight"], f["hidden"],
+                                                 "shm", self.seed)
+            except Exception as e:
+                self.data["warnings"].append(f"fan-in bench failed: {_err(e)}")
+            self.tick("fan-in")
+        if prof.get("hints") and "shm" in self.wanted:
+            from .bench_topology import run_hints
+            try:
+                self.data["hints"] = run_hints(prof["hints"]["requests"], prof["hints"]["hidden"], self.seed)
+            except Exception as e:
+                self.data["warnings"].append(f"hint bench failed: {_err(e)}")
+            self.tick("hints")
         if prof["alloc_pools"]:
             self.data["allocator"] = allocator_ops(prof["alloc_pools"], prof["alloc_pairs"], prof["alloc_blocks"],
                                                    prof["alloc_rounds"], self.tick)
@@ -447,8 +469,9 @@ class _Run:
         p = self.prof
         sweep_paths = len([x for x in self.wanted if x in ALL_PATHS])
         ep = len([x for x in self.wanted if x in ENDPOINT_PATHS and x != "shm-zc"])
+        extra = ("shm" in self.wanted) * (bool(p.get("fan_in")) + bool(p.get("hints")))
         return (len(p["sizes"]) * len(p["hidden"]) * sweep_paths
-                + ep * (len(p["resume_targets"]) + len(p["conc_levels"])) + len(p["alloc_pools"]))
+                + ep * (len(p["resume_targets"]) + len(p["conc_levels"])) + len(p["alloc_pools"]) + extra)
 
 
 def _progress(enabled: bool):
@@ -588,6 +611,13 @@ def run(args: argparse.Namespace) -> int:
     # the tables fit 80 columns (they fold below that); a pipe or a file gets 100
     console = Console(highlight=False) if sys.stdout.isatty() else Console(width=100, highlight=False)
     render(data, console)
+    from .bench_topology import format_fan_in, format_hints
+    if data.get("fan_in"):
+        console.print("\nM encoders -> one language endpoint (shm, same workload):")
+        console.print(format_fan_in(data["fan_in"]), soft_wrap=True)
+    if data.get("hints"):
+        console.print("\nsize hints on one seeded workload of image sizes (Qwen2-VL token counts):")
+        console.print(format_hints(data["hints"]), soft_wrap=True)
     console.print(f"wrote {json_path}" + (f" and {len(data['files'].get('plots', []))} plots" if not args.no_plots
                                             else "") + f" in {data['elapsed_s']:.1f}s")
     return 1 if bad else 0
