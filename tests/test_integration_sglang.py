@@ -1,0 +1,395 @@
+"""The SGLang plugin (embresume.integrations.sglang) against SGLang's own classes.
+
+Real SGLang objects: the plugin framework (``HookRegistry`` applies the two
+class replacements as ``load_plugins()`` would), ``ZmqDelivery`` /
+``EncoderDelivery`` and ``WaitingZmqRequest`` / ``WaitingMMRequestBase`` (the
+adapters subclass them), ``MMEncoder._send`` and
+``MMEncoder._wait_for_embedding`` (the encoder's real ZeroMQ control path and
+embedding wait, bound to a stand-in encoder object), ``ReqState``,
+``SendDestination``, ``EmbeddingData``, ``create_part_req_id``,
+``TokenizedGenerateReqInput`` / ``SamplingParams``, and the receive side's
+per-request PULL socket, part aggregation (``MultiModalEmbeddingData``) and
+assembly (``_assemble_mm_inputs_from_embeddings``).
+
+Stand-ins: ``MMEncoder`` itself (it loads a model) — an object carrying the
+attributes ``_send`` uses; ``get_disagg()`` in the encoder module (SGLang
+publishes it from ``ServerArgs``, which needs a model) returns
+``encoder_transfer_backend="zmq_to_scheduler"``; the multimodal processor
+(``get_validated_mm_data`` records the embeddings it is given); the HTTP
+registration (``/scheduler_receive_url``) is replaced by handing the
+receivers' ports to the encoder process directly, and the scheduler tick by
+calling ``_try_recv_mm_data`` as ``_process_waiting_requests`` does (minus the
+TP all-reduce).  When the installed torchvision cannot load (a CUDA wheel next
+to a CPU torch) a stub is installed, because SGLang imports torchvision at
+import time for model processors this test never runs.
+
+Order of calls (SGLang 0.5.23): encoder — ``MMEncoder.send_with_url`` ->
+``send_to_destination`` -> ``delivery.send(state, destination)`` for each
+rank that registered, then ``release_request`` -> ``delivery.release``;
+scheduler — ``_process_waiting_requests`` creates the waiting request,
+``send_encode_request``, then every tick ``_try_recv_mm_data`` ->
+``consume_parts`` -> (all parts) ``_assemble_mm_inputs_from_embeddings``;
+``release_resources`` on abort / failure / timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import json
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import sys
+import time
+import types
+
+import pytest
+import torch
+
+HIDDEN = 128
+DTYPE = torch.bfloat16
+OPTIONS = {"block_size": 16, "default_allocate_tokens": 64, "pool_blocks": 256, "request_timeout": 20.0,
+           "handshake_timeout": 3.0, "device": "cpu"}
+
+
+def install_torchvision_stub() -> bool:
+    """SGLang imports torchvision at import time (model processors); a CUDA
+    torchvision wheel does not load next to a CPU torch.  Install an empty
+    stand-in then (none of its code runs here).  Returns whether it did."""
+    try:
+        import torchvision  # noqa: F401
+        return False
+    except Exception:
+        pass
+    import enum
+    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+        del sys.modules[k]
+
+    class InterpolationMode(enum.Enum):
+        NEAREST = "nearest"
+        NEAREST_EXACT = "nearest-exact"
+        BILINEAR = "bilinear"
+        BICUBIC = "bicubic"
+        BOX = "box"
+        HAMMING = "hamming"
+        LANCZOS = "lanczos"
+
+    class Unavailable:
+        def __init__(self, *a, **k):
+            raise RuntimeError("torchvision stand-in: not usable")
+
+    def missing(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return Unavailable
+
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
+                 "torchvision.transforms.v2", "torchvision.transforms.v2.functional", "torchvision.io",
+                 "torchvision.ops", "torchvision.models", "torchvision.utils", "torchvision.datasets"):
+        m = types.ModuleType(name)
+        m.__path__ = []
+        m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        m.__getattr__ = missing
+        sys.modules[name] = m
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, m)
+    sys.modules["torchvision"].__version__ = "0.0+stand-in"
+    sys.modules["torchvision.transforms"].InterpolationMode = InterpolationMode
+    sys.modules["torchvision.transforms.functional"].InterpolationMode = InterpolationMode
+    return True
+
+
+try:
+    import importlib.util
+    if importlib.util.find_spec("sglang") is None:
+        raise ModuleNotFoundError("No module named 'sglang'")
+    install_torchvision_stub()
+    import zmq
+    from sglang.srt.disaggregation.encoder import receiver, server
+    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sglang.srt.managers.schedule_batch import Modality
+    from sglang.srt.plugins import hook_registry
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.sampling.sampling_params import SamplingParams
+except Exception as e:  # pragma: no cover - depends on the machine
+    pytest.skip(f"SGLang's encoder-disaggregation classes do not import here ({type(e).__name__}: {e}); "
+                "install them with the lines in docs/integrations.md", allow_module_level=True)
+
+from embresume.harness import free_port
+from embresume.integrations import sglang as plugin
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def embedding(key: str, tokens: int) -> torch.Tensor:
+    seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=6).digest(), "little")
+    return torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(DTYPE)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+# ------------------------------------------------------------------ plugin registration
+@pytest.fixture
+def applied_hooks(monkeypatch):
+    """register() + HookRegistry.apply_hooks(), as load_plugins() does; undone afterwards."""
+    monkeypatch.setenv(plugin.ENABLE_ENV, "1")
+    originals = {(server, "ZmqDelivery"): server.ZmqDelivery,
+                 (receiver, "WaitingZmqRequest"): receiver.WaitingZmqRequest,
+                 (receiver, "WaitingZmqRequestGrpc"): receiver.WaitingZmqRequestGrpc}
+    HookRegistry.reset()
+    plugin.register()
+    HookRegistry.apply_hooks()
+    try:
+        yield
+    finally:
+        for (mod, name), orig in originals.items():
+            new = getattr(mod, name)
+            setattr(mod, name, orig)
+            if new is not orig:
+                hook_registry._propagate_patch(new, orig, mod)
+        HookRegistry.reset()
+
+
+def test_plugin_replaces_the_real_classes(applied_hooks):
+    assert server.ZmqDelivery._embresume and receiver.WaitingZmqRequest._embresume
+    assert issubclass(server.ZmqDelivery, server.EncoderDelivery)
+    assert server.ZmqDelivery.__mro__[1].__name__ == "ZmqDelivery"
+    assert issubclass(receiver.WaitingZmqRequest, receiver.WaitingMMRequestBase)
+    assert receiver.WaitingZmqRequest.__mro__[2].__name__ == "WaitingZmqRequest"
+    # MMReceiverHTTP.process_waiting_requests and MMEncoder.__init__ look the names up at call time
+    assert receiver.WaitingZmqRequestGrpc._embresume
+    assert receiver.WaitingZmqRequestGrpc.__mro__[2].__name__ == "WaitingZmqRequestGrpc"
+    assert "WaitingZmqRequest" in receiver.MMReceiverHTTP.process_waiting_requests.__code__.co_names
+    assert "WaitingZmqRequestGrpc" in receiver.MMReceiverGrpc.process_waiting_requests.__code__.co_names
+    assert "ZmqDelivery" in server.MMEncoder.__init__.__code__.co_names
+
+
+def test_plugin_is_inert_unless_enabled(monkeypatch):
+    monkeypatch.delenv(plugin.ENABLE_ENV, raising=False)
+    HookRegistry.reset()
+    plugin.register()
+    assert not HookRegistry._hooks
+    HookRegistry.reset()
+
+
+# ------------------------------------------------------------------ encoder process
+class EncoderStandIn:
+    """What MMEncoder._send and _wait_for_embedding use of an MMEncoder (no model)."""
+
+    _send = server.MMEncoder._send
+    _wait_for_embedding = server.MMEncoder._wait_for_embedding
+
+    def __init__(self):
+        import concurrent.futures
+        import zmq.asyncio
+        self.transfer_backend = "zmq_to_scheduler"
+        self.context = zmq.asyncio.Context()
+        self.sync_context = zmq.Context()
+        self.scheduler_send_sockets = {}
+        self.scheduler_send_locks = {}
+        self.send_timeout = 30
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+
+
+def encoder_main(port: int, cmds, results) -> None:
+    import asyncio
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.environ[plugin.ENABLE_ENV] = "1"
+    os.environ[plugin.OPTIONS_ENV] = json.dumps(dict(OPTIONS, encoder_address=f"tcp://127.0.0.1:{port}"))
+    server.get_disagg = lambda: types.SimpleNamespace(encoder_transfer_backend="zmq_to_scheduler")
+
+    async def main():
+        delivery = plugin.delivery_class()(EncoderStandIn(), cleanup_receive_state=True)
+        results.put(("ready", None))
+        while True:
+            cmd = await asyncio.to_thread(cmds.get, True, 120)
+            if cmd[0] == "stop":
+                return
+            _, rid, parts, urls = cmd
+            outcome = []
+            for part_idx, tokens in enumerate(parts):
+                req_id = receiver.create_part_req_id(rid, part_idx)
+                state = server.ReqState(req_id=req_id)
+                state.embedding_data = receiver.EmbeddingData(
+                    req_id, len(parts), part_idx, torch.tensor([[1, 2, tokens * 2]]), Modality.IMAGE,
+                    embedding=embedding(req_id, tokens))
+                state.embedding_ready.set()
+                # MMEncoder.send_with_url: one send_to_destination per registered rank, then release
+                res = await asyncio.gather(*(delivery.send(state, server.SendDestination.from_url(u))
+                                             for u in urls), return_exceptions=True)
+                await delivery.release(state)
+                outcome.append([None if r is None else repr(r) for r in res])
+            results.put(("sent", outcome))
+
+    try:
+        asyncio.run(main())
+        plugin._close_encoder_endpoint()
+        results.put(("stopped", None))
+    except BaseException as e:  # pragma: no cover - reported to the parent
+        import traceback
+        results.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class Encoder:
+    def __init__(self):
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        self.cmds, self.results = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=encoder_main, args=(self.port, self.cmds, self.results), daemon=True)
+        self.proc.start()
+        assert self.get(120)[0] == "ready"
+
+    def get(self, timeout):
+        try:
+            kind, value = self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"encoder process silent for {timeout}s (alive={self.proc.is_alive()})") from None
+        if kind == "error":
+            raise AssertionError(f"encoder process failed: {value}")
+        return kind, value
+
+    def stop(self):
+        if self.proc.is_alive():
+            self.cmds.put(("stop",))
+            try:
+                self.get(30)
+            except AssertionError:
+                pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    e = Encoder()
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+# ------------------------------------------------------------------ scheduler side
+class ProcessorStandIn:
+    """SGLang's multimodal processor, reduced to what assembly calls."""
+
+    prefer_tokenized_input = True
+
+    def __init__(self):
+        self.embeddings = None
+
+    def get_validated_mm_data(self, prompt, recv_embedding, **kwargs):
+        self.embeddings, self.kwargs = recv_embedding, kwargs
+        return types.SimpleNamespace(input_ids=list(prompt))
+
+
+@pytest.fixture
+def waiting(monkeypatch):
+    made = []
+
+    def make(rid, receive_count=1, tp_rank=0):
+        cls = plugin.waiting_class()
+        monkeypatch.setattr(plugin, "current_tp_rank", lambda: tp_rank)
+        req = TokenizedGenerateReqInput(
+            rid=rid, input_text=None, input_ids=[1, 2, 3], input_embeds=None, mm_inputs=None,
+            token_type_ids=None, sampling_params=SamplingParams(), return_logprob=False, logprob_start_len=-1,
+            top_logprobs_num=0, token_ids_logprob=None, stream=False)
+        proc = ProcessorStandIn()
+        w = cls(rid=rid, recv_req=req, mm_processor=proc, encoder_urls=["http://127.0.0.1:1"],
+                model_type="qwen2_vl", host_name="127.0.0.1", receive_count=receive_count,
+                zmq_context=zmq.Context())
+        made.append(w)
+        return w, proc
+
+    monkeypatch.setenv(plugin.OPTIONS_ENV, json.dumps(OPTIONS))
+    yield make
+    for w in made:
+        w.release_resources()
+        w.close_recv_socket()
+    plugin.close_language_endpoints()
+
+
+def tick_until_done(reqs, timeout=60.0):
+    """The scheduler's tick: _try_recv_mm_data on every waiting request (bounded)."""
+    deadline = time.monotonic() + timeout
+    pending = receiver.WaitingMMRequestStatus.PENDING
+    while any(w.status == pending for w in reqs):
+        assert time.monotonic() < deadline, "waiting requests never left PENDING"
+        for w in reqs:
+            w._try_recv_mm_data()
+        time.sleep(0.005)
+    return [w.status for w in reqs]
+
+
+def expected(rid, parts):
+    return torch.cat([embedding(receiver.create_part_req_id(rid, i), n) for i, n in enumerate(parts)])
+
+
+def test_two_processes_bit_exact(encoder, waiting):
+    """Two parts of one request (one under a block, one several default allocations)
+    cross processes through embresume and are assembled bit for bit."""
+    w, proc = waiting("req-1")
+    parts = [5, 300]
+    encoder.cmds.put(("send", "req-1", parts, [f"127.0.0.1:{w.embedding_port}"]))
+    assert tick_until_done([w]) == [receiver.WaitingMMRequestStatus.SUCCESS], w.error_msg
+    assert encoder.get(60) == ("sent", [[None], [None]])
+    got = proc.embeddings[Modality.IMAGE]
+    assert same_bits(got, expected("req-1", parts))
+    assert w.recv_req.mm_inputs is not None and list(w.recv_req.input_ids) == [1, 2, 3]
+    ep = plugin._lang_endpoints[0]
+    assert ep.stats["hinted"] == 2 and ep.stats["resumes"] == 0
+    assert [e["transport"] for e in ep.encoders()] == ["shm"]
+
+
+def test_tensor_parallel_ranks_each_get_a_copy(encoder, waiting):
+    w0, p0 = waiting("req-tp", receive_count=2, tp_rank=0)
+    w1, p1 = waiting("req-tp", receive_count=2, tp_rank=1)
+    parts = [70, 17]
+    encoder.cmds.put(("send", "req-tp", parts, [f"127.0.0.1:{w0.embedding_port}",
+                                                 f"127.0.0.1:{w1.embedding_port}"]))
+    ok = receiver.WaitingMMRequestStatus.SUCCESS
+    assert tick_until_done([w0, w1]) == [ok, ok], (w0.error_msg, w1.error_msg)
+    assert encoder.get(60) == ("sent", [[None, None], [None, None]])
+    for p in (p0, p1):
+        assert same_bits(p.embeddings[Modality.IMAGE], expected("req-tp", parts))
+    assert p0.embeddings[Modality.IMAGE].data_ptr() != p1.embeddings[Modality.IMAGE].data_ptr()
+
+
+def push(port: int, obj, payload: bytes = b"\0\0"):
+    """Put one part on a receiver's socket as the encoder's _send does."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.PUSH)
+    s.connect(f"tcp://127.0.0.1:{port}")
+    s.send_multipart([pickle.dumps(obj), payload])
+    s.close(linger=2000)
+
+
+def test_failed_transfer_fails_the_request_not_the_scheduler(waiting):
+    """A part naming an encoder nobody runs: SGLang's FAIL status with the reason."""
+    w, _ = waiting("req-dead")
+    part = receiver.EmbeddingData(receiver.create_part_req_id("req-dead", 0), 1, 0, torch.tensor([[1, 2, 8]]),
+                                  Modality.IMAGE, embedding_shape=[4, HIDDEN])
+    part.dtype = DTYPE
+    setattr(part, plugin.ROOM_ATTR, part.req_id)
+    setattr(part, plugin.ENCODER_ATTR, f"tcp://127.0.0.1:{free_port()}")
+    push(w.embedding_port, part)
+    assert tick_until_done([w]) == [receiver.WaitingMMRequestStatus.FAIL]
+    assert "embresume" in w.error_msg
+
+
+def test_unmarked_parts_still_take_the_zeromq_path(waiting):
+    """Parts from an encoder without the plugin (or an error payload) are SGLang's own."""
+    w, proc = waiting("req-plain")
+    emb = embedding("plain", 9)
+    part = receiver.EmbeddingData(receiver.create_part_req_id("req-plain", 0), 1, 0, torch.tensor([[1, 2, 18]]),
+                                  Modality.IMAGE, embedding=emb).copy_without_embedding()
+    push(w.embedding_port, part, emb.contiguous().view(torch.uint8).numpy().tobytes())
+    assert tick_until_done([w]) == [receiver.WaitingMMRequestStatus.SUCCESS]
+    assert same_bits(proc.embeddings[Modality.IMAGE], emb)

@@ -1,0 +1,459 @@
+"""The vLLM EC connector (embresume.integrations.vllm) against vLLM's own classes.
+
+Real vLLM objects: ``ECConnectorBase`` (the adapter subclasses it),
+``ECConnectorFactory`` (loads the adapter from ``ec_connector_module_path``,
+both roles), ``ensure_ec_transfer_initialized`` (the worker's global
+connector), ``VllmConfig`` / ``ECTransferConfig`` / ``ParallelConfig``,
+``Request`` with ``MultiModalFeatureSpec`` / ``PlaceholderRange`` /
+``SamplingParams`` (``ec_transfer_params`` through ``extra_args`` as the
+serving layer passes it), ``SchedulerOutput``, the V2 model runner's
+``ActiveECConnector`` (which makes the worker-side calls: bind metadata,
+start_save_caches / start_load_caches, save_caches for new encoder outputs,
+get_finished, get_ec_connector_stats, build_connector_worker_meta, clear),
+``ModelRunnerOutput`` and ``ECOutputAggregator`` (merges the TP ranks'
+outputs as the executor does).
+
+Stand-ins: the scheduler loop itself (``Scheduler`` needs a KV-cache config
+and a model), replaced by :func:`schedule` / :func:`finish_step`, which make
+the connector calls in the order of vllm/v1/core/sched/scheduler.py (0.33.0):
+``ensure_cache_available`` (schedule(), line 1247/1271/829) ->
+``has_cache_item`` (_try_schedule_encoder_inputs, line 2190) ->
+``update_state_after_alloc`` (_allocate_encoder_inputs, line 2013) ->
+``build_connector_meta`` (end of schedule(), line 1769); after the model step
+``take_unavailable_requests`` (update_from_output, line 2562) ->
+``update_connector_output`` (line 2586); ``request_finished`` when a request
+ends (_free_request, line 3048).  The "vision tower" writes a deterministic
+tensor into ``encoder_cache`` and the "gather" reads it back, as the model
+runner's _execute_mm_encoder / _gather_mm_embeddings do; the media payload of
+a feature is an empty ``MultiModalKwargsItem``.
+
+The producer is a real second process (spawn); every wait is bounded and the
+child is killed when a test fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import queue
+import time
+
+import pytest
+import torch
+
+try:
+    from vllm.config import DeviceConfig, ECTransferConfig, ParallelConfig, VllmConfig
+    from vllm.distributed.ec_transfer import ec_transfer_state
+    from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorBase, ECConnectorRole
+    from vllm.distributed.ec_transfer.ec_connector.factory import ECConnectorFactory
+    from vllm.distributed.ec_transfer.ec_connector.utils import ECOutputAggregator
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItem, PlaceholderRange
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+    from vllm.v1.request import Request
+    from vllm.v1.worker.gpu.ec_connector import ActiveECConnector
+except Exception as e:  # pragma: no cover - depends on the machine
+    pytest.skip(f"vLLM's EC connector interface does not import here ({type(e).__name__}: {e}); "
+                "install it with the lines in docs/integrations.md", allow_module_level=True)
+
+from embresume.harness import free_port
+from embresume.integrations import vllm as adapter
+from embresume.integrations.vllm import EmbresumeECConnector, EmbresumeECWorkerMetadata
+
+pytestmark = pytest.mark.timeout(300)
+
+HIDDEN = 256
+DTYPE = torch.bfloat16
+CONNECTOR = "EmbresumeECConnector"
+MODULE = "embresume.integrations.vllm"
+BASE_EXTRA = {"hidden_size": HIDDEN, "dtype": "bf16", "device": "cpu", "block_size": 16,
+              "default_allocate_tokens": 64, "pool_blocks": 256, "request_timeout": 20.0,
+              "handshake_timeout": 5.0}
+
+
+# ------------------------------------------------------------------ helpers
+def vllm_config(role: str, extra: dict, tp: int = 1) -> "VllmConfig":
+    """A real VllmConfig (no model).  VllmConfig.__post_init__ refuses an
+    ``ec_producer`` without a multimodal ModelConfig, and building one inspects
+    the model class (it imports the model's code), so the producer's
+    ECTransferConfig is attached after construction; the connector only reads it."""
+    ec = ECTransferConfig(ec_connector=CONNECTOR, ec_connector_module_path=MODULE, ec_role=role,
+                          ec_connector_extra_config=dict(extra))
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"),
+                     parallel_config=ParallelConfig(tensor_parallel_size=tp),
+                     ec_transfer_config=None if ec.is_encode_only else ec)
+    cfg.ec_transfer_config = ec
+    return cfg
+
+
+def embedding(mm_hash: str, tokens: int) -> torch.Tensor:
+    """The 'vision tower': a deterministic [tokens, HIDDEN] bf16 tensor per item."""
+    seed = int.from_bytes(hashlib.blake2b(mm_hash.encode(), digest_size=6).digest(), "little")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(tokens, HIDDEN, generator=g).to(DTYPE)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def make_request(rid: str, items, params=None, media: bool = True) -> "Request":
+    """items: [(mm_hash, num_embeds)]; placeholders laid out one after another after one text token."""
+    feats, pos = [], 1
+    for h, n in items:
+        feats.append(MultiModalFeatureSpec(data=MultiModalKwargsItem() if media else None, modality="image",
+                                           identifier=h, mm_position=PlaceholderRange(offset=pos, length=n)))
+        pos += n
+    extra_args = {"ec_transfer_params": params} if params is not None else None
+    return Request(rid, [0] * (pos + 1), SamplingParams(max_tokens=1, extra_args=extra_args), None,
+                   mm_features=feats)
+
+
+def schedule(sched, requests, freed=()):
+    """One Scheduler.schedule() worth of connector calls; returns (SchedulerOutput, scheduled).
+
+    scheduled: [(request, external_load_indices, local_encode_indices)]."""
+    scheduled = []
+    for req in requests:
+        if not sched.ensure_cache_available(req, req.num_computed_tokens):
+            continue
+        ext, local = [], []
+        for i, f in enumerate(req.mm_features):
+            (ext if sched.has_cache_item(f.identifier) else local).append(i)
+        for i in local + ext:
+            sched.update_state_after_alloc(req, i)
+        scheduled.append((req, ext, local))
+    so = SchedulerOutput.make_empty()
+    so.free_encoder_mm_hashes = list(freed)
+    so.ec_connector_metadata = sched.build_connector_meta(so)
+    return so, scheduled
+
+
+def active_for(worker, encoder_cache: dict) -> "ActiveECConnector":
+    """The V2 runner's ActiveECConnector bound to ``worker`` (it reads the process-global agent)."""
+    saved = ec_transfer_state._EC_CONNECTOR_AGENT
+    ec_transfer_state._EC_CONNECTOR_AGENT = worker
+    try:
+        return ActiveECConnector(None, encoder_cache)
+    finally:
+        ec_transfer_state._EC_CONNECTOR_AGENT = saved
+
+
+def run_workers(ranks, so, scheduled, encode=embedding):
+    """Every rank runs the step (ActiveECConnector.maybe_get_output around the model);
+    returns the aggregated ModelRunnerOutput (ECOutputAggregator, as the executor)."""
+    outs = []
+    for worker, cache in ranks:
+        with active_for(worker, cache).maybe_get_output(so) as ec_out:
+            for req, ext, local in scheduled:
+                for i in local:                                   # _execute_mm_encoder
+                    f = req.mm_features[i]
+                    cache[f.identifier] = encode(f.identifier, f.mm_position.length)
+                for i in ext + local:                             # _gather_mm_embeddings
+                    assert req.mm_features[i].identifier in cache, "encoder cache miss"
+        outs.append(ModelRunnerOutput.with_ec_conn_output(EMPTY_MODEL_RUNNER_OUTPUT, ec_out))
+    return ECOutputAggregator().aggregate(outs, 0)
+
+
+def finish_step(sched, output) -> set:
+    """Scheduler.update_from_output's connector calls; returns the requests it fails."""
+    failed = sched.take_unavailable_requests()
+    if output is not None and output.ec_connector_output is not None:
+        sched.update_connector_output(output.ec_connector_output)
+    return failed
+
+
+def step_until(sched, ranks, requests, deadline_s=60.0, freed=()):
+    """Step until every request was scheduled or failed; returns ({rid: (ext, local)}, failed rids)."""
+    done, failed = {}, set()
+    pending = list(requests)
+    deadline = time.monotonic() + deadline_s
+    while pending:
+        assert time.monotonic() < deadline, f"requests never scheduled: {[r.request_id for r in pending]}"
+        so, scheduled = schedule(sched, pending, freed)
+        freed = ()
+        out = run_workers(ranks, so, scheduled)
+        failed |= finish_step(sched, out)
+        for req, ext, local in scheduled:
+            done[req.request_id] = ([req.mm_features[i].identifier for i in ext],
+                                    [req.mm_features[i].identifier for i in local])
+        for req in list(pending):
+            if req.request_id in done or req.request_id in failed:
+                pending.remove(req)
+                sched.request_finished(req)
+        time.sleep(0.01)
+    return done, failed
+
+
+# ------------------------------------------------------------------ producer process
+def producer_main(port: int, cmds, results) -> None:
+    """The encoder instance: scheduler- and worker-role connectors, driven like vLLM's engine."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        extra = dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{port}")
+        cfg = vllm_config("ec_producer", extra)
+        ec_transfer_state.ensure_ec_transfer_initialized(cfg)       # the worker's connector (factory)
+        assert isinstance(ec_transfer_state.get_ec_transfer(), EmbresumeECConnector)
+        sched = ECConnectorFactory.create_connector(cfg, ECConnectorRole.SCHEDULER)
+        cache: dict = {}
+        results.put(("ready", None))
+        while True:
+            cmd = cmds.get(timeout=120)
+            if cmd[0] == "stop":
+                break
+            _, rid, items = cmd
+            req = make_request(rid, items)
+            so, scheduled = schedule(sched, [req])
+            with ActiveECConnector(cfg, cache).maybe_get_output(so):
+                for r, ext, local in scheduled:
+                    for i in local:
+                        f = r.mm_features[i]
+                        if f.identifier not in cache:               # cached items are not re-encoded
+                            cache[f.identifier] = embedding(f.identifier, f.mm_position.length)
+            _, params = sched.request_finished(req)
+            results.put(("params", params))
+        ec_transfer_state.ensure_ec_transfer_shutdown()
+        sched.shutdown()
+        results.put(("stopped", None))
+    except BaseException as e:  # pragma: no cover - reported to the parent
+        import traceback
+        results.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+class Producer:
+    def __init__(self):
+        self.port = free_port()
+        ctx = mp.get_context("spawn")
+        self.cmds, self.results = ctx.Queue(), ctx.Queue()
+        self.proc = ctx.Process(target=producer_main, args=(self.port, self.cmds, self.results), daemon=True)
+        self.proc.start()
+        assert self._get(120)[0] == "ready"
+
+    @property
+    def address(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _get(self, timeout):
+        try:
+            kind, value = self.results.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"producer silent for {timeout}s (alive={self.proc.is_alive()})") from None
+        if kind == "error":
+            raise AssertionError(f"producer failed: {value}")
+        return kind, value
+
+    def encode(self, rid, items) -> dict:
+        self.cmds.put(("encode", rid, items))
+        kind, params = self._get(60)
+        assert kind == "params"
+        return params
+
+    def stop(self):
+        if self.proc.is_alive():
+            self.cmds.put(("stop",))
+            try:
+                self._get(30)
+            except AssertionError:
+                pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+@pytest.fixture(scope="module")
+def producer():
+    """One encoder-instance process for the module (each test uses its own items)."""
+    p = Producer()
+    try:
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.fixture
+def consumer_parts(request):
+    made = []
+
+    def make(extra, tp=1):
+        cfg = vllm_config("ec_consumer", dict(BASE_EXTRA, **extra), tp=tp)
+        sched = ECConnectorFactory.create_connector(cfg, ECConnectorRole.SCHEDULER)
+        ranks = []
+        for rank in range(tp):
+            orig = adapter._placement
+            adapter._placement = lambda rank=rank: (rank, tp, True)
+            try:
+                worker = ECConnectorFactory.create_connector(cfg, ECConnectorRole.WORKER)
+            finally:
+                adapter._placement = orig
+            ranks.append((worker, {}))
+        made.append((sched, ranks))
+        return sched, ranks
+
+    yield make
+    for sched, ranks in made:
+        for worker, _ in ranks:
+            worker.shutdown()
+        sched.shutdown()
+
+
+# ------------------------------------------------------------------ tests
+def test_is_a_real_vllm_ec_connector():
+    assert issubclass(EmbresumeECConnector, ECConnectorBase)
+    assert issubclass(EmbresumeECWorkerMetadata, adapter.ECConnectorWorkerMetadata)
+    for role in ("ec_producer", "ec_consumer"):
+        cfg = vllm_config(role, BASE_EXTRA)
+        assert ECConnectorFactory.get_connector_class(cfg.ec_transfer_config) is EmbresumeECConnector
+        sched = ECConnectorFactory.create_connector(cfg, ECConnectorRole.SCHEDULER)   # abstract methods all there
+        assert isinstance(sched, EmbresumeECConnector) and sched.role is ECConnectorRole.SCHEDULER
+        sched.shutdown()
+
+
+def test_bad_options_fail_at_startup():
+    with pytest.raises(ValueError, match="unknown embresume"):
+        ECConnectorFactory.create_connector(vllm_config("ec_consumer", dict(BASE_EXTRA, pool_blokcs=3)),
+                                            ECConnectorRole.SCHEDULER)
+    with pytest.raises(ValueError, match="on_failure"):
+        ECConnectorFactory.create_connector(vllm_config("ec_consumer", dict(BASE_EXTRA, on_failure="retry")),
+                                            ECConnectorRole.SCHEDULER)
+
+
+def test_two_processes_bit_exact(producer, consumer_parts):
+    """Producer process encodes; the consumer's scheduler defers the request, its worker
+    receives, the item becomes a cache hit and lands in encoder_cache bit for bit.  Sizes
+    cover under one block, exactly the default allocation, several default allocations."""
+    items = [("img-a", 7), ("img-b", 64), ("img-c", 300)]
+    params = producer.encode("enc-1", items)
+    assert {h: params[h][adapter.PARAM_KEY] for h, _ in items} == {h: producer.address for h, _ in items}
+    assert all(params[h]["num_embeds"] == n for h, n in items)
+
+    sched, ranks = consumer_parts({})
+    req = make_request("lm-1", items, params=params)
+    # first step: the request is deferred while the transfer starts
+    so, scheduled = schedule(sched, [req])
+    assert scheduled == [] and {s.mm_hash for s in so.ec_connector_metadata.loads} == {h for h, _ in items}
+    assert sched.has_pending_push_work()
+    finish_step(sched, run_workers(ranks, so, scheduled))
+
+    done, failed = step_until(sched, ranks, [req])
+    assert not failed
+    ext, local = done["lm-1"]
+    assert sorted(ext) == sorted(h for h, _ in items) and local == []
+    cache = ranks[0][1]
+    for h, n in items:
+        assert same_bits(cache[h], embedding(h, n)), h
+    assert not sched.has_pending_push_work()
+    lang = ranks[0][0]._lang
+    # every item was asked for with its exact size: no resume was needed
+    assert lang.stats["requests"] == 3 and lang.stats["hinted"] == 3 and lang.stats["resumes"] == 0
+    assert [e["transport"] for e in lang.encoders()] == ["shm"]
+
+
+def test_cached_item_is_published_again(producer, consumer_parts):
+    """A second request for an image the producer already has cached is not re-encoded
+    (save_caches does not fire); start_save_caches publishes it again."""
+    sched, ranks = consumer_parts({})
+    p1 = producer.encode("enc-1", [("img-x", 40)])
+    done, failed = step_until(sched, ranks, [make_request("lm-1", [("img-x", 40)], params=p1)])
+    assert done["lm-1"][0] == ["img-x"] and not failed
+    # the consumer frees it from its encoder cache; a new request needs it again
+    ranks[0][1].clear()
+    p2 = producer.encode("enc-2", [("img-x", 40), ("img-y", 9)])
+    req2 = make_request("lm-2", [("img-x", 40), ("img-y", 9)], params=p2)
+    done, failed = step_until(sched, ranks, [req2], freed=["img-x"])
+    assert sorted(done["lm-2"][0]) == ["img-x", "img-y"] and not failed
+    assert same_bits(ranks[0][1]["img-x"], embedding("img-x", 40))
+    assert same_bits(ranks[0][1]["img-y"], embedding("img-y", 9))
+
+
+def test_tensor_parallel_consumer_every_rank_gets_a_copy(producer, consumer_parts):
+    sched, ranks = consumer_parts({}, tp=2)
+    items = [("tp-a", 33), ("tp-b", 129)]
+    params = producer.encode("enc-tp", items)
+    done, failed = step_until(sched, ranks, [make_request("lm-tp", items, params=params)])
+    assert not failed and sorted(done["lm-tp"][0]) == ["tp-a", "tp-b"]
+    for _, cache in ranks:
+        for h, n in items:
+            assert same_bits(cache[h], embedding(h, n))
+    for h, _ in items:                                  # each rank holds its own copy
+        assert ranks[0][1][h].data_ptr() != ranks[1][1][h].data_ptr()
+
+
+def test_preempted_request_does_not_wait_for_a_second_transfer(producer, consumer_parts):
+    """Once a request's item was delivered and vLLM freed it (preemption), the encoder
+    no longer holds it: the item is encoded locally at once, no new transfer starts."""
+    params = producer.encode("enc-p", [("img-p", 21)])
+    sched, ranks = consumer_parts({})
+    req = make_request("lm-p", [("img-p", 21)], params=params)
+    so, scheduled = schedule(sched, [req])
+    deadline = time.monotonic() + 60
+    while not scheduled:
+        assert time.monotonic() < deadline
+        finish_step(sched, run_workers(ranks, so, scheduled))
+        so, scheduled = schedule(sched, [req])
+    out = run_workers(ranks, so, scheduled)
+    assert scheduled[0][1] == [0] and same_bits(ranks[0][1]["img-p"], embedding("img-p", 21))
+    finish_step(sched, out)
+    ranks[0][1].clear()                                   # preempted: vLLM frees its encoder cache entry
+    so, scheduled = schedule(sched, [req], freed=["img-p"])
+    assert so.ec_connector_metadata.loads == [] and scheduled and scheduled[0][2] == [0]
+    sched.request_finished(req)
+
+
+def test_staged_sets_intersect_across_ranks():
+    a = EmbresumeECWorkerMetadata(staged=frozenset({"x", "y"}), failed={"z": "r0"})
+    b = EmbresumeECWorkerMetadata(staged=frozenset({"y"}), failed={"w": "r1"})
+    m = a.aggregate(b)
+    assert m.staged == {"y"} and m.failed == {"z": "r0", "w": "r1"}
+
+
+def test_wrong_size_is_recomputed_not_crashed(producer, consumer_parts):
+    """The encoder's tensor does not match the consumer's placeholder count: the worker
+    refuses it, the scheduler lets vLLM encode it locally (the request has its media)."""
+    params = producer.encode("enc-w", [("img-w", 50)])
+    sched, ranks = consumer_parts({})
+    req = make_request("lm-w", [("img-w", 48)], params=params)
+    done, failed = step_until(sched, ranks, [req])
+    assert not failed and done["lm-w"] == ([], ["img-w"])
+
+
+def test_unreachable_encoder_recomputes_or_fails(consumer_parts):
+    """Nothing listens at the encoder address: no exception reaches the engine; a request
+    with its media is encoded locally, one without media (or with on_failure=fail) is failed."""
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    extra = {"encoder_addresses": [dead], "handshake_timeout": 1.0, "request_timeout": 3.0}
+    sched, ranks = consumer_parts(extra)
+    with_media = make_request("m", [("dead-1", 20)])
+    without = make_request("n", [("dead-2", 20)], media=False)
+    done, failed = step_until(sched, ranks, [with_media, without])
+    assert done == {"m": ([], ["dead-1"])} and failed == {"n"}
+
+    sched2, ranks2 = consumer_parts(dict(extra, on_failure="fail"))
+    done, failed = step_until(sched2, ranks2, [make_request("o", [("dead-3", 20)])])
+    assert done == {} and failed == {"o"}
+
+
+def test_finished_request_drops_its_transfer(consumer_parts):
+    """A request that ends while its item is in flight: the workers abort the room
+    (no staged tensor, nothing left pending)."""
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    sched, ranks = consumer_parts({"encoder_addresses": dead, "handshake_timeout": 5.0})
+    req = make_request("gone", [("gone-1", 10)])
+    so, scheduled = schedule(sched, [req])
+    finish_step(sched, run_workers(ranks, so, scheduled))
+    worker = ranks[0][0]
+    assert "gone-1" in worker._inflight
+    sched.request_finished(req)
+    so, scheduled = schedule(sched, [])
+    assert so.ec_connector_metadata.drops == ["gone-1"]
+    finish_step(sched, run_workers(ranks, so, scheduled))
+    assert not worker._inflight and not worker._staged and not sched.has_pending_push_work()
+
+
+def test_routing_by_hash_is_stable():
+    addrs = ["tcp://a:1", "tcp://b:2", "tcp://c:3"]
+    picks = {h: adapter.pick_encoder(h, addrs) for h in (f"h{i}" for i in range(200))}
+    assert set(picks.values()) == set(addrs)
+    assert picks == {h: adapter.pick_encoder(h, addrs) for h in picks}
