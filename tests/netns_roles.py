@@ -20,7 +20,8 @@ def main() -> int:
 
     cfg = Config(hidden_size=spec["hidden"], dtype="bf16", default_allocate_tokens=1024,
                  pool_blocks=spec["pool_blocks"], encoder_endpoint=endpoint, transport="auto", prefault=False,
-                 heartbeat_interval=0.2, peer_timeout=3.0, request_timeout=spec["timeout"])
+                 heartbeat_interval=0.2, peer_timeout=3.0, request_timeout=spec["timeout"],
+                 auth_key="two-host test secret, not for production")   # a non-loopback bind needs one
     rooms = [tuple(x) for x in spec["rooms"]]
     data = SyntheticData(spec["hidden"], "bf16", max(t for _, t in rooms), seed=3)
     deadline = time.monotonic() + spec["timeout"]
