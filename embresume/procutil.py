@@ -25,6 +25,8 @@ import signal
 import sys
 from typing import Optional
 
+from embresume.node import pid_alive
+
 PR_SET_PDEATHSIG = 1
 
 _libc = None
@@ -72,24 +74,6 @@ def die_with_parent(expected_ppid: Optional[int] = None, sig: int = signal.SIGKI
     return armed
 
 
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (zombies count as gone)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
 def children(pid: int) -> list[int]:
     """Direct children of ``pid`` (Linux, from /proc)."""
     out: list[int] = []
@@ -117,3 +101,6 @@ def children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return sorted(out)
+
+
+__all__ = ["die_with_parent", "expected_parent", "pid_alive", "children"]

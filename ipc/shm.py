@@ -29,7 +29,8 @@ import time
 import posix_ipc
 import torch
 
-from ..errors import ConfigError
+from embresume.errors import ConfigError
+from embresume.node import pid_alive
 
 log = logging.getLogger("embresume.shm")
 
@@ -118,16 +119,6 @@ def creator_pid(entry: str):
     return int(pid)
 
 
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_stale_segments(min_age: float = 10.0, shm_dir: str = SHM_DIR) -> list[str]:
     """Unlink the shm segments and semaphores (``embr-<pid>.<ns>-*``,
     ``sem.embr-<pid>.<ns>-*``) of creator processes that no longer exist.
@@ -148,7 +139,7 @@ def sweep_stale_segments(min_age: float = 10.0, shm_dir: str = SHM_DIR) -> list[
         if pid is None or pid == me:
             continue
         if pid not in dead:
-            dead[pid] = not _pid_exists(pid)
+            dead[pid] = not pid_alive(pid)
         if not dead[pid]:
             continue
         path = os.path.join(shm_dir, entry)
