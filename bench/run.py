@@ -58,6 +58,7 @@ PROFILES: dict[str, dict] = {
         alloc_blocks=8, request_timeout=120.0, raw_repeats=5,
         fan_in=dict(encoders=[1, 4], requests=400, inflight=16, hidden=4096),
         hints=dict(requests=400, hidden=1024),
+        latency=dict(requests=1000, quick=False),
     ),
     # under a minute on a quiet 2-core VM (about 45 s): every section, fewer repeats; the
     # slow baselines (pickle over ZeroMQ: 0.3-0.8 s per 128 MiB message) get the fewest
@@ -71,6 +72,8 @@ PROFILES: dict[str, dict] = {
         baseline=dict(target_bytes=64 * MiB, min_repeats=2, max_repeats=6),
         fan_in=dict(encoders=[1, 4], requests=120, inflight=16, hidden=1024),
         hints=dict(requests=150, hidden=256),
+        latency=dict(requests=300, quick=True, sections=("latency", "baselines", "breakdown", "idle"),
+                     idle_seconds=2.0, paths=("shm", "in-process"), orders=("send-first",)),
     ),
     "tiny": dict(
         sizes=[256, 1024], hidden=[256],
@@ -81,6 +84,8 @@ PROFILES: dict[str, dict] = {
         alloc_blocks=8, request_timeout=30.0, raw_repeats=2,
         fan_in=dict(encoders=[1, 2], requests=12, inflight=4, hidden=256),
         hints=dict(requests=12, hidden=256),
+        latency=dict(requests=20, quick=True, sections=("latency", "breakdown"), paths=("shm",),
+                     orders=("send-first",)),
     ),
 }
 
@@ -461,6 +466,13 @@ class _Run:
             except Exception as e:
                 self.data["warnings"].append(f"hint bench failed: {_err(e)}")
             self.tick("hints")
+        if prof.get("latency") and "shm" in self.wanted:
+            from .latency import run_latency
+            try:
+                self.data["latency"] = run_latency(**prof["latency"])
+            except Exception as e:
+                self.data["warnings"].append(f"latency bench failed: {_err(e)}")
+            self.tick("latency")
         if prof["alloc_pools"]:
             self.data["allocator"] = allocator_ops(prof["alloc_pools"], prof["alloc_pairs"], prof["alloc_blocks"],
                                                    prof["alloc_rounds"], self.tick)
@@ -469,7 +481,7 @@ class _Run:
         p = self.prof
         sweep_paths = len([x for x in self.wanted if x in ALL_PATHS])
         ep = len([x for x in self.wanted if x in ENDPOINT_PATHS and x != "shm-zc"])
-        extra = ("shm" in self.wanted) * (bool(p.get("fan_in")) + bool(p.get("hints")))
+        extra = ("shm" in self.wanted) * (bool(p.get("fan_in")) + bool(p.get("hints")) + bool(p.get("latency")))
         return (len(p["sizes"]) * len(p["hidden"]) * sweep_paths
                 + ep * (len(p["resume_targets"]) + len(p["conc_levels"])) + len(p["alloc_pools"]) + extra)
 
@@ -612,6 +624,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console(highlight=False) if sys.stdout.isatty() else Console(width=100, highlight=False)
     render(data, console)
     from .bench_topology import format_fan_in, format_hints
+    if data.get("latency"):
+        from .latency import format_table as format_latency
+        console.print("\ncontrol-path latency (1-token requests) and where the time goes:")
+        console.print(format_latency(data["latency"]), soft_wrap=True)
     if data.get("fan_in"):
         console.print("\nM encoders -> one language endpoint (shm, same workload):")
         console.print(format_fan_in(data["fan_in"]), soft_wrap=True)

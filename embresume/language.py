@@ -31,6 +31,7 @@ convenience.  All network and copy work runs on threads the endpoint owns.
 
 from __future__ import annotations
 
+import _thread
 import collections
 import itertools
 import logging
@@ -54,6 +55,7 @@ from .channel import Channel, ZmqChannel, ZmqHub
 from .config import Config
 from .errors import (AllocatorError, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
                      TransferFailed, UnknownRoom)
+from .kernels.cpu import pool_arrays
 from .merge import EmbeddingResult, MergeBuffer, ResultArena
 from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
 from .planner import plan_chunk
@@ -93,7 +95,42 @@ class _Request:
     copying: bool = False
     landed: int = 0        # tokens of the current chunk already copied (pipelined chunks)
     release: str = "free"
-    event: threading.Event = field(default_factory=threading.Event)
+    event: "_Latch" = field(default_factory=lambda: _Latch())
+
+
+class _Latch:
+    """A one-shot event on one bare lock: ``set`` is one release, a waiter one
+    acquire (threading.Event goes through a Condition: a fresh waiter lock per
+    wait, a notify loop per set)."""
+
+    __slots__ = ("_lock", "_set")
+
+    def __init__(self) -> None:
+        self._lock = _thread.allocate_lock()
+        self._lock.acquire()
+        self._set = False
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            try:
+                self._lock.release()
+            except RuntimeError:        # a concurrent set() released it first
+                pass
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._set:
+            return True
+        if self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            try:
+                self._lock.release()    # let the next waiter through
+            except RuntimeError:
+                pass
+            return True
+        return self._set
 
 
 class _Link:
@@ -775,8 +812,14 @@ class LanguageEndpoint:
         block of the first chunk carries it) and keep it for the whole request."""
         if req.aux is not None:
             return
-        aux = self.pool.aux[req.blocks[0]].clone().cpu()
-        total = int(aux[0])
+        if self.pool.device.type == "cpu":
+            # numpy: one small copy instead of three torch ops (index, clone, cpu) and a scalar read
+            a = pool_arrays(self.pool)[3][req.blocks[0]].copy()
+            total = int(a[0])
+            aux = torch.from_numpy(a)
+        else:
+            aux = self.pool.aux[req.blocks[0]].clone().cpu()
+            total = int(aux[0])
         if not 0 < total <= MAX_REQUEST_TOKENS:
             raise ProtocolError("aux", f"total token count {total} is outside [1, {MAX_REQUEST_TOKENS}]")
         if status_total and status_total != total:

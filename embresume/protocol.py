@@ -249,7 +249,71 @@ def check_room(room, error=None, name: str = "room") -> None:
         raise error(msg)
 
 
+# ---------------------------------------------------------------- fast paths
+# INIT, RESUME and STATUS with int room keys (the hot messages) are packed and
+# unpacked with precompiled structs.  Anything else -- str/bytes keys, a wrong
+# type, an out-of-range value, a malformed frame -- falls back to the
+# field-by-field code below, which raises the precise ProtocolError: the fast
+# paths never accept a message or a frame that the slow path rejects.
+_INIT_FIXED = struct.Struct("<BQQIHQ")        # key tag, room, nonce, dst_port, required_dst_info_num, allocated
+_STATUS_FIXED = struct.Struct("<BQBIQIQBH")   # key tag, room, status, seq, sent, chunk, total, flags, len(reason)
+_STATUS_BY_VALUE = {int(s): s for s in Status}
+_HDR_BYTES = {int(k): _HDR.pack(MAGIC, VERSION, int(k), 0) for k in Kind}
+
+
+def _enc_init(msg) -> "bytes | None":
+    room, nonce, port, req, alloc = msg.room, msg.nonce, msg.dst_port, msg.required_dst_info_num, msg.allocated_tokens
+    ep, sess = msg.endpoint, msg.session_id
+    resume = type(msg) is Resume
+    if not (type(room) is int and type(nonce) is int and type(port) is int and type(req) is int
+            and type(alloc) is int and type(ep) is str and type(sess) is str):
+        return None
+    try:
+        epb, sb = ep.encode(), sess.encode()
+        a = array("I", msg.dst_blocks)
+        if len(epb) > MAX_STR or len(sb) > MAX_STR or len(a) > MAX_BLOCKS:
+            return None
+        parts = [_HDR_BYTES[Kind.RESUME if resume else Kind.INIT],
+                 _INIT_FIXED.pack(KEY_INT, room, nonce, port, req, alloc),
+                 _U16.pack(len(epb)), epb, _U16.pack(len(sb)), sb, _U32.pack(len(a)), a.tobytes()]
+        if resume:
+            if type(msg.sent_tokens) is not int:
+                return None
+            parts.append(_U64.pack(msg.sent_tokens))
+        return b"".join(parts)
+    except (struct.error, OverflowError, TypeError, ValueError, UnicodeError):
+        return None
+
+
+def _enc_status(msg) -> "bytes | None":
+    room, seq, sent, chunk, total, flags, reason = (msg.room, msg.seq, msg.sent_tokens, msg.chunk_tokens,
+                                                    msg.total_tokens, msg.flags, msg.reason)
+    if not (type(room) is int and type(seq) is int and type(sent) is int and type(chunk) is int
+            and type(total) is int and type(flags) is int and type(reason) is str):
+        return None
+    try:
+        rb = reason.encode()
+        if len(rb) > MAX_STR:
+            return None
+        return b"".join((_HDR_BYTES[Kind.STATUS], _STATUS_FIXED.pack(KEY_INT, room, int(msg.status), seq, sent,
+                                                                     chunk, total, flags, len(rb)), rb))
+    except (struct.error, OverflowError, TypeError, ValueError, UnicodeError):
+        return None
+
+
+_FAST_ENCODE = {Init: _enc_init, Resume: _enc_init, StatusMsg: _enc_status}
+
+
 def encode(msg: Message) -> bytes:
+    fast = _FAST_ENCODE.get(type(msg))
+    if fast is not None:
+        out = fast(msg)
+        if out is not None:
+            return out
+    return _encode_slow(msg)
+
+
+def _encode_slow(msg: Message) -> bytes:
     if isinstance(msg, Register):
         w = _Writer(Kind.REGISTER)
         w.num("role", "B", int(msg.role))
@@ -408,8 +472,74 @@ def _check_blocks(name: str, blocks: tuple[int, ...]) -> None:
         raise ProtocolError(name, "contains duplicate block indices")
 
 
+def _dec_status(buf):
+    if len(buf) < 8 + _STATUS_FIXED.size:
+        return None
+    tag, room, st, seq, sent, chunk, total, flags, n = _STATUS_FIXED.unpack_from(buf, 8)
+    end = 8 + _STATUS_FIXED.size + n
+    status = _STATUS_BY_VALUE.get(st)
+    if tag != KEY_INT or end != len(buf) or n > MAX_STR or status is None:
+        return None
+    if sent > total and status in (Status.Transferring, Status.Success):
+        return None
+    try:
+        reason = bytes(buf[end - n:end]).decode() if n else ""
+    except UnicodeDecodeError:
+        return None
+    return StatusMsg(room, status, seq, sent, chunk, total, reason, flags)
+
+
+def _dec_init(buf):
+    kind = buf[5]
+    pos = 8 + _INIT_FIXED.size
+    if len(buf) < pos + 2:
+        return None
+    tag, room, nonce, port, req, alloc = _INIT_FIXED.unpack_from(buf, 8)
+    if tag != KEY_INT or req < 1 or alloc <= 0:
+        return None
+    try:
+        n = _U16.unpack_from(buf, pos)[0]
+        ep = bytes(buf[pos + 2:pos + 2 + n]).decode()
+        pos += 2 + n
+        m = _U16.unpack_from(buf, pos)[0]
+        sess = bytes(buf[pos + 2:pos + 2 + m]).decode()
+        pos += 2 + m
+        nb = _U32.unpack_from(buf, pos)[0]
+    except (struct.error, UnicodeDecodeError):
+        return None
+    pos += 4
+    end = pos + 4 * nb
+    tail = 8 if kind == Kind.RESUME else 0
+    if n > MAX_STR or m > MAX_STR or not 0 < nb <= MAX_BLOCKS or end + tail != len(buf):
+        return None
+    a = array("I")
+    a.frombytes(buf[pos:end])
+    blocks = tuple(a)
+    if len(set(blocks)) != nb:
+        return None
+    if kind == Kind.INIT:
+        return Init(room, ep, port, sess, blocks, req, alloc, nonce)
+    sent = _U64.unpack_from(buf, end)[0]
+    if sent <= 0:
+        return None
+    return Resume(room, ep, port, sess, blocks, req, alloc, sent, nonce)
+
+
+_FAST_DECODE = {int(Kind.INIT): _dec_init, int(Kind.RESUME): _dec_init, int(Kind.STATUS): _dec_status}
+
+
 def decode(data) -> Message:
     buf = memoryview(data).cast("B")
+    if len(buf) >= 8 and buf[4] == VERSION and buf[:4] == MAGIC:
+        fast = _FAST_DECODE.get(buf[5])
+        if fast is not None:
+            msg = fast(buf)
+            if msg is not None:
+                return msg
+    return _decode_slow(buf)
+
+
+def _decode_slow(buf: memoryview) -> Message:
     if len(buf) < _HDR.size:
         raise ProtocolError("header", f"frame of {len(buf)} bytes is shorter than the {_HDR.size}-byte header")
     magic, version, kind, _ = _HDR.unpack_from(buf, 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .blocks import BlockPool
@@ -152,7 +153,8 @@ def stage_chunk(src, src_block0: int, n_tokens: int, bs: int, nblocks: int, devi
 
 
 def make_aux(total_tokens: int, mrope_delta: int, aux_ints: int) -> torch.Tensor:
-    aux = torch.zeros(aux_ints, dtype=torch.int32)
+    # built in numpy: three torch ops (zeros + two item writes) cost ~4x more per chunk
+    aux = np.zeros(aux_ints, dtype=np.int32)
     aux[0] = total_tokens
     aux[1] = mrope_delta
-    return aux
+    return torch.from_numpy(aux)

@@ -45,7 +45,7 @@ class RingTimeout(TimeoutError):
 
 class ShmRing:
     def __init__(self, seg: _shm.ShmSegment, items: posix_ipc.Semaphore, space: posix_ipc.Semaphore,
-                 spin: int = 200):
+                 spin: int = 0):
         self.seg = seg
         self.name = seg.name
         self._mv = memoryview(seg._mm)

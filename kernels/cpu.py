@@ -19,8 +19,13 @@ import torch
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+_INT_DTYPES = frozenset(_INT_OF_SIZE.values())
+
+
 def as_numpy(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a CPU tensor's bytes as same-width integers (no copy)."""
+    if t.dtype in _INT_DTYPES:
+        return t.numpy()            # already integers: one torch call instead of two
     return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
 
 
@@ -110,7 +115,10 @@ def scatter_chunk(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens
             if n > full * bs:
                 np.copyto(dm[d0 + full, :, :n - full * bs], sm[:, t0 + full * bs:t0 + n], casting="no")
     if aux is not None:
-        a = as_numpy(aux.to(torch.int32).cpu().contiguous())
+        if aux.dtype == torch.int32 and not aux.is_cuda:
+            a = aux.numpy()             # the usual case (make_aux): no conversion ops
+        else:
+            a = as_numpy(aux.to(torch.int32).cpu().contiguous())
         np.copyto(da[dst_blocks[0], :a.shape[0]], a, casting="no")
 
 
