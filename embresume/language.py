@@ -420,11 +420,10 @@ class LanguageEndpoint:
                 channel = ZmqChannel(hub)
             link = _Link(channel, hub, chosen, reply.pid, pid_check, session)
             if hub is not None:
-                # frames that arrived meanwhile, then the channel takes over (its
-                # callbacks are set by the caller before anything is sent)
+                # the channel takes over the socket; until the caller starts it (before
+                # any INIT goes out) only the encoder's heartbeats can arrive, and they
+                # carry nothing to keep
                 relay["channel"] = channel
-                while not inbox.empty():
-                    channel.deliver(inbox.get_nowait())
             log.info("rank %d connected to %s via %s", self.tp_rank, enc.address, chosen)
             return link
         except BaseException:
