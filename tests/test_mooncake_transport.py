@@ -8,6 +8,7 @@ bit and over the *whole* pool, a reference pool written by
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -454,7 +455,11 @@ def test_write_timeout_and_probe_mark_silent_peer_broken(pair):
         with pytest.raises(TransferError, match="unusable"):
             enc.write_chunk(peer, src, plan, None)
         assert time.monotonic() - t < 0.5
+        live = mc.mooncake_diagnostics()["engines_live"]
         enc.close_peer(peer)
+        # a broken engine is never recycled nor released: it stays counted
+        assert mc.mooncake_diagnostics()["engines_live"] == live
+        assert peer.engine.te is not None
 
         peer2 = enc.open_peer({**desc, "session": f"127.0.0.1:{silent.port}"})
         assert peer2.engine is not peer.engine               # a broken engine is not reused
@@ -551,3 +556,213 @@ def test_from_config():
         assert t.name == "mooncake"
     finally:
         t.close()
+
+
+# ------------------------------------------------------------------ engine bounds
+ENGINE_THREADS = 3      # measured: 2 once initialised, a 3rd after its first transfer
+
+
+def _threads() -> int:
+    """Threads of this process, native ones included (Mooncake's)."""
+    return len(os.listdir("/proc/self/task"))
+
+
+def _listening() -> int:
+    """TCP sockets in LISTEN state owned by this process (/proc/net/tcp{,6}
+    rows whose inode is one of our file descriptors)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    n = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.readlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:
+                n += 1
+    return n
+
+
+def _diag(key: str) -> int:
+    return mc.mooncake_diagnostics()[key]
+
+
+def _session_desc(desc: dict, i: int) -> dict:
+    """The same exported pool under a distinct peer session: the export engine
+    listens on all interfaces, so every 127.0.x.y address reaches it."""
+    port = mc.parse_session(desc["session"])[1]
+    return {**desc, "session": f"127.0.{1 + i // 200}.{2 + i % 200}:{port}"}
+
+
+def test_open_peer_beyond_engine_bound_fails_and_leaks_nothing(pair):
+    lang, _ = pair
+    dst = garbage_pool(LAYOUT, seed=60)
+    desc = lang.export_pool(dst)
+    live0 = _diag("engines_live")
+    enc = MooncakeTransport("tcp", "", "127.0.0.1", max_engines=live0 + 3)
+    try:
+        assert enc.engine_limit == live0 + 3
+        peers = [enc.open_peer(_session_desc(desc, i)) for i in range(3)]
+        assert len({p.engine for p in peers}) == 3
+        assert _diag("engines_live") == live0 + 3
+        created, threads, listening = _diag("engines_created"), _threads(), _listening()
+        for attempt in range(3):                        # refused every time, nothing created
+            with pytest.raises(mc.MooncakeEngineLimitError) as ei:
+                enc.open_peer(_session_desc(desc, 3 + attempt))
+            msg = str(ei.value)
+            assert isinstance(ei.value, TransferError)
+            assert f"the limit is {live0 + 3}" in msg
+            assert "max_engines" in msg and "mooncake_max_engines" in msg
+        assert _diag("engines_created") == created
+        assert _diag("engines_live") == live0 + 3
+        assert (_threads(), _listening()) == (threads, listening)
+        assert len(enc._sessions) == 3 and len(enc._peers) == 3
+        # a session already open reuses its engine at the bound, counted once
+        again = enc.open_peer(_session_desc(desc, 1))
+        assert again.engine is peers[1].engine
+        assert _diag("engines_live") == live0 + 3
+        src, plan = _one_chunk()
+        enc.write_chunk(again, src, plan, None)
+        # closing a session frees its slot
+        enc.close_peer(peers[0])
+        assert _diag("engines_live") == live0 + 2
+        extra = enc.open_peer(_session_desc(desc, 9))
+        assert _diag("engines_live") == live0 + 3
+        enc.write_chunk(extra, src, plan, None)
+    finally:
+        enc.close()
+    assert _diag("engines_live") == live0
+    assert mc._wait_released(30)
+
+
+def test_engine_bound_from_config_and_validation():
+    from embresume.config import Config
+    from embresume.errors import ConfigError
+
+    cfg = Config(hidden_size=HIDDEN, mooncake_protocol="tcp", mooncake_host="127.0.0.1",
+                 extra={"mooncake_max_engines": 5})
+    t = MooncakeTransport.create(cfg, "127.0.0.1")
+    try:
+        assert t.max_engines == 5 and t.engine_limit == 5
+    finally:
+        t.close()
+    t = MooncakeTransport("tcp", "", "127.0.0.1")
+    try:
+        assert t.max_engines is None and t.engine_limit == mc.MAX_PEER_ENGINES
+    finally:
+        t.close()
+    for bad in (0, -1, True, 2.5, "many"):
+        with pytest.raises(ConfigError, match="max_engines"):
+            MooncakeTransport("tcp", "", "127.0.0.1", max_engines=bad)
+
+
+def test_idle_engines_beyond_bound_are_released(pair):
+    """Ten peer sessions open, write and close: two engines stay idle for
+    reuse, the others are released in the background -- their threads and
+    listening ports go away -- without stalling Python threads."""
+    if mc._engine_free_fn() is None:
+        pytest.skip("this Mooncake build exports no freeEngine: idle engines are kept")
+    lang, enc = pair
+    dst = garbage_pool(LAYOUT, seed=61)
+    desc = lang.export_pool(dst)
+    src, plan = _one_chunk()
+    warm = enc.open_peer(_session_desc(desc, 50))       # one-time threads (the export side's) first
+    enc.write_chunk(warm, src, plan, None)
+    enc.close_peer(warm)
+    assert mc._wait_released(30)
+    N = 10
+    idle0, released0 = _diag("engines_idle"), _diag("engines_released")
+    assert idle0 <= mc.MAX_IDLE_ENGINES
+    threads0, listening0 = _threads(), _listening()
+
+    peers = []
+    for i in range(N):
+        p = enc.open_peer(_session_desc(desc, 100 + i))
+        enc.write_chunk(p, src, plan, None)
+        peers.append(p)
+    assert len({p.engine for p in peers}) == N
+    new = N - idle0                                     # engines created for this test
+    assert _listening() >= listening0 + 2 * new         # each engine: 2 listening ports ...
+    assert _threads() >= threads0 + 2 * new             # ... and 2 threads
+
+    gaps = [0.0]
+    stop = threading.Event()
+
+    def ticker():
+        last = time.monotonic()
+        while not stop.is_set():
+            time.sleep(0.002)
+            now = time.monotonic()
+            gaps[0] = max(gaps[0], now - last)
+            last = now
+
+    tick = threading.Thread(target=ticker, daemon=True)
+    tick.start()
+    try:
+        t = time.monotonic()
+        for p in peers:
+            enc.close_peer(p)
+        assert time.monotonic() - t < 0.5, "close_peer must not wait for engine releases"
+        t = time.monotonic()
+        assert mc._wait_released(30), "engine releases did not finish in 30 s"
+        waited = time.monotonic() - t
+    finally:
+        stop.set()
+        tick.join(5)
+    assert waited > 0.3                                 # a release really ran (~1 s each) ...
+    assert gaps[0] < 0.8, f"Python threads stalled {gaps[0]:.2f} s during releases"   # ... without the GIL
+
+    assert _diag("engines_idle") == mc.MAX_IDLE_ENGINES
+    assert _diag("engines_released") - released0 == N - mc.MAX_IDLE_ENGINES
+    extra_idle = mc.MAX_IDLE_ENGINES - idle0            # engines kept that were not idle at the start
+    deadline = time.monotonic() + 10                    # threads exit right after the join; allow a moment
+    while time.monotonic() < deadline and _threads() > threads0 + ENGINE_THREADS * extra_idle:
+        time.sleep(0.05)
+    assert _listening() <= listening0 + 2 * extra_idle
+    assert _threads() <= threads0 + ENGINE_THREADS * extra_idle
+    # the kept engines are reused: no engine created for the next peers
+    created = _diag("engines_created")
+    again = [enc.open_peer(_session_desc(desc, 200 + i)) for i in range(mc.MAX_IDLE_ENGINES)]
+    for p in again:
+        enc.write_chunk(p, src, plan, None)
+        enc.close_peer(p)
+    assert _diag("engines_created") == created
+
+
+def test_same_session_twice_shares_one_engine(pair):
+    lang, enc = pair
+    dst, dst2 = garbage_pool(LAYOUT, seed=62), garbage_pool(LAYOUT, seed=63)
+    desc, desc2 = lang.export_pool(dst), lang.export_pool(dst2)
+    assert desc["session"] == desc2["session"]
+    live0, created0 = _diag("engines_live"), _diag("engines_created")
+    listening0 = _listening()
+    p1 = enc.open_peer(desc)
+    p2 = enc.open_peer(desc2)
+    p3 = enc.open_peer(desc)                            # the very same description again
+    assert p1.engine is p2.engine is p3.engine
+    assert p1.engine.refs == 3 and len(enc._sessions) == 1
+    assert _diag("engines_live") == live0 + 1
+    assert _diag("engines_created") - created0 <= 1
+    assert _listening() - listening0 <= 2
+    src, plan = _one_chunk()
+    enc.close_peer(p1)
+    enc.close_peer(p3)
+    assert _diag("engines_live") == live0 + 1           # still p2's
+    ref = clone_pool(dst2)
+    enc.write_chunk(p2, src, plan, None)
+    kcpu.scatter_chunk(ref, plan.dst_blocks, src, 0, BS, None)
+    assert torch.equal(dst2.backing.raw, ref.backing.raw)
+    enc.close_peer(p2)
+    assert _diag("engines_live") == live0
+    assert p2.engine.retired and p2.engine.te is None   # kept idle or released, no longer p2's
+    with pytest.raises(TransferError, match="closed"):
+        enc.write_chunk(p2, src, plan, None)

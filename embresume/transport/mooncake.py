@@ -40,17 +40,47 @@ Behaviour of mooncake-transfer-engine 0.3.13 this module works around
   it).  Hence one engine **per peer session** (see :class:`MooncakeTransport`),
   :func:`probe_peer` / :meth:`MooncakeTransport.probe`, and the optional
   ``write_timeout``.
-* Destroying an engine costs ~1.0 s (it joins its threads) and is unsafe while
-  another thread is still inside a call on it (a hung write).  Engines are
-  therefore never destroyed: an encoder-side engine whose peer was closed is
-  unregistered and recycled for the next peer; the others stay alive (idle,
-  nothing registered) until the process exits, and process exit skips their
-  destructors.
+* Destroying an engine by dropping its last reference costs ~1.0 s (it joins
+  its threads) **with the GIL held** (every Python thread stalls), and is unsafe
+  while another thread is still inside a call on it (a hung write).  The
+  engine's own ``TransferEngine::freeEngine()`` (an exported symbol of
+  ``engine.so``, called through ctypes, which releases the GIL) does the same
+  work -- closes both listening ports and joins both threads -- in ~1.0 s
+  without stalling Python; the Python object's destructor is then instant.
+
+Engine lifetime and bounds
+--------------------------
+Engines are only created by :func:`_new_engine` and kept alive by
+``_all_engines`` plus an extra reference (``Py_IncRef``), so no destructor runs
+by accident (nor at process exit).  Encoder-side engines are bounded per
+process: at most ``MAX_PEER_ENGINES`` (64; per transport ``max_engines=`` or
+``Config.extra["mooncake_max_engines"]``) exist outside the idle pool -- one per
+open peer session, plus every engine abandoned after a hung call.  At the bound
+:meth:`MooncakeTransport.open_peer` raises :class:`MooncakeEngineLimitError`
+and creates nothing; a session already open reuses its engine and costs
+nothing.  When a peer session's last pool is closed its engine is unregistered
+and, when healthy (no hung call, no call in flight), returned to the idle pool
+(``MAX_IDLE_ENGINES`` = 2 per protocol/devices/host) for the next peer; beyond
+that it is really released: dropped from ``_all_engines`` and freed with
+``freeEngine()`` by a daemon thread (at most ``_MAX_REAPERS`` at once), so
+``close_peer`` stays fast and the engine's threads and 2 listening ports go
+away ~1 s later; an ``atexit`` hook waits (bounded) for releases in progress.  Where
+the installed build does not export ``freeEngine`` the engine stays idle instead
+(still bounded by the peak number of peers).  Broken engines (a hung call) are
+never recycled nor released and stay counted against the bound; export engines
+(language side, one per transport) are kept idle, nothing registered, until
+exit.
 
 Measured on the 2-core development machine (loopback TCP; see
 ``bench/mooncake_bench.py`` for the transfer numbers):
 
-* engine ``initialize``: 0.25-1.3 ms, +2 threads, +2 listening ports, <1 MiB RSS;
+* engine ``initialize``: 0.25-1.3 ms, +2 threads, +2 listening ports, <1 MiB RSS
+  (+1 thread after its first transfer);
+* engine release (``freeEngine`` on a reaper thread): 1.02 s each, Python
+  threads keep running (4 reapers: 8 engines in 2.0 s); dropping the last
+  reference instead: 1.02 s with the GIL held.  Ten peer sessions opened,
+  written to and closed: 9 -> 40 threads and 2 -> 22 listening ports while
+  open, 16 threads and 6 ports once released (2 idle engines kept);
 * ``register_memory`` on TCP: 1-4 us at any size (16 MiB and 256 MiB alike;
   the very first registration of a process 0.15 ms), ``unregister_memory``
   1-13 us -- the TCP transport does not pin memory;
@@ -65,6 +95,8 @@ Measured on the 2-core development machine (loopback TCP; see
 
 from __future__ import annotations
 
+import atexit
+import collections
 import ctypes
 import ipaddress
 import logging
@@ -73,6 +105,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -94,10 +127,24 @@ PROTOCOLS = ("tcp", "rdma")
 TENSOR_MODES = ("auto", "register", "stage")
 METADATA_SERVER = "P2PHANDSHAKE"
 _INFINIBAND_DIR = "/sys/class/infiniband"
+#: encoder-side engines per process outside the idle pool (open peer sessions
+#: plus engines abandoned after a hung call); per transport: ``max_engines``
+MAX_PEER_ENGINES = 64
+#: healthy idle encoder-side engines kept for reuse per (protocol, devices, host);
+#: more are released (threads and listening ports closed)
+MAX_IDLE_ENGINES = 2
+_MAX_REAPERS = 4                  # engines released concurrently (~1 s each)
+_EXIT_WAIT_S = 5.0                # atexit: longest wait for releases in progress
+_FREE_ENGINE_SYMBOL = "_ZN8mooncake14TransferEngine10freeEngineEv"   # mooncake::TransferEngine::freeEngine()
 
 
 class MooncakeDescError(TransferError, ValueError):
     """A peer's pool description is malformed or inconsistent."""
+
+
+class MooncakeEngineLimitError(TransferError):
+    """:meth:`MooncakeTransport.open_peer` refused a new peer session: the
+    process already has the maximum number of encoder-side Mooncake engines."""
 
 
 # ====================================================================== import
@@ -228,8 +275,15 @@ def mooncake_diagnostics() -> dict:
     if not devs:
         info["rdma_note"] = "no RDMA device: protocol 'rdma' silently falls back to TCP"
     info["log_level"] = _log_level_used or _resolve_log_level(None)
-    info["engines_created"] = _engines_created
-    info["engines_idle"] = sum(len(v) for v in _idle_engines.values())
+    with _engines_lock:
+        info["engines_created"] = _engines_created
+        info["engines_idle"] = sum(len(v) for v in _idle_engines.values())
+        info["engines_live"] = _peer_engines_live
+        info["engines_broken"] = _peer_engines_broken
+        info["engines_releasing"] = len(_doomed) + _reapers
+        info["engines_released"] = _engines_released
+    info["max_peer_engines"] = MAX_PEER_ENGINES
+    info["max_idle_engines"] = MAX_IDLE_ENGINES
     info["security"] = ("every engine listens on two TCP ports on all interfaces without authentication; "
                         "anyone reaching them can read/write its registered memory")
     return info
@@ -274,8 +328,33 @@ def probe_peer(session: str, timeout: float = 1.0) -> bool:
 # ====================================================================== engines
 _engines_lock = threading.Lock()
 _engines_created = 0
+_engines_released = 0
+_peer_engines_live = 0           # encoder-side engines outside the idle pool (bounded)
+_peer_engines_broken = 0         # of those: abandoned after a hung call (never released)
 _idle_engines: dict[tuple, list] = {}
-_all_engines: list = []          # keeps every engine alive until process exit
+_all_engines: list = []          # keeps every engine alive until it is released or the process exits
+_doomed: collections.deque = collections.deque()   # engines waiting for a reaper
+_reapers = 0                     # reaper threads running
+_reapers_idle = threading.Condition(_engines_lock)
+_free_fn: Any = None             # ctypes freeEngine, False when this build lacks it
+
+
+def _engine_free_fn():
+    """``mooncake::TransferEngine::freeEngine()`` of the loaded ``engine.so``
+    through ctypes (which releases the GIL during the call), or None."""
+    global _free_fn
+    if _free_fn is None:
+        fn: Any = False
+        try:
+            lib = ctypes.CDLL(import_mooncake().__file__)     # already loaded: the same handle
+            fn = getattr(lib, _FREE_ENGINE_SYMBOL)
+            fn.argtypes = [ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+        except (AttributeError, OSError, TypeError, TransferError) as e:
+            _LOG.info("this Mooncake build exports no freeEngine (%s): idle engines are kept, not released", e)
+            fn = False
+        _free_fn = fn
+    return _free_fn or None
 
 
 def _new_engine(protocol: str, device_names: str, local_host: str):
@@ -292,8 +371,9 @@ def _new_engine(protocol: str, device_names: str, local_host: str):
     with _engines_lock:
         _all_engines.append(te)
         _engines_created += 1
-    # never let the destructor run (see the module docstring): it costs ~1 s
-    # and crashes if a thread is still inside a hung call on the engine.
+    # never let the destructor run by accident (see the module docstring): it
+    # costs ~1 s with the GIL held and crashes if a thread is still inside a
+    # hung call on the engine; _retire_engine releases idle ones deliberately.
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(te))
     if rc != 0:
         raise TransferError(f"Mooncake initialize({local_host!r}, {METADATA_SERVER!r}, {protocol!r}, "
@@ -301,9 +381,107 @@ def _new_engine(protocol: str, device_names: str, local_host: str):
     return te
 
 
-def _recycle_engine(key: tuple, te) -> None:
+def _reserve_peer_engine(limit: int, session: str) -> None:
+    """Count one more encoder-side engine, or raise :class:`MooncakeEngineLimitError`."""
+    global _peer_engines_live
     with _engines_lock:
-        _idle_engines.setdefault(key, []).append(te)
+        live, broken = _peer_engines_live, _peer_engines_broken
+        if live >= limit:
+            raise MooncakeEngineLimitError(
+                f"refusing a Mooncake engine for peer session {session!r}: this process already has {live} "
+                f"encoder-side Mooncake engines ({broken} of them abandoned after a hung call), the limit is "
+                f"{limit} (each engine holds 2-3 threads and 2 TCP ports listening on all interfaces); close "
+                f"peers that are gone, or raise the limit with MooncakeTransport(max_engines=N) or "
+                f"Config.extra['mooncake_max_engines'] = N (default MAX_PEER_ENGINES = {MAX_PEER_ENGINES})")
+        _peer_engines_live = live + 1
+
+
+def _unreserve_peer_engine() -> None:
+    global _peer_engines_live
+    with _engines_lock:
+        _peer_engines_live -= 1
+
+
+def _abandon_engine() -> None:
+    """A broken encoder-side engine left its sessions: it stays alive and counted."""
+    global _peer_engines_broken
+    with _engines_lock:
+        _peer_engines_broken += 1
+
+
+def _retire_engine(key: tuple, te, releasable: bool = True, counted: bool = True) -> None:
+    """A healthy encoder-side engine with nothing registered and no call in
+    flight left its last session: keep it idle for reuse, or release it beyond
+    ``MAX_IDLE_ENGINES``.  ``counted``: it was reserved by :func:`_reserve_peer_engine`."""
+    global _peer_engines_live, _reapers
+    free = _engine_free_fn() if releasable else None
+    with _engines_lock:
+        if counted:
+            _peer_engines_live -= 1
+        idle = _idle_engines.setdefault(key, [])
+        if free is None or len(idle) < MAX_IDLE_ENGINES:
+            idle.append(te)
+            return
+        for i, e in enumerate(_all_engines):
+            if e is te:
+                del _all_engines[i]
+                break
+        _doomed.append(te)
+        start = _reapers < _MAX_REAPERS
+        if start:
+            _reapers += 1
+    del te
+    if start:
+        threading.Thread(target=_reap, args=(free,), name="mooncake-engine-release", daemon=True).start()
+
+
+def _recycle_engine(key: tuple, te) -> None:
+    """Hand an idle, healthy engine from :func:`_new_engine` (not counted
+    against the bound; the benchmarks use it) to the idle pool."""
+    _retire_engine(key, te, counted=False)
+
+
+def _reap(free) -> None:
+    """Release doomed engines until none is left (a daemon thread)."""
+    global _reapers, _engines_released
+    while True:
+        with _engines_lock:
+            if not _doomed:
+                _reapers -= 1
+                _reapers_idle.notify_all()
+                return
+            te = _doomed.popleft()
+        t0 = time.monotonic()
+        try:
+            rc = free(te.get_engine_ptr())     # no GIL held: joins the engine's threads, closes its ports
+        except BaseException as e:  # noqa: BLE001 - a daemon thread has nobody to raise to
+            _LOG.warning("releasing a Mooncake engine failed: %s: %s", type(e).__name__, e)
+            with _engines_lock:
+                _all_engines.append(te)                  # keep it (and its extra reference) alive
+            continue
+        # undo _new_engine's extra reference: the destructor runs when ``te`` goes
+        # (instant now that freeEngine did the work)
+        ctypes.pythonapi.Py_DecRef(ctypes.py_object(te))
+        del te
+        with _engines_lock:
+            _engines_released += 1
+        _LOG.debug("released an idle Mooncake engine (rc %s) in %.3f s", rc, time.monotonic() - t0)
+
+
+def _wait_released(timeout: float) -> bool:
+    """Wait until no engine release is in progress; False on timeout."""
+    deadline = time.monotonic() + timeout
+    with _engines_lock:
+        while _reapers or _doomed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            _reapers_idle.wait(left)
+    return True
+
+
+# a release still running when the interpreter exits could crash the exit
+atexit.register(_wait_released, _EXIT_WAIT_S)
 
 
 def _location_of(t: torch.Tensor) -> str:
@@ -340,12 +518,17 @@ class _Engine:
         self.lock = threading.Lock()         # serialises writes (and staging use)
         self.refs = 0
         self.broken: Optional[str] = None
+        self.retired = False                 # released: no longer this wrapper's engine
+        self.inflight = 0                    # calls outside ``lock`` (probes) still inside Mooncake
+        self._state = threading.Lock()       # guards retired / inflight
         self._q: Optional[queue.SimpleQueue] = None
         self._thread: Optional[threading.Thread] = None
         self._release_when_idle = False
 
     # -- registrations --------------------------------------------------
     def register(self, addr: int, nbytes: int, location: str = "*") -> None:
+        if self.retired:
+            raise TransferError("this Mooncake engine was released (its peer is closed)")
         if addr in self.regs:
             if self.regs[addr] >= nbytes:
                 return
@@ -427,8 +610,19 @@ class _Engine:
     def _release_now(self) -> None:
         for addr in list(self.regs):
             self.unregister(addr)
-        if self.recyclable and self.broken is None:
-            _recycle_engine(self.key, self.te)
+        if not self.recyclable:
+            return
+        with self._state:
+            if self.retired:
+                return
+            self.retired = True
+            inflight = self.inflight
+        if self.broken is None:
+            te, self.te = self.te, None
+            # a probe still inside Mooncake: recycle (harmless) but never free it
+            _retire_engine(self.key, te, releasable=inflight == 0)
+        else:
+            _abandon_engine()
 
 
 def _session_host(host: str) -> str:
@@ -550,8 +744,12 @@ class MooncakeTransport(Transport):
     a source pool or staging buffer costs 1-4 us regardless of size.  On RDMA a
     registration pins memory (one MR per engine), so an encoder serving P peer
     sessions registers its source pool P times -- use ``tensor_mode`` and few
-    source pools accordingly.  Engines are recycled when their peer is closed
-    and never destroyed (see the module docstring).
+    source pools accordingly.  At most ``max_engines`` (default
+    ``MAX_PEER_ENGINES``) encoder-side engines exist per process outside the
+    idle pool; beyond that :meth:`open_peer` raises
+    :class:`MooncakeEngineLimitError`.  Engines are recycled when their peer is
+    closed; healthy idle ones beyond ``MAX_IDLE_ENGINES`` are released in the
+    background (see the module docstring).
 
     **Failed writes.**  When :meth:`write_chunk` raises (non-zero return, or the
     optional ``write_timeout`` expired) the destination blocks may still be
@@ -579,13 +777,17 @@ class MooncakeTransport(Transport):
     ``write_timeout`` (seconds, default None = no deadline): run each write on
     the engine's worker thread and raise :class:`TransferError` when it has not
     returned in time; the peer is then broken (further writes raise at once)
-    and its engine is abandoned, not recycled.
+    and its engine is abandoned: never recycled nor released, and it stays
+    counted against ``max_engines``.
+
+    ``max_engines`` (default None = ``MAX_PEER_ENGINES``; from
+    ``Config.extra["mooncake_max_engines"]`` in :meth:`create`): the bound
+    :meth:`open_peer` applies to the process's encoder-side engines.
     """
 
     name = "mooncake"
     same_host_only = False
     pool_devices = ("cpu", "cuda")
-    control = "zmq"
 
     # ------------------------------------------------------------- discovery
     @classmethod
@@ -610,7 +812,8 @@ class MooncakeTransport(Transport):
     @classmethod
     def create(cls, config, peer_host: Optional[str]) -> "MooncakeTransport":
         return cls.from_config(config, local_host=cls._local_host(config, peer_host),
-                               write_timeout=config.extra.get("mooncake_write_timeout"))
+                               write_timeout=config.extra.get("mooncake_write_timeout"),
+                               max_engines=config.extra.get("mooncake_max_engines"))
 
     @classmethod
     def peer_host(cls, desc: dict) -> Optional[str]:
@@ -628,7 +831,7 @@ class MooncakeTransport(Transport):
 
     def __init__(self, protocol: str = "tcp", device_names: str = "", local_host: str = "127.0.0.1", *,
                  tensor_mode: str = "auto", write_timeout: Optional[float] = None,
-                 log_level: Optional[str] = None):
+                 log_level: Optional[str] = None, max_engines: Optional[int] = None):
         if protocol not in PROTOCOLS:
             raise ConfigError(f"Mooncake protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if tensor_mode not in TENSOR_MODES:
@@ -641,11 +844,17 @@ class MooncakeTransport(Transport):
             raise ConfigError("local_host is advertised to the peer: give this host's reachable IP, not a wildcard")
         if write_timeout is not None and not write_timeout > 0:
             raise ConfigError(f"write_timeout must be positive seconds or None, got {write_timeout!r}")
+        if max_engines is not None:
+            if isinstance(max_engines, str) and max_engines.strip().isdigit():
+                max_engines = int(max_engines)
+            if not isinstance(max_engines, int) or isinstance(max_engines, bool) or max_engines < 1:
+                raise ConfigError(f"max_engines (mooncake_max_engines) must be a positive int, got {max_engines!r}")
         self.protocol = protocol
         self.device_names = device_names
         self.local_host = local_host
         self.tensor_mode = tensor_mode
         self.write_timeout = write_timeout
+        self.max_engines = max_engines
         _resolve_log_level(log_level)          # validates, even when mooncake is already imported
         import_mooncake(log_level)
         if protocol == "rdma":
@@ -671,6 +880,12 @@ class MooncakeTransport(Transport):
         return cls(cfg.mooncake_protocol, cfg.mooncake_devices, host, **kw)
 
     # ------------------------------------------------------------- helpers
+    @property
+    def engine_limit(self) -> int:
+        """The bound :meth:`open_peer` applies to the process's encoder-side
+        engines: ``max_engines``, else ``MAX_PEER_ENGINES``."""
+        return self.max_engines if self.max_engines is not None else MAX_PEER_ENGINES
+
     def _check_open(self) -> None:
         if self._closed:
             raise TransferError("the Mooncake transport is closed")
@@ -735,6 +950,8 @@ class MooncakeTransport(Transport):
         if not eng.lock.acquire(blocking=wait):
             return
         try:
+            if eng.retired:          # its peer was closed meanwhile
+                return
             eng.register(addr, pool.layout.nbytes, _location_of(pool.backing.raw))
         finally:
             eng.lock.release()
@@ -745,7 +962,13 @@ class MooncakeTransport(Transport):
         with self._lock:
             eng = self._sessions.get(session)
             if eng is None or eng.broken is not None:
-                eng = _Engine(_new_engine(*self._key), self._key, recyclable=True)
+                # a new engine for this session: counted against the process-wide bound
+                _reserve_peer_engine(self.engine_limit, session)
+                try:
+                    eng = _Engine(_new_engine(*self._key), self._key, recyclable=True)
+                except BaseException:
+                    _unreserve_peer_engine()
+                    raise
                 self._sessions[session] = eng
             eng.refs += 1
             pools = list(self._source_pools.values())
@@ -829,14 +1052,22 @@ class MooncakeTransport(Transport):
         eng = peer.engine
         if peer.closed or eng.broken is not None:
             return False
+        with eng._state:             # counted in flight: a released engine is never freed under it
+            if eng.retired:
+                return False
+            eng.inflight += 1
+            te = eng.te
         res: dict = {}
         done = threading.Event()
 
         def run():
             try:
-                res["rc"] = eng.te.send_probe(peer.session)
+                res["rc"] = te.send_probe(peer.session)
             except BaseException as e:  # noqa: BLE001
                 res["exc"] = e
+            finally:
+                with eng._state:
+                    eng.inflight -= 1
             done.set()
 
         threading.Thread(target=run, name=f"mooncake-probe-{peer.session}", daemon=True).start()
@@ -1003,6 +1234,8 @@ class MooncakeTransport(Transport):
         if eng.broken is not None:
             raise TransferError(f"peer {peer.session} is unusable: {eng.broken}")
         with eng.lock:
+            if peer.closed:          # closed (its engine possibly released) while we waited
+                raise TransferError(f"peer {peer.session} is closed")
             if eng.broken is not None:
                 raise TransferError(f"peer {peer.session} is unusable: {eng.broken}")
             S, D, N, transient = self.build_triples(peer, src, plan, aux)
@@ -1031,7 +1264,8 @@ class MooncakeTransport(Transport):
         """Close every peer and unregister everything (exported pools, source
         pools, staging).  Waits for writes in flight; an engine stuck in a
         timed-out write is unregistered by its worker once Mooncake gives up.
-        Engines are recycled or kept idle, never destroyed (module docstring)."""
+        Peer engines are recycled or released, the export engine is kept idle
+        (module docstring)."""
         with self._lock:
             if self._closed:
                 return
@@ -1056,5 +1290,5 @@ class MooncakeTransport(Transport):
         self.close()
 
 
-__all__ = ["MooncakeTransport", "MooncakePeer", "MooncakeDescError", "probe_peer", "parse_session",
+__all__ = ["MooncakeTransport", "MooncakePeer", "MooncakeDescError", "MooncakeEngineLimitError", "probe_peer", "parse_session",
            "mooncake_diagnostics", "mooncake_available", "import_mooncake", "rdma_devices"]
