@@ -181,7 +181,6 @@ def machine_description() -> dict:
         "torch_threads": torch.get_num_threads(),
         "numpy": _version("numpy"),
         "pyzmq": _version("pyzmq"),
-        "posix_ipc": _version("posix_ipc"),
         "mooncake": _version("mooncake-transfer-engine") or _version("mooncake-transfer-engine-non-cuda"),
         "cupy": _version("cupy-cuda12x") or _version("cupy-cuda13x") or _version("cupy"),
         "embresume": _version("embresume"),

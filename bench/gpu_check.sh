@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks of the same-host GPU path (CuPy block kernels + CUDA IPC), for the
 # lent GPU machine (see DEVICE.md): no network, Python 3.12 with torch,
-# cupy-cuda13x, numpy, pytest, hypothesis; pyzmq/posix_ipc from carried .whl/.
+# cupy-cuda13x, numpy, pytest, hypothesis; pyzmq from carried .whl/ (posix_ipc is no longer needed).
 #
 #   bash bench/gpu_check.sh            # from the repository root; results in ${OUT:-/tmp/out}
 #
@@ -50,7 +50,7 @@ if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
         say "WARNING: wheel install failed (see $OUT/pip.log)"
     fi
 else
-    say "no .whl/ directory: using whatever pyzmq/posix_ipc the interpreter has"
+    say "no .whl/ directory: using whatever pyzmq the interpreter has"
 fi
 
 # 2. package layout ---------------------------------------------------------------

@@ -833,8 +833,12 @@ def _ring_echo_child(cmd_q, res_q) -> None:
     def handler(op, *args):
         if op == "echo":
             ShmRing = _ring_class()
+            from embresume.ipc import unix
             from embresume.ipc.ring import RingClosed
-            rx, tx = ShmRing.attach(args[0]), ShmRing.attach(args[1])
+            _, fds = unix.recv(args[0])            # the rings' fds, as in the handshake
+            rx, tx = ShmRing.from_handles(fds[:3]), ShmRing.from_handles(fds[3:])
+            unix.close_all(fds)
+            args[0].close()
             res_q.put(("attached", None))
             n = 0
             try:
@@ -883,14 +887,16 @@ def ring_pingpong(n: int, size: int = 64, warmup: int = 200) -> dict:
     ShmRing = _ring_class()
     if ShmRing is None:
         return {"name": "shm ring ping-pong", "skipped": "embresume.ipc.ring.ShmRing not importable"}
+    import socket
+    from embresume.ipc import unix
     a, b = ShmRing.create(1 << 16), ShmRing.create(1 << 16)
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     child = Child(_ring_echo_child, name="ring-echo")
     lat = []
     try:
-        child.send("echo", a.name, b.name)
+        child.send("echo", there)               # the socket travels by fd (multiprocessing's reducer)
+        unix.send(here, b"rings", a.handles() + b.handles())
         child.reply(60, expect="attached")
-        a.unlink()
-        b.unlink()
         payload = b"x" * size
         for i in range(n + warmup):
             t0 = NS()
@@ -905,6 +911,8 @@ def ring_pingpong(n: int, size: int = 64, warmup: int = 200) -> dict:
         child.reply(30)
     finally:
         child.close()
+        here.close()
+        there.close()
         a.close()
         b.close()
     return {"name": f"shm ring ping-pong ({size} B, 2 processes)", **_stats_ns(lat)}

@@ -169,8 +169,12 @@ class BlockPool:
         return self.backing.raw.data_ptr()
 
     def close(self) -> None:
+        # drop every view we made (the numpy ones of kernels.cpu.pool_arrays
+        # too): shared memory is freed once no live result still views it,
+        # even while someone keeps this closed pool object
         for name in ("embeddings", "fill_ids", "mrope", "aux"):
             setattr(self, name, None)
+        self.__dict__.pop("_np_views", None)
         self.backing.close()
 
 

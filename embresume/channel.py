@@ -22,8 +22,10 @@ import zmq
 
 from . import protocol
 from .errors import PeerError, ProtocolError
+from .logutil import RateLimitedLog
 
 log = logging.getLogger("embresume.channel")
+plog = RateLimitedLog(log)
 
 OnMessage = Callable[["Channel", protocol.Message], None]
 OnError = Callable[["Channel", Exception], None]
@@ -54,7 +56,7 @@ class Channel(abc.ABC):
             try:
                 self.on_message(self, msg)
             except Exception as e:  # a handler bug must not kill the reader
-                log.exception("handler failed on %s", type(msg).__name__)
+                plog(logging.ERROR, "handler", "handler failed on %s", type(msg).__name__, exc_info=True)
                 if self.on_error:
                     self.on_error(self, e)
 
@@ -168,7 +170,7 @@ class ZmqHub:
                         else:
                             self.sock.send(data, zmq.NOBLOCK)
                     except zmq.ZMQError as e:  # unroutable peer (gone): tell the owner
-                        log.warning("cannot send a control frame: %s", e)
+                        plog(logging.WARNING, "unroutable", "cannot send a control frame: %s", e)
                         if self._on_send_error is not None:
                             try:
                                 self._on_send_error(ident, e)
@@ -182,12 +184,12 @@ class ZmqHub:
                         break
                     if router:
                         if len(frames) != 2:
-                            log.warning("ignoring ROUTER message with %d frames", len(frames))
+                            plog(logging.WARNING, "frames", "ignoring ROUTER message with %d frames", len(frames))
                             continue
                         ident, data = frames
                     else:
                         if len(frames) != 1:
-                            log.warning("ignoring DEALER message with %d frames", len(frames))
+                            plog(logging.WARNING, "frames", "ignoring DEALER message with %d frames", len(frames))
                             continue
                         ident, data = b"", frames[0]
                     try:

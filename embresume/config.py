@@ -170,12 +170,18 @@ class Config:
     #: shared secret of the TCP handshake (ZeroMQ CURVE keys derived from it, see
     #: embresume.auth); required to bind a non-loopback address.  Env: EMBRESUME_AUTH_KEY
     auth_key: Optional[str] = field(default=None, repr=False)
+    #: same-host peers: uids besides our own whose processes may connect to the
+    #: encoder's Unix socket (encoder side) or serve as an encoder (language
+    #: side); checked with SO_PEERCRED.  Env: EMBRESUME_ALLOWED_UIDS="1001,1002"
+    allowed_uids: Optional[tuple] = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.dtype = parse_dtype(self.dtype)
         if self.auth_key is None:
             self.auth_key = os.environ.get("EMBRESUME_AUTH_KEY") or None
+        if self.allowed_uids is None and os.environ.get("EMBRESUME_ALLOWED_UIDS", "").strip():
+            self.allowed_uids = os.environ["EMBRESUME_ALLOWED_UIDS"]
         for name in ("block_size", "default_allocate_tokens", "cache_buffers"):
             if getattr(self, name) is None:
                 value = _env_int(name)
@@ -230,8 +236,26 @@ class Config:
             if bad or not self.allowed_transports:
                 raise ConfigError(f"allowed_transports must name shm, cuda_ipc or mooncake, got "
                                   f"{self.allowed_transports!r}")
+        if self.allowed_uids is not None:
+            raw = self.allowed_uids
+            items = raw.split(",") if isinstance(raw, str) else raw
+            try:
+                uids = tuple(int(x) for x in items if not isinstance(x, str) or x.strip())
+                if any(isinstance(x, (bool, float)) for x in items):
+                    uids = None
+            except (TypeError, ValueError):
+                uids = None
+            if uids is None or any(isinstance(x, bool) or not 0 <= x < 1 << 32 for x in uids):
+                raise ConfigError(f"allowed_uids must be uids (ints, or 'uid,uid' in EMBRESUME_ALLOWED_UIDS), "
+                                  f"got {raw!r}")
+            self.allowed_uids = uids
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise ConfigError(f"mooncake_protocol must be tcp or rdma, got {self.mooncake_protocol!r}")
+
+    @property
+    def peer_uids(self) -> frozenset:
+        """The uids a same-host peer may run as: ours and ``allowed_uids``."""
+        return frozenset((os.getuid(),) + tuple(self.allowed_uids or ()))
 
     @property
     def blocks_per_default_allocation(self) -> int:

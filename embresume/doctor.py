@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
+import socket
 
 
 def shm_budget(free: int) -> tuple[str, bool, str]:
-    """Does the receive pool of the default Config (environment included) fit in /dev/shm?"""
+    """Does the receive pool of the default Config (environment included) fit in
+    the memory available for shared memory?"""
     from .config import Config, format_bytes
     from .errors import ConfigError
     try:
@@ -25,29 +26,30 @@ def shm_budget(free: int) -> tuple[str, bool, str]:
         return ("shm budget (default Config)", True, detail + f": fits {free // need} rank(s)")
     return ("shm budget (default Config)", False,
             detail + ": does NOT fit; set EMBRESUME_POOL_BYTES / Config(pool_bytes=...) or fewer cache_buffers, "
-                     "or enlarge /dev/shm (docker run --shm-size=8g)")
+                     "or give the process more memory")
 
 
 def checks() -> list[tuple[str, bool, str]]:
     out = []
     import torch
     out.append(("torch", True, torch.__version__))
-    try:
-        import posix_ipc
-        out.append(("posix_ipc (shm path)", True, posix_ipc.VERSION))
-    except Exception as e:
-        out.append(("posix_ipc (shm path)", False, str(e)))
+    out.append(("memfd + eventfd (shm path)", hasattr(os, "memfd_create") and hasattr(os, "eventfd"),
+                "sealed anonymous segments, passed over a Unix socket"))
+    out.append(("Unix sockets: SO_PEERCRED, fd passing", hasattr(socket, "SO_PEERCRED") and hasattr(socket, "send_fds"),
+                "same-host handshake"))
     try:
         import zmq
-        out.append(("pyzmq (handshake, cross-host control)", True, zmq.pyzmq_version()))
+        out.append(("pyzmq (cross-host handshake and control)", True, zmq.pyzmq_version()))
     except Exception as e:
         out.append(("pyzmq", False, str(e)))
-    if os.path.isdir("/dev/shm"):
-        u = shutil.disk_usage("/dev/shm")
-        out.append(("/dev/shm", True, f"{u.free / 2**30:.1f} GiB free of {u.total / 2**30:.1f} GiB"))
-        out.append(shm_budget(u.free))
+    from .ipc.shm import memory_free_bytes
+    free = memory_free_bytes()
+    if free is not None:
+        out.append(("memory for shared pools", True, f"{free[0] / 2**30:.1f} GiB available of {free[1] / 2**30:.1f} "
+                    "GiB (MemAvailable, capped by the memory cgroup; /dev/shm's size does not matter)"))
+        out.append(shm_budget(free[0]))
     else:
-        out.append(("/dev/shm", False, "missing: the same-host CPU path cannot run"))
+        out.append(("memory for shared pools", False, "unknown (/proc/meminfo unreadable)"))
     cuda = torch.cuda.is_available()
     out.append(("CUDA (GPU pools)", cuda, torch.cuda.get_device_name(0) if cuda else "no CUDA device"))
     try:

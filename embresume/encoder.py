@@ -38,13 +38,15 @@ import torch
 import zmq
 
 from . import auth, metrics
+from .logutil import RateLimitedLog, clip
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub
+from .ipc import unix
 from .config import Config
 from .errors import (BlockSizeMismatch, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
                      TransportUnavailable)
-from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
+from .node import node_id, pid_alive as _pid_alive
 from .planner import ChunkPlan, check_block_size, plan_chunk
 from .source import BlockSource, TensorSource, make_aux
 from .status import Status, StatusTracker
@@ -52,6 +54,8 @@ from .transport import select
 from .transport.base import PeerPool, Transport
 
 log = logging.getLogger("embresume.encoder")
+#: what peers cause (bad frames, rejected rooms, refusals): a bounded number of lines
+plog = RateLimitedLog(log)
 
 FINISHED_MEMORY = 65536
 #: hellos whose pool description has not come yet
@@ -65,8 +69,10 @@ class _Peer:
     """One connected language rank."""
 
     def __init__(self, session_id: str, tp_rank: int, pid: int, transport: Transport, pool: PeerPool,
-                 channel: Channel, pid_check: bool):
+                 channel: Channel, pid_check: bool, conn: Optional[unix.Conn] = None):
         self.session_id = session_id
+        #: the Unix-socket connection of a same-host peer (its EOF: the peer is gone)
+        self.conn = conn
         self.tp_rank = tp_rank
         self.pid = pid
         self.transport = transport
@@ -120,9 +126,40 @@ class _Room:
     t0: float = field(default_factory=time.monotonic)
 
 
+class _HsZmq:
+    """A handshake that came over the ZeroMQ (tcp) socket: a peer elsewhere."""
+
+    same_host = False
+    conn = None
+    pid = 0
+
+    def __init__(self, endpoint: "EncoderEndpoint", ident: bytes):
+        self.key = ident
+        self._endpoint = endpoint
+
+    def reply(self, msg: P.Message) -> None:
+        self._endpoint._hub.send(self.key, P.encode(msg))
+
+
+class _HsUnix:
+    """A handshake that came over the Unix socket: a peer on this host whose
+    uid the kernel vouched for."""
+
+    same_host = True
+
+    def __init__(self, conn: unix.Conn):
+        self.key = self.conn = conn
+        self.pid = conn.pid
+
+    def reply(self, msg: P.Message) -> None:
+        self.conn.send(P.encode(msg))
+
+
 class EncoderEndpoint:
-    """The encoder's side.  Binds ``config.encoder_endpoint`` (ZeroMQ) for
-    handshakes (and control messages of cross-host peers).
+    """The encoder's side.  Binds ``config.encoder_endpoint`` (ZeroMQ) for the
+    handshakes and control messages of peers on other hosts (with an
+    ``auth_key`` only), and the abstract Unix socket derived from it
+    (:func:`embresume.ipc.unix.socket_name`) for peers on this host.
 
     ``pool_blocks`` > 0 creates a local block pool (``self.pool``) the model
     can write into; :meth:`send` then takes its block indices.  Tensors from
@@ -160,9 +197,21 @@ class EncoderEndpoint:
             raise ConfigError(f"refusing to bind {address} without an auth_key: anyone who reaches it could "
                               "read the embeddings. Set Config(auth_key=...) or EMBRESUME_AUTH_KEY on both sides, "
                               "or bind a loopback address")
+        self._keys = keys
         self._hub = ZmqHub(zmq.ROUTER, bind=address, on_frames=self._on_frames, name="encoder",
                            on_send_error=self._on_send_error, curve_keys=keys, max_frame=MAX_FRAME)
         self.address = self._hub.address
+        self.unix_name = unix.socket_name(self.address)
+        try:
+            self._unix = unix.Server(self.unix_name, allowed_uids=c.peer_uids, on_packet=self._on_unix_packet,
+                                     on_closed=self._on_unix_closed, on_bad=self._on_unix_bad,
+                                     on_refused=self._on_unix_refused, max_pending=MAX_PENDING_HANDSHAKES,
+                                     pending_timeout=c.handshake_timeout, thread_name="embresume-enc-unix")
+        except OSError as e:
+            self._hub.close()
+            raise ConfigError(f"cannot listen on the same-host handshake socket {unix.display(self.unix_name)} "
+                              f"({e.strerror or e}): another encoder of this host (or a squatter) holds it; "
+                              f"use another port") from None
         self._monitor = threading.Thread(target=self._monitor_loop, name="embresume-enc-monitor", daemon=True)
         self._monitor.start()
 
@@ -289,28 +338,89 @@ class EncoderEndpoint:
             msg = P.decode(data)
         except ProtocolError as e:
             self._warn_bad(f"bad handshake frame: {e}")
-            self._hub.send(ident, P.encode(P.Bye(f"bad handshake frame: {e}")))
+            self._hub.send(ident, P.encode(P.Bye(clip(f"bad handshake frame: {e}", 1000))))
             return
         if not isinstance(msg, P.Register) or msg.role != P.Role.LANGUAGE:
             log.debug("ignoring %s from an unregistered peer", type(msg).__name__)
             return
+        if self._keys is None:
+            # without a key a tcp peer is anyone who reaches the port; peers on
+            # this host use the Unix socket, where the kernel vouches for them
+            self._warn_bad("tcp handshake refused: this encoder has no auth_key")
+            self._hub.send(ident, P.encode(P.Bye(
+                "tcp handshakes need an auth_key (Config(auth_key=...) / EMBRESUME_AUTH_KEY on both sides); "
+                "peers on the encoder's host connect over its Unix socket")))
+            return
+        self._handshake_step(_HsZmq(self, ident), msg, [])
+
+    def _on_unix_packet(self, conn: unix.Conn, data: bytes, fds: list) -> None:
         try:
-            self._handshake(ident, msg)
+            if conn.established:
+                # after 'ready' the socket only marks liveness: a packet is a broken peer
+                peer = conn.owner
+                conn.close()
+                if peer is not None:
+                    self._peer_lost(peer, "unexpected packet on its handshake socket")
+                return
+            try:
+                msg = P.decode(data)
+            except ProtocolError as e:
+                self._warn_bad(f"bad handshake packet from {conn!r}: {e}")
+                self._bye(_HsUnix(conn), f"bad handshake packet: {e}")
+                conn.close()
+                return
+            if not isinstance(msg, P.Register) or msg.role != P.Role.LANGUAGE:
+                self._warn_bad(f"unexpected {type(msg).__name__} from {conn!r} during the handshake")
+                conn.close()
+                return
+            if not self._handshake_step(_HsUnix(conn), msg, fds):
+                conn.close()
+        finally:
+            unix.close_all(fds)             # what we keep, we duplicated (mmap, the rings' doorbells)
+
+    def _on_unix_closed(self, conn: unix.Conn) -> None:
+        self._handshakes.pop(conn, None)
+        peer = conn.owner
+        if isinstance(peer, _Peer):
+            self._peer_lost(peer, "its handshake socket closed (the process exited or closed the endpoint)",
+                            clean=True)
+
+    def _on_unix_bad(self, conn: unix.Conn, err: Exception) -> None:
+        self._warn_bad(f"bad handshake packet from {conn!r}: {err}")
+
+    def _on_unix_refused(self, cred: tuple) -> None:
+        self.stats["refused_uid"] += 1
+        plog(logging.WARNING, "refused", "refused a same-host connection from pid %d uid %d: not an allowed "
+             "uid %s (%d so far)", cred[0], cred[1], sorted(self.config.peer_uids), self.stats["refused_uid"])
+
+    def _bye(self, hs, reason: str) -> None:
+        try:
+            hs.reply(P.Bye(clip(reason, 1000)))
+        except Exception:
+            pass
+
+    def _handshake_step(self, hs, msg: P.Register, fds: list) -> bool:
+        """One handshake message; False when the handshake failed (the peer was told)."""
+        try:
+            self._handshake(hs, msg, fds)
+            return True
         except Exception as e:
             self._warn_bad(f"handshake with {msg.session_id!r} failed: {e}")
-            self._handshakes.pop(ident, None)
-            self._hub.send(ident, P.encode(P.Bye(f"{type(e).__name__}: {e}")))
+            self._handshakes.pop(hs.key, None)
+            self._bye(hs, f"{type(e).__name__}: {e}")
+            return False
 
     def _on_send_error(self, ident: bytes, err: Exception) -> None:
         peer = self._zmq_peers.get(ident)
         if peer is not None:
             self._peer_lost(peer, f"control frame undeliverable: {err}")
 
-    def _handshake(self, ident: bytes, msg: P.Register) -> None:
+    def _handshake(self, hs, msg: P.Register, fds: list) -> None:
         c = self.config
         phase = msg.desc.get("phase")
         if phase == "hello":
-            same = msg.node_id == node_id()
+            if hs.key in self._handshakes:
+                raise ProtocolError("desc.phase", "a second hello on one connection")
             layout = BlockLayout.from_dict(msg.desc.get("layout", {}))
             if layout.block_size != c.block_size or layout.hidden != c.hidden_size or layout.dtype != c.dtype:
                 raise ConfigError(f"pool layout mismatch: language block_size={layout.block_size} "
@@ -319,22 +429,23 @@ class EncoderEndpoint:
             offered = msg.desc.get("offer")
             if not isinstance(offered, list) or not all(isinstance(x, str) for x in offered[:16]):
                 raise ProtocolError("desc.offer", "expected a list of transport names")
-            chosen = select.choose(c, offered[:16], same)
+            chosen = select.choose(c, offered[:16], hs.same_host)
             while len(self._handshakes) >= MAX_PENDING_HANDSHAKES:   # the oldest half-open hello goes
                 self._handshakes.pop(next(iter(self._handshakes)))
-            self._handshakes[ident] = {"transport": chosen, "same": same, "t": time.monotonic(),
-                                       "pid_check": same and msg.desc.get("pidns") == _pidns()}
-            reply = {"phase": "hello", "pidns": _pidns()}
-            self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
-                                                      chosen, reply)))
+            self._handshakes[hs.key] = {"transport": chosen, "t": time.monotonic()}
+            hs.reply(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, chosen, {"phase": "hello"}))
             return
         if phase != "pool":
             raise ProtocolError("desc.phase", f"unknown handshake phase {phase!r}")
-        hs = self._handshakes.pop(ident, None)
-        if hs is None or hs["transport"] != msg.transport:
+        state = self._handshakes.pop(hs.key, None)
+        if state is None or state["transport"] != msg.transport:
             raise ProtocolError("transport", "pool description without a matching hello")
-        name = hs["transport"]
-        pdesc = msg.desc.get("pool") or {}
+        name = state["transport"]
+        try:
+            desc = unix.unpack_fds(msg.desc, fds)
+        except ValueError as e:
+            raise ProtocolError("desc", str(e)) from None
+        pdesc = desc.get("pool") or {}
         if not isinstance(pdesc, dict):
             raise ProtocolError("desc.pool", "expected an object")
         transport = self._transports.for_desc(name, pdesc)
@@ -343,40 +454,50 @@ class EncoderEndpoint:
         except TransportUnavailable as e:
             # this pair of processes cannot use it: the language side offers the next one
             log.info("transport %s unavailable for %s: %s", name, msg.session_id, e)
-            self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
-                                                      name, {"phase": "retry", "reason": str(e)[:1000]})))
+            hs.reply(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, name,
+                                {"phase": "retry", "reason": str(e)[:1000]}))
             return
         try:
-            if type(transport).control == "ring":
+            if hs.same_host:
                 from .ipc.channel import RingChannel
                 from .ipc.ring import ShmRing
-                rings = msg.desc.get("rings") or {}
-                channel: Channel = RingChannel(tx=ShmRing.attach(rings["e2l"]), rx=ShmRing.attach(rings["l2e"]),
-                                               name=f"enc-{msg.session_id}")
+                rings = desc.get("rings")
+                if not isinstance(rings, dict) or not all(
+                        isinstance(rings.get(k), list) and all(isinstance(x, unix.Fd) for x in rings[k])
+                        for k in ("l2e", "e2l")):
+                    raise ProtocolError("desc.rings", "expected the two control rings as passed fds")
+                tx = ShmRing.from_handles(rings.get("e2l"))
+                try:
+                    rx = ShmRing.from_handles(rings.get("l2e"))
+                except BaseException:
+                    tx.close()
+                    raise
+                channel: Channel = RingChannel(tx=tx, rx=rx, name=f"enc-{msg.session_id}")
             else:
-                channel = ZmqChannel(self._hub, ident)
+                channel = ZmqChannel(self._hub, hs.key)
         except BaseException:
             transport.close_peer(pool)
             raise
-        peer = _Peer(msg.session_id, msg.tp_rank, msg.pid, transport, pool, channel, hs["pid_check"])
+        # a same-host peer's pid is the kernel's (SO_PEERCRED), not what it claims
+        pid = hs.pid if hs.same_host else msg.pid
+        peer = _Peer(msg.session_id, msg.tp_rank, pid, transport, pool, channel, hs.same_host and pid > 0, hs.conn)
         with self._lock:
-            if self._closed:
+            if self._closed or msg.session_id in self._peers:
                 channel.close()
                 transport.close_peer(pool)
-                raise PeerError("encoder endpoint is closing")
-            if msg.session_id in self._peers:
                 # a session id is bound to the connection that registered it
-                channel.close()
-                transport.close_peer(pool)
-                raise PeerError(f"session {msg.session_id!r} is already connected")
+                raise PeerError("encoder endpoint is closing" if self._closed
+                                else f"session {msg.session_id!r} is already connected")
             # 'ready' goes out before the peer is visible to the monitor, so
             # the first frame the language side sees on this socket is 'ready',
             # never a heartbeat
-            self._hub.send(ident, P.encode(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0,
-                                                      name, {"phase": "ready"})))
+            hs.reply(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, name, {"phase": "ready"}))
             self._peers[msg.session_id] = peer
-            if isinstance(channel, ZmqChannel):
-                self._zmq_peers[ident] = peer
+            if hs.conn is not None:
+                hs.conn.owner = peer
+                hs.conn.established = True
+            else:
+                self._zmq_peers[hs.key] = peer
         peer.worker.start()
         channel.start(lambda ch, m: self._on_message(peer, m),
                       lambda ch, e: self._on_bad_message(peer, e),
@@ -387,15 +508,14 @@ class EncoderEndpoint:
     def _on_bad_message(self, peer: _Peer, err: Exception) -> None:
         self.stats["bad_messages"] += 1
         peer.bad += 1
-        if peer.bad <= 10 or peer.bad % 1000 == 0:
-            log.warning("bad message from %s: %s (%d from this peer so far)", peer.session_id, err, peer.bad)
+        plog(logging.WARNING, "bad_message", "bad message from %s: %s (%d from this peer so far)", peer.session_id,
+             err, peer.bad)
 
     def _warn_bad(self, text: str) -> None:
         """Rate-limited warning about a frame from a not yet registered peer."""
         self.stats["bad_handshakes"] += 1
-        n = self.stats["bad_handshakes"]
-        if n <= 10 or n % 1000 == 0:
-            log.warning("%s (%d bad handshake frames so far)", text, n)
+        plog(logging.WARNING, "bad_handshake", "%s (%d bad handshake frames so far)", text,
+             self.stats["bad_handshakes"])
 
     def _on_message(self, peer: _Peer, msg: P.Message) -> None:
         peer.last_seen = time.monotonic()
@@ -433,7 +553,8 @@ class EncoderEndpoint:
         elif isinstance(msg, P.Bye):
             self._peer_lost(peer, f"language rank said bye: {msg.reason}", clean=True)
         else:
-            log.warning("ignoring unexpected %s from %s", type(msg).__name__, peer.session_id)
+            self.stats["unexpected_messages"] += 1
+            plog(logging.WARNING, "unexpected", "ignoring unexpected %s from %s", type(msg).__name__, peer.session_id)
 
     def _validate_dst(self, peer: _Peer, msg) -> None:
         if msg.session_id != peer.session_id:
@@ -447,7 +568,7 @@ class EncoderEndpoint:
     def _reject(self, peer: _Peer, room: int, reason: str) -> None:
         """Fail one room for one rank that sent something invalid."""
         self.stats["rejected"] += 1
-        log.warning("room %r from %s rejected: %s", room, peer.session_id, reason)
+        plog(logging.WARNING, "rejected", "room %r from %s rejected: %s", room, peer.session_id, reason)
         r = self._rooms.get(room)
         if r is not None and peer.session_id in r.ranks:
             self._fail_room(r, reason)
@@ -666,7 +787,7 @@ class EncoderEndpoint:
         r.reason = reason
         self.stats["failed"] += 1
         self.metrics.request_failed(cause)
-        log.warning("room %r failed: %s", r.room, reason)
+        plog(logging.WARNING, "room_failed", "room %r failed: %s", r.room, reason)
         for k in r.ranks.values():
             if k.peer.alive:
                 flags = (P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0) | (P.FLAG_ABORT_ACK if k.peer is ack_peer else 0)
@@ -702,8 +823,8 @@ class EncoderEndpoint:
         with self._lock:
             if not peer.alive:
                 return
-            (log.info if clean else log.error)("language rank %d (%s) gone: %s", peer.tp_rank,
-                                               peer.session_id, reason)
+            plog(logging.INFO if clean else logging.ERROR, "peer_gone", "language rank %d (%s) gone: %s",
+                 peer.tp_rank, peer.session_id, reason)
             self._drop_peer(peer, reason)
 
     def _drop_peer(self, peer: _Peer, reason: str) -> None:
@@ -725,11 +846,8 @@ class EncoderEndpoint:
             peer.channel.close()
         except Exception:
             pass
-        if peer.pid_check and not _pid_alive(peer.pid):
-            try:
-                peer.transport.peer_died(peer.pool)
-            except Exception:
-                log.debug("peer_died clean-up failed", exc_info=True)
+        if peer.conn is not None:
+            peer.conn.close()
         try:
             peer.transport.close_peer(peer.pool)
         except Exception:
@@ -787,6 +905,7 @@ class EncoderEndpoint:
                 self._drop_peer(p, "encoder endpoint closed")
         for p in peers:
             p.worker.join(timeout=5)
+        self._unix.close()
         self._hub.close()
         self._transports.close()
         if self.pool is not None:

@@ -49,20 +49,24 @@ import torch
 import zmq
 
 from . import auth, metrics
+from .logutil import RateLimitedLog
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub
+from .ipc import unix
 from .config import Config
 from .errors import (AllocatorError, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
                      TransferFailed, UnknownRoom)
 from .kernels.cpu import pool_arrays
 from .merge import EmbeddingResult, MergeBuffer, ResultArena
-from .node import node_id, pid_alive as _pid_alive, pidns as _pidns
+from .node import node_id, pid_alive as _pid_alive
 from .planner import plan_chunk
 from .status import Status, StatusTracker
 from .transport import select
 
 log = logging.getLogger("embresume.language")
+#: what the encoder causes (bad messages): a bounded number of lines
+plog = RateLimitedLog(log)
 
 #: sanity bound on a request's total tokens as read from aux (a corrupt or
 #: hostile aux record must not make us allocate terabytes); also the largest hint
@@ -137,8 +141,10 @@ class _Link:
     """One live connection to an encoder: control channel and liveness."""
 
     def __init__(self, channel: Channel, hub: Optional[ZmqHub], transport: str, peer_pid: int, pid_check: bool,
-                 session_id: str):
+                 session_id: str, sock: Optional[socket.socket] = None):
         self.channel = channel
+        #: same host: the handshake's Unix socket, kept open (EOF: the encoder is gone)
+        self.sock = sock
         self.session_id = session_id
         self.hub = hub
         self.transport = transport
@@ -156,6 +162,8 @@ class _Link:
         finally:
             if self.hub is not None:
                 self.hub.close()
+            if self.sock is not None:
+                self.sock.close()
 
 
 class _Encoder:
@@ -363,6 +371,103 @@ class LanguageEndpoint:
             raise PeerError(f"nothing accepts connections at {enc.address}: {e.strerror or e}") from None
 
     def _handshake_once(self, enc: _Encoder, exclude: list) -> _Link:
+        if select.is_local(enc.address):
+            return self._handshake_unix(enc, exclude)
+        if self._keys is None:
+            raise ConfigError(f"the encoder at {enc.address} is on another host: its tcp handshake needs an "
+                              "auth_key (Config(auth_key=...) / EMBRESUME_AUTH_KEY, the same on both sides)")
+        return self._handshake_zmq(enc, exclude)
+
+    def _session(self) -> str:
+        # one session id per connection: an encoder never confuses a reconnection
+        # with the connection it replaces, and never lets a session be taken over
+        return f"{self.session_id}-c{next(self._connections)}"
+
+    def _offer(self, peer_host: str, exclude: list) -> list:
+        offered = select.offer(self.config, self._transports, self.pool, peer_host, exclude)
+        if not offered:
+            raise ConfigError(f"no transport can export this endpoint's pool (transport={self.config.transport!r}"
+                              + (f", excluded {exclude}" if exclude else "") + ")")
+        return offered
+
+    def _hello(self, offered: list) -> dict:
+        return {"phase": "hello", "device": str(self.pool.device), "layout": self.layout.to_dict(),
+                "offer": offered}
+
+    def _handshake_unix(self, enc: _Encoder, exclude: list) -> _Link:
+        """Same host: over the encoder's abstract Unix socket, whose owner's uid
+        the kernel tells us; the pool and the rings go as fds of sealed memfds."""
+        c = self.config
+        name = unix.socket_name(enc.address)
+        try:
+            sock = unix.connect(name, timeout=min(1.0, c.handshake_timeout))
+        except OSError as e:
+            raise PeerError(f"nothing accepts connections at {enc.address} (no encoder listens on "
+                            f"{unix.display(name)}: {e.strerror or e})") from None
+        rings = None
+        try:
+            pid, uid, _ = unix.peer_cred(sock)
+            if uid not in c.peer_uids:
+                raise PeerError(f"the process at {unix.display(name)} (pid {pid}) runs as uid {uid}, which is not "
+                                f"an allowed uid {sorted(c.peer_uids)} (Config.allowed_uids)")
+            deadline = time.monotonic() + c.handshake_timeout
+            session = self._session()
+            offered = self._offer("127.0.0.1", exclude)
+            unix.send(sock, P.encode(self._register(session, "", self._hello(offered))))
+            reply = self._await_unix(sock, deadline, ("hello",), enc)
+            chosen = reply.transport
+            if chosen not in offered:
+                raise ProtocolError("transport", f"the encoder chose {chosen!r}, which was not offered")
+            transport = self._transports.get(chosen, "127.0.0.1")
+            from .ipc.channel import RingChannel
+            rings = RingChannel.create_pair(c.ring_bytes)
+            desc = {"phase": "pool", "pool": self._export(transport),
+                    "rings": {"l2e": [unix.Fd(x) for x in rings[0].handles()],
+                              "e2l": [unix.Fd(x) for x in rings[1].handles()]}}
+            desc, fds = unix.pack_fds(desc)
+            unix.send(sock, P.encode(self._register(session, chosen, desc)), fds)
+            ready = self._await_unix(sock, deadline, ("ready", "retry"), enc)
+            if ready.desc.get("phase") == "retry":
+                raise _Retry(chosen, str(ready.desc.get("reason", ""))[:1000])
+            channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}")
+            rings = None
+            log.info("rank %d connected to %s (pid %d) via %s", self.tp_rank, enc.address, pid, chosen)
+            return _Link(channel, None, chosen, pid, pid > 0, session, sock=sock)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            if rings is not None:
+                for r in rings:
+                    r.close()
+            sock.close()
+            raise PeerError(f"the encoder at {enc.address} closed the handshake ({e.strerror}); is this "
+                            f"process's uid {os.getuid()} allowed there (its Config.allowed_uids)?") from None
+        except BaseException:
+            if rings is not None:
+                for r in rings:
+                    r.close()
+            sock.close()
+            raise
+
+    def _await_unix(self, sock: socket.socket, deadline: float, phases: tuple, enc: _Encoder) -> P.Register:
+        try:
+            data, fds = unix.recv_blocking(sock, deadline)
+        except TimeoutError:
+            raise PeerError(f"no handshake reply ({phases[0]}) from the encoder at {enc.address} "
+                            f"within {self.config.handshake_timeout}s") from None
+        unix.close_all(fds)                 # an encoder sends none
+        if not data:
+            raise PeerError(f"the encoder at {enc.address} closed the handshake; is this process's uid "
+                            f"{os.getuid()} allowed there (its Config.allowed_uids)?")
+        return self._check_reply(P.decode(data), phases)
+
+    def _check_reply(self, msg: P.Message, phases: tuple) -> P.Register:
+        if isinstance(msg, P.Bye):
+            raise PeerError(f"encoder refused the handshake: {msg.reason}")
+        if not isinstance(msg, P.Register) or msg.role != P.Role.ENCODER or msg.desc.get("phase") not in phases:
+            raise ProtocolError("handshake", f"expected the encoder's {phases[0]!r} register, got {msg!r}")
+        return msg
+
+    def _handshake_zmq(self, enc: _Encoder, exclude: list) -> _Link:
+        """Another host: over ZeroMQ tcp with CURVE keys derived from the auth_key."""
         c = self.config
         self._probe(enc)
         inbox: "queue.Queue[bytes]" = queue.Queue(maxsize=64)
@@ -378,60 +483,32 @@ class LanguageEndpoint:
                 except queue.Full:          # a chatty or hostile peer: the handshake fails on its own
                     pass
 
-        # one session id per connection: an encoder never confuses a reconnection
-        # with the connection it replaces, and never lets a session be taken over
-        session = f"{self.session_id}-c{next(self._connections)}"
+        session = self._session()
         hub: Optional[ZmqHub] = ZmqHub(zmq.DEALER, connect=enc.address, on_frames=on_frames,
                                        name=f"lang-r{self.tp_rank}", curve_keys=self._keys, max_frame=MAX_FRAME)
-        rings = None
         try:
             peer_host = select.endpoint_host(enc.address)
-            offered = select.offer(c, self._transports, self.pool, peer_host, exclude)
-            if not offered:
-                raise ConfigError(f"no transport can export this endpoint's pool (transport={c.transport!r}"
-                                  + (f", excluded {exclude}" if exclude else "") + ")")
-            hello = {"phase": "hello", "device": str(self.pool.device), "layout": self.layout.to_dict(),
-                     "pidns": _pidns(), "offer": offered}
-            hub.send(b"", P.encode(self._register(session, "", hello)))
+            offered = self._offer(peer_host, exclude)
+            hub.send(b"", P.encode(self._register(session, "", self._hello(offered))))
             reply = self._await(inbox, ("hello",), enc)
             chosen = reply.transport
             if chosen not in offered:
                 raise ProtocolError("transport", f"the encoder chose {chosen!r}, which was not offered")
             transport = self._transports.get(chosen, peer_host)
-            desc = {"phase": "pool", "pool": self._export(transport)}
-            if type(transport).control == "ring":
-                from .ipc.channel import RingChannel
-                rings = RingChannel.create_pair(c.ring_bytes)
-                desc["rings"] = {"l2e": rings[0].name, "e2l": rings[1].name}
-            hub.send(b"", P.encode(self._register(session, chosen, desc)))
+            hub.send(b"", P.encode(self._register(session, chosen, {"phase": "pool", "pool": self._export(transport)})))
             ready = self._await(inbox, ("ready", "retry"), enc)
             if ready.desc.get("phase") == "retry":
                 raise _Retry(chosen, str(ready.desc.get("reason", ""))[:1000])
-            pid_check = reply.node_id == node_id() and reply.desc.get("pidns") == _pidns()
-            if rings is not None:
-                # both sides attached: the names can go, the mappings stay
-                from .ipc.channel import RingChannel
-                channel: Channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}")
-                rings = None
-                channel.unlink()
-                hub.close()
-                hub = None
-            else:
-                channel = ZmqChannel(hub)
-            link = _Link(channel, hub, chosen, reply.pid, pid_check, session)
-            if hub is not None:
-                # the channel takes over the socket; until the caller starts it (before
-                # any INIT goes out) only the encoder's heartbeats can arrive, and they
-                # carry nothing to keep
-                relay["channel"] = channel
+            channel = ZmqChannel(hub)
+            link = _Link(channel, hub, chosen, reply.pid, False, session)
+            # the channel takes over the socket; until the caller starts it (before
+            # any INIT goes out) only the encoder's heartbeats can arrive, and they
+            # carry nothing to keep
+            relay["channel"] = channel
             log.info("rank %d connected to %s via %s", self.tp_rank, enc.address, chosen)
             return link
         except BaseException:
-            if rings is not None:
-                for r in rings:
-                    r.close()
-            if hub is not None:
-                hub.close()
+            hub.close()
             raise
 
     def _register(self, session: str, transport: str, desc: dict) -> P.Register:
@@ -457,11 +534,7 @@ class LanguageEndpoint:
             msg = P.decode(data)
             if isinstance(msg, P.Heartbeat):
                 continue
-            if isinstance(msg, P.Bye):
-                raise PeerError(f"encoder refused the handshake: {msg.reason}")
-            if not isinstance(msg, P.Register) or msg.role != P.Role.ENCODER or msg.desc.get("phase") not in phases:
-                raise ProtocolError("handshake", f"expected the encoder's {phases[0]!r} register, got {msg!r}")
-            return msg
+            return self._check_reply(msg, phases)
 
     # ------------------------------------------------------------ requests
     def request(self, room: P.Room, required_dst_info_num: int = 1, *, encoder: Optional[str] = None,
@@ -999,9 +1072,8 @@ class LanguageEndpoint:
     # ------------------------------------------------------------ liveness
     def _on_channel_error(self, enc: _Encoder, err: Exception) -> None:
         self.stats["bad_messages"] += 1
-        if self.stats["bad_messages"] <= 10 or self.stats["bad_messages"] % 1000 == 0:
-            log.warning("bad control message from the encoder at %s: %s (%d so far)", enc.address, err,
-                        self.stats["bad_messages"])
+        plog(logging.WARNING, "bad_message", "bad control message from the encoder at %s: %s (%d so far)",
+             enc.address, err, self.stats["bad_messages"])
 
     def _link_lost(self, enc: _Encoder, link: _Link, reason: str, clean: bool = False) -> None:
         """``link`` to ``enc`` is gone: fail its rooms, release what was parked
@@ -1048,6 +1120,9 @@ class LanguageEndpoint:
             silent = time.monotonic() - link.last_seen
             if silent > c.peer_timeout and not link.busy:
                 self._link_lost(enc, link, f"no message for {silent:.1f}s (peer_timeout {c.peer_timeout}s)")
+            elif link.sock is not None and unix.closed_by_peer(link.sock):
+                self._link_lost(enc, link, f"the encoder's handshake socket closed (process {link.peer_pid} "
+                                "exited or closed its endpoint)")
             elif link.pid_check and link.peer_pid and not _pid_alive(link.peer_pid):
                 self._link_lost(enc, link, f"encoder process {link.peer_pid} exited")
         self.metrics.pool(self.allocator.used_blocks, self.layout.num_blocks)

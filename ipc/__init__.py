@@ -1,7 +1,9 @@
-"""Same-host mechanics the transports use: POSIX shm segments, the shm control
-ring and channel, CUDA IPC pools and handles (with their per-process cache)."""
+"""Same-host mechanics the transports use: sealed shared-memory segments
+(memfd), the shm control ring and channel, the Unix-socket handshake
+(credentials checked, fds passed), CUDA IPC pools and handles (with their
+per-process cache)."""
 
-from embresume.ipc.shm import ShmBacking, ShmSegment, unlink_segment
+from embresume.ipc.shm import ShmBacking, ShmSegment
 from embresume.ipc.ring import RingClosed, RingTimeout, ShmRing
 
-__all__ = ["ShmBacking", "ShmSegment", "ShmRing", "RingClosed", "RingTimeout", "unlink_segment"]
+__all__ = ["ShmBacking", "ShmSegment", "ShmRing", "RingClosed", "RingTimeout"]

@@ -1,11 +1,9 @@
-"""A control channel over a pair of shm rings (same host)."""
+"""A control channel over a pair of shm rings (same host; see :mod:`embresume.ipc.ring`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
-
-import posix_ipc
 
 from embresume.channel import Channel
 from embresume.errors import PeerError
@@ -38,7 +36,7 @@ class RingChannel(Channel):
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self.rx.recv(timeout=0.1)
+                data = self.rx.recv(timeout=1.0)   # close() wakes it at once
             except RingClosed:
                 break
             except Exception as e:  # corrupt ring: the peer is broken
@@ -58,12 +56,8 @@ class RingChannel(Channel):
             self.tx.send(data)
         except (RingClosed, RingTimeout) as e:
             raise PeerError(f"control ring: {e}") from None
-        except (ValueError, posix_ipc.Error) as e:  # raced with close()
+        except (ValueError, OSError) as e:  # raced with close()
             raise PeerError(f"control ring is closed: {e}") from None
-
-    def unlink(self) -> None:
-        self.tx.unlink()
-        self.rx.unlink()
 
     def close(self) -> None:
         if self.closed:
@@ -74,6 +68,10 @@ class RingChannel(Channel):
         except Exception:
             pass
         self._stop.set()
+        try:
+            self.rx.wake_reader()
+        except Exception:
+            pass
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
         self.tx.close()

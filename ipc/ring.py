@@ -1,38 +1,47 @@
-"""A single-producer single-consumer message ring in POSIX shared memory.
+"""A single-producer single-consumer message ring in shared memory.
 
-Memory layout of the segment (all integers little-endian u64, each on its own
-cache line so producer and consumer never write the same line)::
+Memory layout of the segment (a sealed memfd, :mod:`embresume.ipc.shm`; all
+integers little-endian u64, each on its own cache line so producer and
+consumer never write the same line)::
 
     offset   0  head      bytes consumed so far      (written by the reader)
     offset  64  tail      bytes produced so far      (written by the writer)
     offset 128  capacity  size of the data area
     offset 136  closed    set to 1 by the writer's close()
+    offset 144  waiting   1 while the writer waits for space (written by the writer)
     offset 192  data[capacity]
 
 A message is a u32 length followed by the payload, padded to 8 bytes; both
-may wrap around the end of the data area.  Two POSIX semaphores signal the
-other side: ``<name>.i`` counts published messages (the reader waits on it,
-after spinning briefly), ``<name>.s`` wakes a writer that found the ring full.
+may wrap around the end of the data area.  Two eventfds (anonymous, handed
+to the peer with the segment) ring the other side's doorbell: ``items``
+after a message is published (the reader sleeps in ``poll`` on it when the
+ring is empty), ``space`` after the reader consumed while the writer waits.
+A doorbell read resets its counter; the reader then drains everything
+published, so one wake-up can serve many messages.
 
 One ring carries one direction; a channel is a pair.  Writers in several
 threads of one process are serialised by a lock; there is one reader thread.
+The capacity is read once when the ring is opened: a peer that rewrites the
+header later cannot make this side read or write outside the segment.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import struct
 import threading
 import time
 from typing import Optional
-
-import posix_ipc
 
 from embresume.ipc import shm as _shm
 
 HEADER = 192
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
-_HEAD, _TAIL, _CAP, _CLOSED = 0, 64, 128, 136
+_HEAD, _TAIL, _CAP, _CLOSED, _WAITING = 0, 64, 128, 136, 144
+MIN_CAPACITY = 4096
+MAX_CAPACITY = 1 << 30
 
 
 class RingClosed(EOFError):
@@ -43,45 +52,96 @@ class RingTimeout(TimeoutError):
     pass
 
 
+def _new_doorbell() -> int:
+    return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+
+
+def _check_doorbell(fd: int) -> None:
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise ValueError(f"cannot inspect the peer's doorbell fd: {e.strerror}") from None
+    if kind != "anon_inode:[eventfd]":
+        raise ValueError(f"the peer's doorbell is not an eventfd ({kind})")
+
+
+def _ring(fd: int) -> None:
+    try:
+        os.eventfd_write(fd, 1)
+    except BlockingIOError:      # counter saturated: the other side has wake-ups pending anyway
+        pass
+
+
+def _wait(fd: int, timeout: Optional[float]) -> bool:
+    """Sleep until the doorbell rang (True) or ``timeout`` seconds passed (False); resets it."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    if not p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))):
+        return False
+    try:
+        os.eventfd_read(fd)
+    except BlockingIOError:      # read by someone else meanwhile: a spurious wake-up
+        pass
+    return True
+
+
 class ShmRing:
-    def __init__(self, seg: _shm.ShmSegment, items: posix_ipc.Semaphore, space: posix_ipc.Semaphore,
-                 spin: int = 0):
+    def __init__(self, seg: _shm.ShmSegment, items: int, space: int, owner: bool):
         self.seg = seg
         self.name = seg.name
         self._mv = memoryview(seg._mm)
         self.capacity = _U64.unpack_from(self._mv, _CAP)[0]
         self._items = items
         self._space = space
-        self._spin = spin
+        self.owner = owner
         self._wlock = threading.Lock()
-        self._pending = 0  # messages acquired from the semaphore but not yet read (reader side)
+        self._closed = False
+        self._woken = False
 
     # ----------------------------------------------------------- set-up
     @classmethod
     def create(cls, capacity: int = 1 << 20) -> "ShmRing":
-        capacity = max(4096, (capacity + 7) // 8 * 8)
-        seg = _shm.ShmSegment.create(HEADER + capacity, tag="ring-", prefault=True)
+        capacity = min(MAX_CAPACITY, max(MIN_CAPACITY, (capacity + 7) // 8 * 8))
+        seg = _shm.ShmSegment.create(HEADER + capacity, tag="ring", prefault=True)
         _U64.pack_into(seg._mm, _CAP, capacity)
-        items = posix_ipc.Semaphore(seg.name + ".i", posix_ipc.O_CREX, mode=0o600, initial_value=0)
-        _shm.remember_semaphore(items.name)
-        space = posix_ipc.Semaphore(seg.name + ".s", posix_ipc.O_CREX, mode=0o600, initial_value=0)
-        _shm.remember_semaphore(space.name)
-        return cls(seg, items, space)
+        try:
+            items = _new_doorbell()
+        except BaseException:
+            seg.close()
+            raise
+        try:
+            space = _new_doorbell()
+        except BaseException:
+            os.close(items)
+            seg.close()
+            raise
+        return cls(seg, items, space, owner=True)
+
+    def handles(self) -> list[int]:
+        """The fds a peer needs to open this ring (segment, items doorbell, space doorbell)."""
+        if not self.owner or self.seg.fd is None:
+            raise ValueError("only the creator of a ring can hand it out")
+        return [self.seg.fd, self._items, self._space]
 
     @classmethod
-    def attach(cls, name: str) -> "ShmRing":
-        probe = _shm.ShmSegment.attach(name, HEADER)
+    def from_handles(cls, fds) -> "ShmRing":
+        """Open a peer's ring from the fds of :meth:`handles` (the caller keeps them;
+        the ring holds its own duplicates).  Raises ValueError on anything but a
+        sealed memfd and two eventfds."""
+        if not isinstance(fds, (list, tuple)) or len(fds) != 3 or not all(isinstance(x, int) for x in fds):
+            raise ValueError("a ring is described by three fds (segment, items, space)")
+        seg_fd, items, space = fds
+        size = _shm.check_sealed(seg_fd, HEADER + MIN_CAPACITY, "control ring")
+        for fd in (items, space):
+            _check_doorbell(fd)
+        probe = _shm.ShmSegment.from_fd(seg_fd, HEADER, what="control ring")
         capacity = _U64.unpack_from(probe._mm, _CAP)[0]
         probe.close()
-        seg = _shm.ShmSegment.attach(name, HEADER + capacity)
-        return cls(seg, posix_ipc.Semaphore(name + ".i"), posix_ipc.Semaphore(name + ".s"))
-
-    def unlink(self) -> None:
-        """Remove the names (both sides keep their mappings)."""
-        if self.seg.owner:
-            self.seg.unlink()
-            for sem in (self._items, self._space):
-                _shm.unlink_semaphore(sem.name)
+        if capacity % 8 or not MIN_CAPACITY <= capacity <= min(MAX_CAPACITY, size - HEADER):
+            raise ValueError(f"the peer's control ring claims a capacity of {capacity} bytes in a "
+                             f"segment of {size}")
+        seg = _shm.ShmSegment.from_fd(seg_fd, HEADER + capacity, what="control ring")
+        return cls(seg, os.dup(items), os.dup(space), owner=False)
 
     # ----------------------------------------------------------- helpers
     def _get(self, off: int) -> int:
@@ -115,7 +175,7 @@ class ShmRing:
             raise ValueError(f"message of {len(data)} bytes does not fit a ring of {self.capacity}")
         deadline = time.monotonic() + timeout
         with self._wlock:
-            if self._get(_CLOSED):
+            if self._closed or self._get(_CLOSED):
                 raise RingClosed("ring is closed")
             while True:
                 tail = self._get(_TAIL)
@@ -124,64 +184,76 @@ class ShmRing:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RingTimeout(f"ring {self.name} full for {timeout:.1f}s (reader stalled?)")
-                try:
-                    self._space.acquire(min(left, 0.01))
-                except posix_ipc.BusyError:
-                    pass
+                # say we wait, then look again: a reader that consumed in between
+                # either sees the flag (and rings) or left the space we now see
+                self._put(_WAITING, 1)
+                if self.capacity - (tail - self._get(_HEAD)) < need:
+                    _wait(self._space, min(left, 0.05))
+                self._put(_WAITING, 0)
             self._copy_in(tail, _U32.pack(len(data)))
             self._copy_in(tail + 4, data)
             self._put(_TAIL, tail + need)
-            self._items.release()
+            _ring(self._items)
 
     def close_writer(self) -> None:
         with self._wlock:
-            self._put(_CLOSED, 1)
-            self._items.release()
+            if not self._closed:
+                self._put(_CLOSED, 1)
+                _ring(self._items)
+
+    def wake_reader(self) -> None:
+        """Wake this side's reader out of :meth:`recv` (it returns None)."""
+        with self._wlock:
+            if not self._closed:
+                self._woken = True
+                _ring(self._items)
 
     # ----------------------------------------------------------- reader
     def recv(self, timeout: Optional[float] = None) -> Optional[bytes]:
-        """Next message, or None after ``timeout`` seconds without one.
+        """Next message, or None after ``timeout`` seconds without one (or a
+        wake-up without one).
 
         Raises :class:`RingClosed` once the writer closed and the ring is empty.
         """
-        if not self._pending:
-            got = False
-            for _ in range(self._spin):
-                try:
-                    self._items.acquire(0)
-                    got = True
-                    break
-                except posix_ipc.BusyError:
-                    pass
-            if not got:
-                try:
-                    self._items.acquire(timeout)
-                except posix_ipc.BusyError:
-                    return None
-            self._pending += 1
+        if self._closed:
+            raise RingClosed("ring is closed")
         head = self._get(_HEAD)
         if head == self._get(_TAIL):
-            # the wake-up came from close_writer()
-            self._pending -= 1
-            if self._get(_CLOSED):
-                raise RingClosed("writer closed the ring")
-            return None
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self._get(_CLOSED):
+                    raise RingClosed("writer closed the ring")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                if not _wait(self._items, left):
+                    return None
+                if head != self._get(_TAIL):
+                    break
+                if self._woken:          # wake_reader(): let the caller look at its stop flag
+                    self._woken = False
+                    return None
+                # a stale ring (messages already read without sleeping): sleep again
         n = _U32.unpack(self._copy_out(head, 4))[0]
-        if n > self.capacity:
+        if n > self.capacity - 4:
             raise ValueError(f"corrupt ring {self.name}: message length {n}")
         data = self._copy_out(head + 4, n)
         self._put(_HEAD, head + (4 + n + 7) // 8 * 8)
-        self._pending -= 1
-        if self._space.value == 0:
-            self._space.release()
+        if self._get(_WAITING):
+            _ring(self._space)
         return data
 
     def close(self) -> None:
-        self.unlink()
-        for sem in (self._items, self._space):
+        """Release the mapping and the doorbells (the reader thread must have
+        stopped; writers in other threads get RingClosed from now on)."""
+        with self._wlock:
+            if self._closed:
+                return
+            self._closed = True
+        for fd in (self._items, self._space):
             try:
-                sem.close()
-            except posix_ipc.ExistentialError:
+                os.close(fd)
+            except OSError:
                 pass
         self._mv.release()
         self.seg.close()

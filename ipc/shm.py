@@ -1,188 +1,90 @@
-"""POSIX shared-memory segments (posix_ipc + mmap), exposed as torch tensors.
+"""Anonymous shared memory: sealed memfds mapped as torch tensors.
 
-Segments are created with mode 0600 under a random name
-``/embr-<pid>.<pid namespace>-<tag><hex>``.
-The creator unlinks the name as soon as the peer has attached (or on close),
-so nothing stays in ``/dev/shm`` after a clean run; a process-exit hook unlinks
-whatever a crashed handshake left behind, and :func:`sweep_stale_segments`
-(run once per process before its first segment) removes the names of
-processes that died without running it (``kill -9``).
+Every segment embresume shares between processes (the receive pool, the
+control rings) is a ``memfd`` with no name in any file system::
 
-A new segment's pages are reserved up front (``posix_fallocate``), after a
-check of the free space in ``/dev/shm``: a pool that does not fit raises
-:class:`~embresume.errors.ConfigError` naming the size, the free space and the
-fix, and leaves nothing behind; a later write can never hit SIGBUS ("Bus
-error") on a full tmpfs.
+    creator                                   peer (after the Unix-socket handshake)
+    -------                                   ----
+    fd = memfd_create(MFD_ALLOW_SEALING)
+    posix_fallocate(fd, 0, size)      # pages reserved now: ENOMEM here, never SIGBUS later
+    fcntl(F_ADD_SEALS, SHRINK|GROW|SEAL)
+    mmap(fd)                  ---- fd over SCM_RIGHTS ---->   ShmSegment.from_fd(fd, size)
+                                                                check: a memfd, sealed against
+                                                                shrinking, at least ``size`` bytes
+                                                              mmap(fd)
+
+Sealed, the object can never shrink under a mapping, so no peer can make
+the other side's accesses fault (``SIGBUS``) by truncating it; a peer's fd
+that is not sealed that way is refused.  Nothing is named, so nothing stays
+behind whatever way the processes end (``kill -9`` included): the memory goes
+with the last fd and mapping.
+
+The memory is charged like any shared memory to the machine and the
+process's memory cgroup, not to the size of ``/dev/shm`` (Docker's 64 MiB
+default does not apply).  Before creating a segment, its size is checked
+against the memory available (``MemAvailable`` and the cgroup's
+``memory.max``); a pool that does not fit raises
+:class:`~embresume.errors.ConfigError` naming the size, what is available
+and the fix.
 """
 
 from __future__ import annotations
 
-import atexit
 import errno
+import fcntl
 import logging
 import mmap
 import os
-import secrets
-import threading
-import time
+from typing import Optional
 
-import posix_ipc
 import torch
 
 from embresume.errors import ConfigError
-from embresume.node import pid_alive
 
 log = logging.getLogger("embresume.shm")
 
-PREFIX = "/embr-"
-SHM_DIR = "/dev/shm"
-#: set to 0 to turn the start-up sweep of dead processes' segments off
-SWEEP_ENV = "EMBRESUME_SHM_SWEEP"
-
-_created: set[str] = set()
-_created_lock = threading.Lock()
-
-
-def _pid_namespace() -> str:
-    """Our pid namespace as a short hex id ("" where /proc does not say)."""
-    try:
-        link = os.readlink("/proc/self/ns/pid")          # "pid:[4026531836]"
-        return format(int(link[link.index("[") + 1:-1]), "x")
-    except (OSError, ValueError):
-        return ""
-
-
-_PIDNS = _pid_namespace()
-
-
-def new_name(tag: str = "") -> str:
-    """``/embr-<pid>.<pid namespace>-<tag><random>``: the creator is in the name,
-    so :func:`sweep_stale_segments` can tell a dead creator's names from a live one's."""
-    ns = f".{_PIDNS}" if _PIDNS else ""
-    return f"{PREFIX}{os.getpid()}{ns}-{tag}{secrets.token_hex(6)}"
-
-
-def _remember(name: str) -> None:
-    with _created_lock:
-        _created.add(name)
-
-
-def _forget(name: str) -> None:
-    with _created_lock:
-        _created.discard(name)
-
-
-def unlink_segment(name: str) -> bool:
-    """Unlink a shared-memory name; returns False if it was already gone."""
-    _forget(name)
-    try:
-        posix_ipc.unlink_shared_memory(name)
-        return True
-    except posix_ipc.ExistentialError:
-        return False
-
-
-def unlink_semaphore(name: str) -> bool:
-    _forget(name)
-    try:
-        posix_ipc.unlink_semaphore(name)
-        return True
-    except posix_ipc.ExistentialError:
-        return False
-
-
-@atexit.register
-def _cleanup_at_exit() -> None:  # pragma: no cover - exercised by crash tests
-    with _created_lock:
-        names = list(_created)
-    for n in names:
-        unlink_segment(n)
-        unlink_semaphore(n)
-
-
-def remember_semaphore(name: str) -> None:
-    _remember(name)
-
-
-# ---------------------------------------------------------------- stale names
-def creator_pid(entry: str):
-    """The creator pid in a /dev/shm entry ``embr-<pid>[.<pidns>]-...`` or
-    ``sem.embr-...``; None when it is not ours or its creator ran in another pid
-    namespace (a container sharing /dev/shm: its pids mean nothing here)."""
-    base = entry[4:] if entry.startswith("sem.") else entry
-    if not base.startswith(PREFIX[1:]):
-        return None
-    creator, sep, _ = base[len(PREFIX) - 1:].partition("-")
-    pid, dot, ns = creator.partition(".")
-    if not sep or not pid.isdigit() or (dot and ns != _PIDNS):
-        return None
-    return int(pid)
-
-
-def sweep_stale_segments(min_age: float = 10.0, shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink the shm segments and semaphores (``embr-<pid>.<ns>-*``,
-    ``sem.embr-<pid>.<ns>-*``) of creator processes that no longer exist.
-
-    Only entries owned by our uid, created in our pid namespace, whose pid is
-    not alive and that are older than ``min_age`` seconds are touched (the age
-    keeps a just-created name of a process we cannot see safe).  Returns the
-    removed entries.  One ``listdir``; cheap when nothing is stale.
-    """
-    try:
-        entries = os.listdir(shm_dir)
-    except OSError:
-        return []
-    uid, me, now = os.getuid(), os.getpid(), time.time()
-    removed, dead = [], {}
-    for entry in entries:
-        pid = creator_pid(entry)
-        if pid is None or pid == me:
-            continue
-        if pid not in dead:
-            dead[pid] = not pid_alive(pid)
-        if not dead[pid]:
-            continue
-        path = os.path.join(shm_dir, entry)
-        try:
-            st = os.lstat(path)
-            if st.st_uid != uid or now - st.st_mtime < min_age:
-                continue
-            os.unlink(path)
-            removed.append(entry)
-        except FileNotFoundError:
-            continue
-        except OSError as e:  # pragma: no cover - permissions, read-only /dev/shm
-            log.debug("could not remove stale %s: %s", path, e)
-    if removed:
-        log.info("removed %d shared-memory name(s) left by dead processes: %s", len(removed),
-                 ", ".join(sorted(removed)[:5]) + (" ..." if len(removed) > 5 else ""))
-    return removed
-
-
-_swept_pid = None
-
-
-def _sweep_once() -> None:
-    global _swept_pid
-    if _swept_pid == os.getpid():
-        return
-    _swept_pid = os.getpid()
-    if os.environ.get(SWEEP_ENV, "1").strip() in ("0", "false", "no", "off"):
-        return
-    try:
-        sweep_stale_segments()
-    except Exception as e:  # pragma: no cover - never let housekeeping break a start
-        log.debug("sweep of stale segments failed: %s", e)
+#: seals every shared segment carries; a peer's segment must have at least SHRINK
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
 
 
 # ---------------------------------------------------------------- space
-def shm_free_bytes(shm_dir: str = SHM_DIR):
-    """(free bytes, total bytes) of the tmpfs behind POSIX shm, or None when unknown."""
+def _cgroup_room() -> Optional[int]:
+    """Bytes left under this process's cgroup v2 ``memory.max`` (None: no limit or unknown)."""
     try:
-        st = os.statvfs(shm_dir)
-    except OSError:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), None)
+        if path is None:
+            return None
+        base = os.path.join("/sys/fs/cgroup", path.lstrip("/"))
+        with open(os.path.join(base, "memory.max")) as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(os.path.join(base, "memory.current")) as f:
+            used = int(f.read())
+        return max(0, int(limit) - used)
+    except (OSError, ValueError, StopIteration):
         return None
-    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
+def memory_free_bytes() -> Optional[tuple[int, int]]:
+    """(available bytes, total bytes) for new shared memory, or None when unknown:
+    ``MemAvailable``/``MemTotal`` of /proc/meminfo, capped by the cgroup's limit."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemAvailable", "MemTotal"):
+                    info[key] = int(rest.split()[0]) * 1024
+        avail, total = info["MemAvailable"], info["MemTotal"]
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    room = _cgroup_room()
+    if room is not None:
+        avail = min(avail, room)
+    return avail, total
 
 
 def _fmt(n: int) -> str:
@@ -193,118 +95,130 @@ def _fmt(n: int) -> str:
 
 
 def no_space_message(size: int, what: str, free=None) -> str:
-    """The error text for a segment of ``size`` bytes that does not fit in /dev/shm."""
-    free = shm_free_bytes() if free is None else free
-    have = (f"{SHM_DIR} has {_fmt(free[0])} free of {_fmt(free[1])}" if free
-            else f"{SHM_DIR} has no room for it")
+    """The error text for a segment of ``size`` bytes that does not fit in memory."""
+    free = memory_free_bytes() if free is None else free
+    have = (f"this machine has {_fmt(free[0])} available of {_fmt(free[1])} (MemAvailable, "
+            f"capped by the memory cgroup)" if free else "the machine has no memory for it")
     fit = ""
     if free and (16 << 20) < free[0] < size:
         fit = f" (e.g. EMBRESUME_POOL_BYTES={max(1, int(free[0] * 0.8) >> 20)}M fits now)"
     return (f"{what} needs {_fmt(size)} ({size} bytes) of shared memory but {have}. "
             f"Make the pool smaller: Config(pool_bytes=...) / EMBRESUME_POOL_BYTES{fit}, fewer "
-            f"cache_buffers (EMBRESUME_CACHE_BUFFERS) or a smaller hidden size; or give the machine a larger "
-            f"{SHM_DIR}: docker run --shm-size=8g ..., or mount -o remount,size=8G {SHM_DIR}")
+            f"cache_buffers (EMBRESUME_CACHE_BUFFERS) or a smaller hidden size; or give the process "
+            f"more memory (a higher memory limit of its container)")
 
 
 def _reserve(fd: int, size: int) -> None:
-    """Give the shm object ``size`` bytes of real pages now (ENOSPC here, not SIGBUS later)."""
+    """Give the object ``size`` bytes of real pages now (ENOSPC/ENOMEM here, not SIGBUS later)."""
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
-            os.ftruncate(fd, size)  # no fallocate here: at least size it; the free-space check stands
+            os.ftruncate(fd, size)  # no fallocate here: at least size it; the free-memory check stands
         else:
             raise
 
 
-def _prefault(mm: mmap.mmap, raw: torch.Tensor) -> None:
+def _populate(mm: mmap.mmap) -> bool:
     advice = getattr(mmap, "MADV_POPULATE_WRITE", None)
     if advice is not None:
         try:
             mm.madvise(advice)
-            return
+            return True
         except OSError:
             pass
-    raw.zero_()
+    return False
+
+
+def check_sealed(fd: int, size: int, what: str = "segment") -> int:
+    """Raise ValueError unless ``fd`` is a memfd sealed against shrinking that
+    holds at least ``size`` bytes; returns its size."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        raise ValueError(f"the peer's {what} is not a sealable memfd ({e.strerror})") from None
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+        raise ValueError(f"the peer's {what} is not sealed against shrinking (seals 0x{seals:x}): "
+                         "it could be truncated under our mapping")
+    have = os.fstat(fd).st_size
+    if have < size:
+        raise ValueError(f"the peer's {what} has {have} bytes, expected at least {size}")
+    return have
 
 
 class ShmSegment:
-    """A mapped POSIX shared-memory segment; ``raw`` is a uint8 tensor over it."""
+    """A mapped shared segment; ``raw`` is a uint8 tensor over it.
 
-    def __init__(self, name: str, mm: mmap.mmap, size: int, owner: bool):
-        self.name = name
+    The creator keeps the memfd open (``fd``) to hand it to peers; a segment
+    opened from a peer's fd keeps only the mapping."""
+
+    def __init__(self, mm: mmap.mmap, size: int, fd: Optional[int], owner: bool, tag: str = ""):
         self.size = size
         self.owner = owner
+        self.fd = fd
+        self.tag = tag
         self._mm = mm
         self.raw = torch.frombuffer(mm, dtype=torch.uint8, count=size) if size else torch.empty(0, dtype=torch.uint8)
-        self.unlinked = False
+
+    @property
+    def name(self) -> str:
+        """A label for logs (segments have no name in any file system)."""
+        return f"memfd:{self.tag or 'segment'}@{os.getpid()}"
 
     @classmethod
-    def create(cls, size: int, *, tag: str = "", prefault: bool = True,
-               what: str = "") -> "ShmSegment":
-        """A new segment of ``size`` bytes, its pages reserved.
+    def create(cls, size: int, *, tag: str = "", prefault: bool = True, what: str = "") -> "ShmSegment":
+        """A new sealed segment of ``size`` bytes, its pages reserved.
 
-        Raises :class:`ConfigError` (and leaves no name behind) when /dev/shm
-        cannot hold it.
+        Raises :class:`ConfigError` when the machine cannot hold it.
         """
         if size <= 0:
             raise ValueError("segment size must be positive")
         what = what or ("a control ring" if tag.startswith("ring") else "a shared-memory segment")
-        _sweep_once()
-        free = shm_free_bytes()
+        free = memory_free_bytes()
         if free is not None and free[0] < size:
             raise ConfigError(no_space_message(size, what, free))
-        name = new_name(tag)
-        shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
-        _remember(name)
+        fd = os.memfd_create(f"embresume-{tag or 'seg'}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             try:
-                _reserve(shm.fd, size)
+                _reserve(fd, size)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
                     raise ConfigError(no_space_message(size, what)) from None
                 raise
-            mm = mmap.mmap(shm.fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+            mm = mmap.mmap(fd, size)
         except BaseException:
-            unlink_segment(name)
+            os.close(fd)
             raise
-        finally:
-            shm.close_fd()
-        seg = cls(name, mm, size, owner=True)
-        if prefault:
-            _prefault(mm, seg.raw)
+        seg = cls(mm, size, fd, owner=True, tag=tag)
+        if prefault and not _populate(mm):
+            seg.raw.zero_()
         return seg
 
     @classmethod
-    def attach(cls, name: str, size: int, prefault: bool = False) -> "ShmSegment":
-        if not isinstance(name, str) or not name.startswith(PREFIX):
-            raise ValueError(f"not an embresume segment name: {name!r}")
-        shm = posix_ipc.SharedMemory(name)
-        try:
-            if shm.size < size:
-                raise ValueError(f"segment {name} has {shm.size} bytes, expected {size}")
-            mm = mmap.mmap(shm.fd, size)
-        finally:
-            shm.close_fd()
-        seg = cls(name, mm, size, owner=False)
+    def from_fd(cls, fd: int, size: int, *, prefault: bool = False, what: str = "segment") -> "ShmSegment":
+        """Map ``size`` bytes of a peer's segment.  The caller keeps (and closes) ``fd``.
+
+        Raises ValueError when the fd is not a memfd sealed against shrinking
+        or is smaller than ``size``."""
+        if size <= 0:
+            raise ValueError(f"{what} size must be positive")
+        check_sealed(fd, size, what)
+        mm = mmap.mmap(fd, size)
+        seg = cls(mm, size, None, owner=False, tag=what)
         if prefault:
             # map the (already allocated) pages now, not on the first write of a request
-            advice = getattr(mmap, "MADV_POPULATE_WRITE", None)
-            if advice is not None:
-                try:
-                    mm.madvise(advice)
-                except OSError:
-                    pass
+            _populate(mm)
         return seg
 
-    def unlink(self) -> None:
-        if self.owner and not self.unlinked:
-            unlink_segment(self.name)
-            self.unlinked = True
-
     def close(self) -> None:
-        self.unlink()
         self.raw = torch.empty(0, dtype=torch.uint8)
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
         # no mm.close(): torch.frombuffer tensors keep the mmap object alive but
         # hold no buffer export, so an explicit close would unmap memory that live
         # views (a zero-copy result, an in-flight copy) still use.  The mapping
@@ -313,7 +227,7 @@ class ShmSegment:
 
 
 class ShmBacking:
-    """Pool backing in POSIX shared memory (same-host CPU path)."""
+    """Pool backing in anonymous shared memory (same-host CPU path)."""
 
     def __init__(self, segment: ShmSegment):
         self.segment = segment
@@ -321,13 +235,14 @@ class ShmBacking:
 
     @classmethod
     def create(cls, nbytes: int, prefault: bool = True) -> "ShmBacking":
-        free = shm_free_bytes()
-        log.info("receive pool: %s in %s (%s free)", _fmt(nbytes), SHM_DIR, _fmt(free[0]) if free else "unknown")
-        return cls(ShmSegment.create(nbytes, tag="pool-", prefault=prefault, what="the receive pool"))
+        free = memory_free_bytes()
+        log.info("receive pool: %s of shared memory (%s available)", _fmt(nbytes),
+                 _fmt(free[0]) if free else "unknown")
+        return cls(ShmSegment.create(nbytes, tag="pool", prefault=prefault, what="the receive pool"))
 
     @classmethod
-    def attach(cls, name: str, nbytes: int, prefault: bool = True) -> "ShmBacking":
-        return cls(ShmSegment.attach(name, nbytes, prefault=prefault))
+    def from_fd(cls, fd: int, nbytes: int, prefault: bool = True) -> "ShmBacking":
+        return cls(ShmSegment.from_fd(fd, nbytes, prefault=prefault, what="receive pool"))
 
     def close(self) -> None:
         self.raw = torch.empty(0, dtype=torch.uint8)

@@ -1,3 +1,4 @@
+import gc
 import glob
 import os
 import time
@@ -8,47 +9,40 @@ from embresume.config import Config
 from embresume.harness import free_port
 
 
-def _creator(path):
-    """The pid in /dev/shm/[sem.]embr-<pid>[.<ns>]-...; None if unreadable."""
-    base = os.path.basename(path).removeprefix("sem.").removeprefix("embr-")
-    pid = base.split("-", 1)[0].split(".", 1)[0]
-    return int(pid) if pid.isdigit() else None
+def _named():
+    """Shared-memory names of ours in /dev/shm.  embresume creates none (its
+    segments are sealed memfds, its doorbells eventfds): any is a regression."""
+    return set(glob.glob("/dev/shm/embr-*") + glob.glob("/dev/shm/sem.embr-*"))
 
 
-def _ppid(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None          # gone
-
-
-def _ours():
-    """Our shared-memory names: created by this process, one of its children, or
-    a process that is gone (a leak); not those of unrelated live processes (another
-    test run on the same machine)."""
-    me = os.getpid()
+def _fds():
+    """This process's embresume memfds (what a leaked pool or ring would hold)."""
     out = set()
-    for path in glob.glob("/dev/shm/embr-*") + glob.glob("/dev/shm/sem.embr-*"):
-        pid = _creator(path)
-        if pid is None or pid == me or _ppid(pid) in (None, me):
-            out.add(path)
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("/memfd:embresume"):
+            out.add((int(fd), target))
     return out
 
 
 @pytest.fixture(autouse=True)
 def no_shm_leak():
-    """Every test must leave /dev/shm as it found it."""
-    before = _ours()
+    """Every test leaves nothing named in /dev/shm and no memfd of a pool or
+    ring open in this process (memory that would never be freed)."""
+    before, fds_before = _named(), _fds()
     yield
     deadline = time.monotonic() + 3
     while True:
-        leaked = _ours() - before
-        if not leaked or time.monotonic() > deadline:
+        gc.collect()                 # views of a pool in reference cycles die here
+        leaked, fds = _named() - before, _fds() - fds_before
+        if (not leaked and not fds) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert not leaked, f"shared-memory objects left behind: {sorted(leaked)}"
+    assert not leaked, f"shared-memory names left behind: {sorted(leaked)}"
+    assert not fds, f"shared-memory fds left open: {sorted(fds)}"
 
 
 def _mooncake_skip_reason():

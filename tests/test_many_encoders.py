@@ -5,7 +5,6 @@ Runs against every transport (shm, Mooncake over tcp, cuda_ipc with a GPU).
 """
 
 import contextlib
-import glob
 import os
 import random
 import threading
@@ -145,21 +144,29 @@ def test_kill_one_encoder_only_its_rooms_fail_then_it_restarts(transport, data):
 def test_pool_is_mapped_once_whatever_the_number_of_encoders(transport, data):
     with encoders(transport, 3) as encs, LanguageEndpoint(make_config(transport), connect=False) as lang:
         pool_ptr = lang.pool.data_ptr()
-        seg = getattr(lang.pool.backing, "segment", None)
-        name = seg.name.lstrip("/") if seg is not None else "\0"
+        name = "/memfd:embresume-pool" if getattr(lang.pool.backing, "segment", None) is not None else "\0"
 
         def pool_mappings():
             with open("/proc/self/maps") as f:
                 return sum(1 for line in f if name in line)
 
-        before = pool_mappings()
+        def pool_fds():
+            n = 0
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    n += os.readlink(f"/proc/self/fd/{fd}").startswith(name)
+                except OSError:
+                    pass
+            return n
+
+        before, fds_before = pool_mappings(), pool_fds()
         for e in encs:
             lang.connect(e.address)
         assert lang.pool.data_ptr() == pool_ptr
         assert pool_mappings() == before            # no new mapping of pool memory here
         assert len(lang._exports) == 1
         if lang.pool.device.type == "cpu" and transport == "shm":
-            assert len(glob.glob(f"/dev/shm/embr-{os.getpid()}[.-]*pool-*")) == 1
+            assert before >= 1 and pool_fds() == fds_before       # one memfd, handed out, never copied
 
 
 def test_connect_and_reconnect_leak_nothing(data):

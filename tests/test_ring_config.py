@@ -1,13 +1,17 @@
 import multiprocessing as mp
 import os
+import socket
 import threading
+import time
 
 import pytest
+import torch
 from hypothesis import given, settings, strategies as st
 
 from embresume.config import Config
 from embresume.errors import ConfigError
 from embresume.ipc.ring import RingClosed, RingTimeout, ShmRing
+from embresume.ipc import unix
 from embresume.ipc.shm import ShmSegment
 
 
@@ -15,7 +19,7 @@ from embresume.ipc.shm import ShmSegment
 @given(st.lists(st.binary(max_size=3000), max_size=60))
 def test_ring_preserves_order_and_bytes_across_wraparound(msgs):
     w = ShmRing.create(4096)
-    r = ShmRing.attach(w.name)
+    r = ShmRing.from_handles(w.handles())
     try:
         got = []
 
@@ -38,7 +42,7 @@ def test_ring_preserves_order_and_bytes_across_wraparound(msgs):
 
 def test_ring_full_times_out_and_close_wakes_reader():
     w = ShmRing.create(4096)
-    r = ShmRing.attach(w.name)
+    r = ShmRing.from_handles(w.handles())
     try:
         w.send(b"a" * 4000)
         with pytest.raises(RingTimeout):
@@ -55,8 +59,11 @@ def test_ring_full_times_out_and_close_wakes_reader():
         w.close()
 
 
-def _child_echo(name_in, name_out):
-    rin, rout = ShmRing.attach(name_in), ShmRing.attach(name_out)
+def _child_echo(sock):
+    data, fds = unix.recv(sock)
+    assert data == b"rings" and len(fds) == 6
+    rin, rout = ShmRing.from_handles(fds[:3]), ShmRing.from_handles(fds[3:])
+    unix.close_all(fds)
     for _ in range(100):
         rout.send(rin.recv(timeout=10))
     rin.close()
@@ -64,10 +71,14 @@ def _child_echo(name_in, name_out):
 
 
 def test_ring_between_processes():
+    """The rings travel as fds (memfd + eventfds) over a Unix socket, as in the handshake."""
     a, b = ShmRing.create(1 << 16), ShmRing.create(1 << 16)
-    p = mp.get_context("spawn").Process(target=_child_echo, args=(a.name, b.name))
+    here, there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    p = mp.get_context("spawn").Process(target=_child_echo, args=(there,))
     p.start()
     try:
+        there.close()
+        unix.send(here, b"rings", a.handles() + b.handles())
         for i in range(100):
             a.send(os.urandom(i * 7) + bytes([i]))
             m = b.recv(timeout=10)
@@ -76,24 +87,49 @@ def test_ring_between_processes():
         p.join(10)
         if p.is_alive():
             p.kill()
+        here.close()
         a.close()
         b.close()
+    assert p.exitcode == 0
 
 
-def test_segment_mode_and_unlink():
-    s = ShmSegment.create(8192, prefault=True)
+def test_ring_refuses_what_is_not_a_sealed_ring():
+    w = ShmRing.create(4096)
+    r_, w_ = os.pipe()
     try:
-        assert os.stat(f"/dev/shm{s.name}").st_mode & 0o777 == 0o600
-        s.raw[:4] = 7
-        t = ShmSegment.attach(s.name, 8192)
-        assert int(t.raw[3]) == 7
-        s.unlink()
-        assert not os.path.exists(f"/dev/shm{s.name}")
-        t.raw[0] = 9                 # mappings outlive the name
-        assert int(s.raw[0]) == 9
-        t.close()
+        seg, items, space = w.handles()
+        for bad in ([seg, items], [seg, items, r_], [r_, items, space], "x", [seg, items, 1.5]):
+            with pytest.raises(ValueError):
+                ShmRing.from_handles(bad)
+        plain = ShmSegment.create(8192)
+        try:                          # a sealed memfd whose header claims more than it holds
+            plain.raw[128:136] = torch.tensor([1 << 20], dtype=torch.int64).view(torch.uint8)
+            with pytest.raises(ValueError, match="capacity"):
+                ShmRing.from_handles([plain.fd, items, space])
+        finally:
+            plain.close()
     finally:
-        s.close()
+        os.close(r_)
+        os.close(w_)
+        w.close()
+
+
+def test_wake_reader_and_stale_doorbell():
+    w = ShmRing.create(4096)
+    r = ShmRing.from_handles(w.handles())
+    try:
+        for i in range(5):
+            w.send(bytes([i]))
+        assert [r.recv(timeout=1) for _ in range(5)] == [bytes([i]) for i in range(5)]
+        t0 = time.monotonic()
+        assert r.recv(timeout=0.2) is None              # the stale doorbell does not end the wait
+        assert time.monotonic() - t0 >= 0.19
+        threading.Timer(0.05, r.wake_reader).start()
+        t0 = time.monotonic()
+        assert r.recv(timeout=5) is None and time.monotonic() - t0 < 2
+    finally:
+        r.close()
+        w.close()
 
 
 def test_config_env_and_precedence(monkeypatch):

@@ -23,9 +23,11 @@ The endpoints never name a transport.  What they need to know they ask the
 class (capabilities) or the instance:
 
 * :attr:`Transport.same_host_only` -- usable only when both endpoints share a
-  node (shared memory, CUDA IPC); such transports use the shm ring pair as
-  their control channel (:attr:`Transport.control` ``"ring"``), the others
-  ZeroMQ (``"zmq"``);
+  node (shared memory, CUDA IPC): only peers whose handshake came over the
+  encoder's Unix socket (:mod:`embresume.ipc.unix`, kernel-checked
+  credentials, fds passed) may use them.  The control channel follows the
+  handshake, not the transport: the shm ring pair after a Unix-socket
+  handshake, ZeroMQ after a tcp one;
 * :attr:`Transport.pool_devices` -- the device types of receive pools it can
   carry; :meth:`Transport.create_backing` makes the memory of a pool it can
   export (the language endpoint asks the most specific transport allowed);
@@ -72,8 +74,6 @@ class Transport(abc.ABC):
     same_host_only: ClassVar[bool] = False
     #: device types ("cpu", "cuda") of receive pools this transport can carry
     pool_devices: ClassVar[tuple[str, ...]] = ("cpu",)
-    #: control channel: "ring" (shm ring pair, same host) or "zmq"
-    control: ClassVar[str] = "zmq"
     #: worth splitting a chunk into pieces whose PROGRESS lets the receiver
     #: copy out earlier pieces while later ones are written (CPU-driven copies)
     pipelined: bool = False
@@ -112,7 +112,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def export_pool(self, pool: BlockPool) -> dict:
         """Make ``pool`` writable by peers; return a JSON-able description.
-        Called once per pool and instance, however many peers open it."""
+        Called once per pool and instance, however many peers open it.  An fd
+        the peer needs goes in as :class:`embresume.ipc.unix.Fd` (passed over
+        the Unix-socket handshake; ``open_peer`` gets the received fd, valid
+        during the call only)."""
 
     def unexport_pool(self, pool: BlockPool) -> None:
         """Undo :meth:`export_pool` (called when the language endpoint closes)."""
@@ -132,11 +135,6 @@ class Transport(abc.ABC):
 
     def close_peer(self, peer: PeerPool) -> None:
         peer.close()
-
-    def peer_died(self, peer: PeerPool) -> None:
-        """The process that exported ``peer`` is gone (killed before it could
-        clean up): remove what only it would have removed.  Called before
-        :meth:`close_peer`."""
 
     def close(self) -> None:
         pass

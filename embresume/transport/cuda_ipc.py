@@ -58,7 +58,6 @@ class CudaIpcTransport(Transport):
     name = "cuda_ipc"
     same_host_only = True
     pool_devices = ("cuda",)
-    control = "ring"
 
     def __init__(self, device=None, cache=None, allow_same_process: bool = False):
         self._device = device

@@ -105,8 +105,9 @@ def offer(config, transports: "TransportSet", pool, peer_host: Optional[str],
 
 def accepted(config, name: str, same_node: bool) -> bool:
     """Encoder side: may a peer use ``name``?  ``Config.allowed_transports``, by
-    default the same-host transports for peers on this node and the others for
-    peers elsewhere (a local peer cannot make us open Mooncake engines)."""
+    default the same-host transports for peers on this host (their handshake
+    came over the Unix socket) and the others for peers elsewhere (a local
+    peer cannot make us open Mooncake engines)."""
     if config.transport != "auto" and name != config.transport:
         return False
     if config.allowed_transports is not None:
@@ -178,6 +179,30 @@ def endpoint_host(endpoint: str) -> str:
     if "://" not in endpoint:
         return "127.0.0.1"
     return urlsplit(endpoint).hostname or "127.0.0.1"
+
+
+def is_local(endpoint: str) -> bool:
+    """Is the encoder at ``endpoint`` on this host, in our network namespace?
+    (Then the handshake goes over its Unix socket.)  True for loopback and
+    wildcard hosts, ``ipc://``/``inproc://``, and any address one of our
+    interfaces has (it can be bound)."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    host = endpoint_host(endpoint)
+    if host in ("localhost", "*", "0.0.0.0", "::", "::1", "") or host.startswith("127."):
+        return True
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, _, _, _, addr in infos:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.bind((addr[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def local_ip_towards(host: str) -> str:

@@ -1,12 +1,10 @@
-"""Same-host CPU transport: the language endpoint's pool lives in POSIX shared
-memory; each encoder maps it once at handshake and copies blocks straight
-into it (one copy, no staging).
+"""Same-host CPU transport: the language endpoint's pool lives in anonymous
+shared memory (a sealed memfd, :mod:`embresume.ipc.shm`); each encoder maps it
+once at handshake, from the fd passed over the handshake's Unix socket, and
+copies blocks straight into it (one copy, no staging).
 
-One segment serves every encoder of the endpoint: its name stays in
-``/dev/shm`` while the endpoint lives (so an encoder that connects later, or
-reconnects after a restart, can map it) and is unlinked at close; a segment
-left by a killed process is swept by the next endpoint that starts
-(:mod:`embresume.ipc.shm`).
+One segment serves every encoder of the endpoint.  It has no name: it goes
+away with the last process that maps it, however that process ends.
 """
 
 from __future__ import annotations
@@ -36,15 +34,13 @@ class ShmTransport(Transport):
     name = "shm"
     same_host_only = True
     pool_devices = ("cpu",)
-    control = "ring"
     pipelined = True
 
     @classmethod
     def unavailable_reason(cls) -> Optional[str]:
-        try:
-            import posix_ipc  # noqa: F401
-        except Exception as e:  # pragma: no cover - depends on the machine
-            return f"posix_ipc does not import: {e}"
+        import os
+        if not hasattr(os, "memfd_create"):  # pragma: no cover - Linux has it
+            return "this platform has no memfd_create"
         return None
 
     @classmethod
@@ -60,13 +56,10 @@ class ShmTransport(Transport):
 
     def export_pool(self, pool: BlockPool) -> dict:
         if not self.can_export(pool):
-            raise TransportUnavailable("the shm transport needs a pool backed by POSIX shared memory")
-        return {"segment": pool.backing.segment.name, "nbytes": pool.layout.nbytes,
+            raise TransportUnavailable("the shm transport needs a pool in shared memory (a memfd)")
+        from ..ipc.unix import Fd
+        return {"fd": Fd(pool.backing.segment.fd), "nbytes": pool.layout.nbytes,
                 "layout": pool.layout.to_dict()}
-
-    def unexport_pool(self, pool: BlockPool) -> None:
-        if self.can_export(pool):
-            pool.backing.segment.unlink()
 
     def open_peer(self, desc: dict) -> ShmPeer:
         from ..ipc.shm import ShmBacking
@@ -74,19 +67,15 @@ class ShmTransport(Transport):
         nbytes = int(desc["nbytes"])
         if nbytes < layout.nbytes:
             raise TransferError(f"peer pool of {nbytes} bytes is smaller than its layout needs ({layout.nbytes})")
-        backing = ShmBacking.attach(desc["segment"], layout.nbytes)
-        return ShmPeer(layout, desc, BlockPool(layout, backing))
-
-    def peer_died(self, peer: ShmPeer) -> None:
-        # the language endpoint keeps its pool's name while it lives (encoders
-        # that connect later map it); killed, it cannot unlink it: we do, if the
-        # creator named in it (/embr-<pid>.<pidns>-...) is really gone
-        from ..ipc.shm import PREFIX, creator_pid, unlink_segment
-        from ..node import pid_alive
-        name = str(peer.desc.get("segment", ""))
-        pid = creator_pid(name.lstrip("/")) if name.startswith(PREFIX) else None
-        if pid is not None and not pid_alive(pid):
-            unlink_segment(name)
+        from ..ipc.unix import Fd
+        fd = desc.get("fd")
+        if not isinstance(fd, Fd):         # a bare number would name one of OUR fds
+            raise TransferError("the shm pool description carries no fd (it travels over the Unix-socket handshake)")
+        try:
+            backing = ShmBacking.from_fd(fd, layout.nbytes)
+        except ValueError as e:
+            raise TransferError(str(e)) from None
+        return ShmPeer(layout, {k: v for k, v in desc.items() if k != "fd"}, BlockPool(layout, backing))
 
     def write_chunk(self, peer: ShmPeer, src, plan: ChunkPlan, aux: Optional[torch.Tensor]) -> None:
         block0 = plan.src_block_start

@@ -1,0 +1,424 @@
+"""Hostile and faulty peers on the same host: each attack that once worked is a test.
+
+* another uid cannot connect (the kernel's SO_PEERCRED uid is checked at
+  accept: it is closed before it can send a byte, learns nothing), unless
+  configured (``allowed_uids``); a language rank refuses an encoder of a uid
+  it does not allow (nobody can squat the socket name and impersonate one);
+* no peer can make the encoder's mapping of its pool shrink (sealed memfds:
+  ftruncate fails; an unsealed fd is refused at the handshake);
+* a session id cannot be taken over by a second connection;
+* a same-host peer asking for Mooncake cannot make an ``auto`` encoder open
+  engines (ports on all interfaces);
+* kill -9 of a language process at any moment of its start-up leaves
+  nothing named and nothing mapped in the encoder;
+* the handshake socket is bounded: packet size, fds per packet, half-open
+  connections (dropped after ``handshake_timeout``).
+
+The other-uid tests create a throwaway user when running as root and skip
+otherwise.  The tcp side (auth keys, keyless refusal) is in test_auth.py.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import secrets
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from embresume import protocol as P
+from embresume.blocks import BlockLayout
+from embresume.encoder import EncoderEndpoint
+from embresume.errors import PeerError
+from embresume.ipc import unix
+from embresume.ipc.ring import ShmRing
+from embresume.language import LanguageEndpoint
+from embresume.node import pid_alive
+from embresume.synthetic import SyntheticData
+
+from conftest import make_config
+
+HIDDEN = 256
+
+
+def _wait_until(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def _layout(cfg) -> dict:
+    return BlockLayout(cfg.total_pool_blocks, cfg.block_size, cfg.hidden_size, cfg.dtype, cfg.aux_ints).to_dict()
+
+
+def _raw_hello(enc: EncoderEndpoint, cfg, session: str = "raw", offer=("shm",)):
+    """A hand-made same-host handshake up to the encoder's hello reply."""
+    sock = unix.connect(enc.unix_name, 5.0)
+    hello = {"phase": "hello", "layout": _layout(cfg), "offer": list(offer)}
+    unix.send(sock, P.encode(P.Register(P.Role.LANGUAGE, session, "n", os.getpid(), 0, "", hello)))
+    data, fds = unix.recv_blocking(sock, time.monotonic() + 5)
+    unix.close_all(fds)
+    return sock, P.decode(data)
+
+
+def _my_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _memfds() -> int:
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:embresume")
+        except OSError:
+            pass
+    return n
+
+
+# ---------------------------------------------------------------- another uid
+@pytest.fixture(scope="module")
+def other_user():
+    """(uid, gid) of a throwaway user, removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a throwaway user (CI runs as root)")
+    if shutil.which("useradd") is None:
+        pytest.skip("needs useradd to create a throwaway user")
+    name = f"embr{secrets.token_hex(4)}"
+    r = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"useradd failed: {r.stderr.strip()}")
+    try:
+        import pwd
+        pw = pwd.getpwnam(name)
+        yield pw.pw_uid, pw.pw_gid
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+
+
+def _become(uid: int, gid: int) -> None:
+    # everything the role needs is imported before the privileges go
+    import torch  # noqa: F401
+    import embresume.encoder  # noqa: F401
+    import embresume.language  # noqa: F401
+    import embresume.transport.shm  # noqa: F401
+    import embresume.ipc.channel  # noqa: F401
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
+def _intruder(uid, gid, cfg, rooms, verify_seed, res_q):
+    """Child: a language rank running as another uid."""
+    _become(uid, gid)
+    out = {"uid": os.getuid()}
+    # a raw hello first: what does the socket say to a uid it does not allow?
+    try:
+        s = unix.connect(unix.socket_name(cfg.encoder_endpoint), 5.0)
+        try:
+            unix.send(s, P.encode(P.Register(P.Role.LANGUAGE, "x", "n", os.getpid(), 0, "", {"phase": "hello"})))
+            data, fds = unix.recv_blocking(s, time.monotonic() + 5)
+            unix.close_all(fds)
+            out["raw"] = data
+        except OSError as e:
+            out["raw"] = f"{type(e).__name__}"
+        finally:
+            s.close()
+    except OSError as e:
+        out["raw"] = f"connect: {type(e).__name__}"
+    try:
+        with LanguageEndpoint(cfg) as lang:
+            data = SyntheticData(HIDDEN, "bf16", 4000, seed=verify_seed)
+            out["verified"] = [data.verify(r, lang.recv(r, timeout=20)) for r in rooms]
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+    res_q.put(out)
+
+
+def _foreign_encoder(uid, gid, cfg, res_q, cmd_q):
+    """Child: an encoder running as another uid (a squatter, or a real one)."""
+    _become(uid, gid)
+    try:
+        with EncoderEndpoint(cfg) as enc:
+            res_q.put(("ready", enc.address))
+            cmd_q.get(timeout=60)
+    except Exception as e:
+        res_q.put(("error", f"{type(e).__name__}: {e}"))
+
+
+def _run_child(target, args, timeout=60.0):
+    ctx = mp.get_context("spawn")
+    res_q = ctx.Queue()
+    p = ctx.Process(target=target, args=(*args, res_q), daemon=True)
+    p.start()
+    try:
+        return res_q.get(timeout=timeout)
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+def test_another_uid_is_refused_and_learns_nothing(other_user):
+    uid, gid = other_user
+    cfg = make_config("shm")
+    data = SyntheticData(HIDDEN, "bf16", 4000, seed=5)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        for room in range(10):
+            enc.send_tensors(room, *data.sample(room, 500 + 300 * room))
+        # the intruder accepts a root encoder, but the encoder does not accept it
+        out = _run_child(_intruder, (uid, gid, cfg.replace(allowed_uids=(0,), handshake_timeout=3.0), range(10), 5))
+        assert out["uid"] == uid
+        assert out["raw"] in (b"", "ConnectionResetError", "BrokenPipeError"), out   # closed, not a byte said
+        assert "verified" not in out and "closed the handshake" in out["error"], out
+        assert enc.stats["refused_uid"] >= 2
+        assert [p["session_id"] for p in enc.peers()] == [lang._encoders[cfg.encoder_endpoint].link.session_id]
+        for room in range(10):                                  # the legitimate rank lost nothing
+            assert data.verify(room, lang.recv(room, timeout=20))
+
+
+def test_an_allowed_other_uid_is_served(other_user):
+    uid, gid = other_user
+    cfg = make_config("shm", allowed_uids=(uid,))
+    data = SyntheticData(HIDDEN, "bf16", 4000, seed=6)
+    with EncoderEndpoint(cfg) as enc:
+        for room in range(3):
+            enc.send_tensors(room, *data.sample(room, 700 * (room + 1)))
+        out = _run_child(_intruder, (uid, gid, cfg.replace(allowed_uids=(0,)), range(3), 6))
+    assert out.get("verified") == [True, True, True], out
+
+
+def test_a_rank_refuses_an_encoder_of_another_uid(other_user):
+    """Whoever binds the socket name first cannot impersonate the encoder."""
+    uid, gid = other_user
+    cfg = make_config("shm")
+    ctx = mp.get_context("spawn")
+    res_q, cmd_q = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=_foreign_encoder, args=(uid, gid, cfg.replace(allowed_uids=(0,)), res_q, cmd_q),
+                    daemon=True)
+    p.start()
+    try:
+        kind, what = res_q.get(timeout=60)
+        assert kind == "ready", what
+        with pytest.raises(PeerError, match=f"runs as uid {uid}, which is not an allowed uid"):
+            LanguageEndpoint(cfg.replace(handshake_timeout=3.0))
+        with LanguageEndpoint(cfg.replace(allowed_uids=(uid,))) as lang:     # configured: accepted
+            assert lang.connected
+    finally:
+        cmd_q.put("stop")
+        p.join(10)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+# ---------------------------------------------------------------- shared memory
+def test_no_peer_can_shrink_a_mapped_pool_or_ring():
+    cfg = make_config("shm")
+    data = SyntheticData(HIDDEN, "bf16", 4000, seed=7)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        fd = lang.pool.backing.segment.fd
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 4096)
+        with open(f"/proc/self/fd/{fd}", "r+b") as again:      # another open file of the same memfd
+            with pytest.raises(PermissionError):
+                os.ftruncate(again.fileno(), 0)
+        ring = lang._encoders[cfg.encoder_endpoint].link.channel.tx
+        with pytest.raises(PermissionError):
+            os.ftruncate(ring.seg.fd, 0)
+        for room in range(5):
+            enc.send_tensors(room, *data.sample(room, 1500))
+            assert data.verify(room, lang.recv(room, timeout=20))
+
+
+@pytest.mark.parametrize("what", ["unsealed pool", "sealable but unsealed pool", "pipe as pool",
+                                  "unsealed ring", "pipe as doorbell", "missing fd"])
+def test_a_pool_or_ring_that_could_shrink_is_refused(what):
+    cfg = make_config("shm")
+    layout = _layout(cfg)
+    nbytes = BlockLayout.from_dict(layout).nbytes
+    with EncoderEndpoint(cfg) as enc:
+        sock, hello = _raw_hello(enc, cfg)
+        assert hello.desc["phase"] == "hello" and hello.transport == "shm"
+        rings = [ShmRing.create(4096), ShmRing.create(4096)]
+        r_pipe, w_pipe = os.pipe()
+        plain = os.memfd_create("embresume-pool", os.MFD_CLOEXEC)
+        sealable = os.memfd_create("embresume-pool", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        unsealed_ring = os.memfd_create("embresume-ring", os.MFD_CLOEXEC)
+        try:
+            for fd in (plain, sealable):
+                os.ftruncate(fd, nbytes)
+            os.ftruncate(unsealed_ring, 192 + 4096)
+            from embresume.ipc.shm import ShmSegment
+            good = ShmSegment.create(nbytes, prefault=False)
+            pool_fd = {"unsealed pool": plain, "sealable but unsealed pool": sealable,
+                       "pipe as pool": r_pipe}.get(what, good.fd)
+            l2e = [unix.Fd(x) for x in rings[0].handles()]
+            e2l = [unix.Fd(x) for x in rings[1].handles()]
+            if what == "unsealed ring":
+                l2e[0] = unix.Fd(unsealed_ring)
+            if what == "pipe as doorbell":
+                e2l[1] = unix.Fd(r_pipe)
+            pool = {"fd": unix.Fd(pool_fd), "nbytes": nbytes, "layout": layout}
+            if what == "missing fd":
+                pool["fd"] = 3                      # a number, not a passed fd
+            desc, fds = unix.pack_fds({"phase": "pool", "pool": pool, "rings": {"l2e": l2e, "e2l": e2l}})
+            unix.send(sock, P.encode(P.Register(P.Role.LANGUAGE, "raw", "n", os.getpid(), 0, "shm", desc)), fds)
+            data, got = unix.recv_blocking(sock, time.monotonic() + 5)
+            unix.close_all(got)
+            bye = P.decode(data)
+            assert isinstance(bye, P.Bye), bye
+            assert any(w in bye.reason for w in ("not sealed", "not a sealable memfd", "not an eventfd",
+                                                 "carries no fd")), bye.reason
+            assert enc.peers() == []
+            good.close()
+        finally:
+            sock.close()
+            for fd in (r_pipe, w_pipe, plain, sealable, unsealed_ring):
+                os.close(fd)
+            for r in rings:
+                r.close()
+        # nothing of the refused peer stays mapped in the encoder, and it still serves
+        assert _wait_until(lambda: _memfds() == 0, 5), _memfds()
+        d = SyntheticData(HIDDEN, "bf16", 4000, seed=8)
+        with LanguageEndpoint(cfg) as lang:
+            enc.send_tensors(1, *d.sample(1, 2000))
+            assert d.verify(1, lang.recv(1, timeout=20))
+
+
+# ---------------------------------------------------------------- sessions and transports
+def test_a_live_session_id_cannot_be_taken_over():
+    cfg = make_config("shm")
+    data = SyntheticData(HIDDEN, "bf16", 4000, seed=9)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        victim = lang._encoders[cfg.encoder_endpoint].link.session_id
+        thief = LanguageEndpoint(cfg.replace(handshake_timeout=3.0), connect=False)
+        try:
+            thief._session = lambda: victim                     # a leaked session id
+            with pytest.raises(PeerError, match="already connected"):
+                thief.connect()
+        finally:
+            thief.close()
+        assert [p["session_id"] for p in enc.peers()] == [victim]
+        for room in range(5):
+            enc.send_tensors(room, *data.sample(room, 1200))
+            assert data.verify(room, lang.recv(room, timeout=20))
+
+
+def test_a_local_peer_cannot_make_an_auto_encoder_open_mooncake():
+    try:
+        import embresume.transport.mooncake  # noqa: F401
+        from mooncake.engine import TransferEngine  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"Mooncake unavailable: {e}")
+    cfg = make_config("auto")
+    with EncoderEndpoint(cfg) as enc:
+        for _ in range(5):
+            with pytest.raises(PeerError, match="no common transport"):
+                LanguageEndpoint(cfg.replace(transport="mooncake", handshake_timeout=3.0))
+        assert not [t for t in enc._transports.instances() if t.name == "mooncake"]
+        assert enc.peers() == []
+
+
+# ---------------------------------------------------------------- kill -9
+def _starting_rank(cfg, res_q):
+    res_q.put(os.getpid())
+    with LanguageEndpoint(cfg) as lang:
+        res_q.put("up")
+        time.sleep(60)
+
+
+def test_kill_9_during_start_up_leaves_nothing():
+    """Killed at any moment (pool creation, handshake, connected), a language
+    process leaves no name anywhere and nothing mapped in the encoder."""
+    cfg = make_config("shm", pool_blocks=256)
+    ctx = mp.get_context("spawn")
+    delays = [0.0, 0.05, 0.15, 0.3, 0.5, 0.8, 1.2, 2.0]
+    with EncoderEndpoint(cfg) as enc:
+        base = _memfds()
+        for delay in delays:
+            res_q = ctx.Queue()
+            p = ctx.Process(target=_starting_rank, args=(cfg, res_q), daemon=True)
+            p.start()
+            try:
+                res_q.get(timeout=60)                   # running: the start-up begins now
+                time.sleep(delay)
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(10)
+            finally:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+            assert not pid_alive(p.pid)
+            assert not [n for n in os.listdir("/dev/shm") if n.startswith(("embr-", "sem.embr-"))]
+            # the encoder notices at once (the handshake socket's EOF) and unmaps its pool
+            assert _wait_until(lambda: not enc.peers() and _memfds() == base, 10), (delay, enc.peers(), _memfds())
+
+
+# ---------------------------------------------------------------- bounded input
+def test_handshake_socket_bounds_packets_and_fds():
+    cfg = make_config("shm")
+    with EncoderEndpoint(cfg) as enc:
+        fds0 = _my_fds()
+        # too large a packet: dropped, and the connection with it
+        s = unix.connect(enc.unix_name, 5.0)
+        s.sendall(b"x" * (unix.MAX_PACKET + 100))
+        assert unix.recv_blocking(s, time.monotonic() + 5)[0] == b""
+        s.close()
+        # too many fds: all closed on our side of the encoder, connection dropped
+        s = unix.connect(enc.unix_name, 5.0)
+        pipes = [os.pipe() for _ in range(unix.MAX_FDS + 4)]
+        try:
+            import socket as _s
+            _s.send_fds(s, [b"hello?"], [r for r, _ in pipes])
+            assert unix.recv_blocking(s, time.monotonic() + 5)[0] == b""
+        finally:
+            s.close()
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+        # garbage and a bad JSON nesting: a Bye naming the problem, nothing kept
+        for junk in (b"\x00" * 64, P.encode(P.Register(P.Role.LANGUAGE, "deep", "n", 1, 0, "",
+                                                        {"phase": "hello", "layout": _nest(200)}))):
+            s = unix.connect(enc.unix_name, 5.0)
+            unix.send(s, junk)
+            data, _ = unix.recv_blocking(s, time.monotonic() + 5)
+            assert isinstance(P.decode(data), P.Bye)
+            s.close()
+        assert _wait_until(lambda: _my_fds() <= fds0, 5), (_my_fds(), fds0)
+        assert enc.stats["bad_handshakes"] >= 4 and enc.peers() == []
+
+
+def _nest(depth: int):
+    d: dict = {}
+    for _ in range(depth):
+        d = {"a": d}
+    return d
+
+
+def test_half_open_connections_are_bounded_and_expire():
+    from embresume.encoder import MAX_PENDING_HANDSHAKES
+    cfg = make_config("shm", handshake_timeout=1.5)
+    socks = []
+    with EncoderEndpoint(cfg) as enc:
+        try:
+            for _ in range(MAX_PENDING_HANDSHAKES + 40):
+                socks.append(unix.connect(enc.unix_name, 5.0))
+            assert _wait_until(lambda: enc._unix.connections() <= MAX_PENDING_HANDSHAKES, 5)
+            # a legitimate rank still gets in meanwhile
+            with LanguageEndpoint(cfg.replace(handshake_timeout=10.0)) as lang:
+                assert lang.connected
+                assert _wait_until(lambda: enc._unix.connections() == 1, 10), enc._unix.connections()
+        finally:
+            for s in socks:
+                s.close()
