@@ -601,16 +601,18 @@ class EncoderEndpoint:
             r = _Room(msg.room, time.monotonic() + self.config.request_timeout)
             self._rooms[msg.room] = r
             self._finished.pop(msg.room, None)
+        if r.required and len(r.ranks) >= r.required:
+            # the room's ranks are complete: another session is told, the room is left alone
+            self._reject(peer, msg.room, f"more than required_dst_info_num={r.required} ranks")
+            return
         if r.required and r.required != msg.required_dst_info_num:
+            # still gathering its ranks: they disagree, so every one of them is told now
             reason = (f"ranks disagree on required_dst_info_num ({r.required} vs "
                       f"{msg.required_dst_info_num})")
-            self._reject(peer, msg.room, reason)       # the disagreeing rank is told too
+            self._reject(peer, msg.room, reason)
             self._fail_room(r, reason)
             return
         r.required = msg.required_dst_info_num
-        if len(r.ranks) >= r.required:
-            self._reject(peer, msg.room, f"more than required_dst_info_num={r.required} ranks")
-            return
         r.ranks[peer.session_id] = _Rank(peer, msg.nonce, msg.dst_blocks, msg.allocated_tokens, pending=True)
         r.deadline = time.monotonic() + self.config.request_timeout
         if len(r.ranks) == r.required and r.tracker.status is Status.Bootstrapping:

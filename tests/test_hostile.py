@@ -422,3 +422,118 @@ def test_half_open_connections_are_bounded_and_expire():
         finally:
             for s in socks:
                 s.close()
+
+
+# ---------------------------------------------------------------- rooms and values
+def test_another_session_cannot_disrupt_or_join_a_room():
+    """A room's ranks are fixed by its first INITs: another session asking for
+    it (any required_dst_info_num) is told Failed; the room is left alone."""
+    cfg = make_config("shm")
+    data = SyntheticData(HIDDEN, "bf16", 4000, seed=11)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang, LanguageEndpoint(cfg) as other:
+        for room in range(5):
+            lang.request(room)
+            assert _wait_until(lambda: room in enc._rooms and len(enc._rooms[room].ranks) == 1, 10)
+            for required in (2, 1, 3):
+                other.request(room, required_dst_info_num=required)
+                assert other.wait(room, 10).name == "Failed"
+                assert "more than required_dst_info_num=1" in other.failure_reason(room)
+                other._reqs.pop(room, None)
+            enc.send_tensors(room, *data.sample(room, 1000 + 500 * room))
+            assert data.verify(room, lang.recv(room, timeout=20))
+        assert other.allocator.free_blocks == other.layout.num_blocks
+
+
+def test_tensor_parallel_ranks_that_disagree_all_fail_at_once():
+    cfg = make_config("shm")
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as r0, LanguageEndpoint(cfg, tp_rank=1) as r1:
+        r0.request(7, required_dst_info_num=2)
+        assert _wait_until(lambda: 7 in enc._rooms, 10)
+        r1.request(7, required_dst_info_num=3)
+        t0 = time.monotonic()
+        assert r0.wait(7, 10).name == "Failed" and r1.wait(7, 10).name == "Failed"
+        assert time.monotonic() - t0 < 5                          # told, not timed out
+        assert "disagree" in r0.failure_reason(7) and "disagree" in r1.failure_reason(7)
+        assert _wait_until(lambda: r0.allocator.free_blocks == r0.layout.num_blocks
+                           and r1.allocator.free_blocks == r1.layout.num_blocks, 10)
+
+
+def test_encoder_values_fail_at_the_call():
+    from embresume.errors import InvalidArgument
+    data = SyntheticData(HIDDEN, "bf16", 4000, seed=12)
+    e, f, m, _ = data.sample(1, 100)
+    with EncoderEndpoint(make_config("shm")) as enc:
+        for room, delta in ((2 ** 64, 0), (-1, 0), ("x" * 300, 0), (1, 2 ** 31), (1, -2 ** 31 - 1), (1, 1.5)):
+            with pytest.raises(ValueError):
+                enc.send_tensors(room, e, f, m, delta)
+        with pytest.raises(InvalidArgument):
+            enc.send_tensors(1, e, f, m, True)
+        assert not enc._rooms
+
+
+def test_a_zombie_process_is_dead():
+    p = subprocess.Popen(["true"])
+    assert _wait_until(lambda: open(f"/proc/{p.pid}/stat").read().split(") ")[1][0] == "Z", 5)
+    try:
+        assert not pid_alive(p.pid)                 # exited, not yet reaped
+    finally:
+        p.wait()
+    assert pid_alive(os.getpid())
+
+
+def test_init_with_too_many_blocks_is_refused_quickly():
+    big = P.encode(P.Init(1, "e", 0, "s", tuple(range(P.MAX_BLOCKS)), 1, P.MAX_BLOCKS * 128, 1))
+    t0 = time.monotonic()
+    P.decode(big)                                                # the largest allowed decodes
+    assert time.monotonic() - t0 < 2
+    bad = bytearray(big)
+    # the block count field claims 16M: refused before any per-block work
+    import struct
+    n_at = bytes(big).find(struct.pack("<I", P.MAX_BLOCKS))
+    assert n_at > 0
+    bad[n_at:n_at + 4] = struct.pack("<I", 1 << 24)
+    t0 = time.monotonic()
+    with pytest.raises(ValueError):
+        P.decode(bytes(bad))
+    assert time.monotonic() - t0 < 0.5
+
+
+def test_tcp_half_open_hellos_are_bounded_and_expire(monkeypatch):
+    """With a key, tcp hellos that never complete are at most 256 and go after
+    handshake_timeout."""
+    import zmq
+    from embresume import auth
+    from embresume.encoder import MAX_PENDING_HANDSHAKES
+    from embresume.transport import select
+    if select.unavailable_reason("mooncake"):
+        pytest.skip(f"a tcp hello needs a transport for tcp peers: {select.unavailable_reason('mooncake')}")
+    cfg = make_config("auto", auth_key="x" * 40, handshake_timeout=1.5)
+    ctx = zmq.Context.instance()
+    socks = []
+    with EncoderEndpoint(cfg) as enc:
+        try:
+            hello = {"phase": "hello", "layout": _layout(cfg), "offer": ["mooncake"]}
+            for i in range(MAX_PENDING_HANDSHAKES + 60):
+                s = ctx.socket(zmq.DEALER)
+                s.setsockopt(zmq.LINGER, 0)
+                auth.make_client(s, auth.keys_for(cfg))
+                s.connect(enc.address)
+                s.send(P.encode(P.Register(P.Role.LANGUAGE, f"h{i}", "n", 1, 0, "", hello)))
+                socks.append(s)
+            assert _wait_until(lambda: len(enc._handshakes) >= 100, 20), len(enc._handshakes)
+            assert len(enc._handshakes) <= MAX_PENDING_HANDSHAKES
+            assert _wait_until(lambda: len(enc._handshakes) == 0, 10), len(enc._handshakes)
+        finally:
+            for s in socks:
+                s.close()
+
+
+@pytest.mark.parametrize("n", [40])
+def test_first_frame_after_ready_is_never_a_heartbeat(n):
+    """The handshake race: a 5 ms heartbeat never beats the 'ready' reply."""
+    cfg = make_config("shm", heartbeat_interval=0.005, peer_timeout=2.0)
+    with EncoderEndpoint(cfg) as enc:
+        for _ in range(n):
+            with LanguageEndpoint(cfg) as lang:
+                assert lang.connected
+        assert _wait_until(lambda: enc.peers() == [], 10)
