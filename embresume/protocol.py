@@ -44,7 +44,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Union
 
-from .errors import ProtocolError
+from .errors import InvalidArgument, ProtocolError
 from .status import Status
 
 MAGIC = b"EMBR"
@@ -224,7 +224,7 @@ def check_room(room, error=None, name: str = "room") -> None:
     """Validate a room key; raises ``error`` (default
     :class:`~embresume.errors.InvalidArgument`) with a clear message."""
     if error is None:
-        from .errors import InvalidArgument as error
+        error = InvalidArgument
     msg = None
     if isinstance(room, bool):
         msg = "a room key is an int, str or bytes, not a bool"
