@@ -136,7 +136,9 @@ class Config:
     device: str = "cpu"
     #: "auto" picks shm/cuda_ipc on the same node and mooncake across nodes
     transport: TransportName = "auto"
-    #: ZeroMQ endpoint of the encoder's handshake/control socket
+    #: ZeroMQ endpoint of the encoder's handshake/control socket for peers on other
+    #: hosts; peers on this host use the abstract Unix socket named after it
+    #: (embresume.ipc.unix.socket_name)
     encoder_endpoint: str = "tcp://127.0.0.1:17600"
     #: seconds: handshake, waiting for the peer's inits/resumes, a chunk's status
     handshake_timeout: float = 10.0
