@@ -126,6 +126,11 @@ class _Room:
     t0: float = field(default_factory=time.monotonic)
 
 
+def _reply(transport: str, desc: dict) -> P.Register:
+    """The encoder's handshake message (hello / retry / ready)."""
+    return P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, transport, desc)
+
+
 class _HsZmq:
     """A handshake that came over the ZeroMQ (tcp) socket: a peer elsewhere."""
 
@@ -433,7 +438,7 @@ class EncoderEndpoint:
             while len(self._handshakes) >= MAX_PENDING_HANDSHAKES:   # the oldest half-open hello goes
                 self._handshakes.pop(next(iter(self._handshakes)))
             self._handshakes[hs.key] = {"transport": chosen, "t": time.monotonic()}
-            hs.reply(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, chosen, {"phase": "hello"}))
+            hs.reply(_reply(chosen, {"phase": "hello"}))
             return
         if phase != "pool":
             raise ProtocolError("desc.phase", f"unknown handshake phase {phase!r}")
@@ -454,8 +459,7 @@ class EncoderEndpoint:
         except TransportUnavailable as e:
             # this pair of processes cannot use it: the language side offers the next one
             log.info("transport %s unavailable for %s: %s", name, msg.session_id, e)
-            hs.reply(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, name,
-                                {"phase": "retry", "reason": str(e)[:1000]}))
+            hs.reply(_reply(name, {"phase": "retry", "reason": str(e)[:1000]}))
             return
         try:
             if hs.same_host:
@@ -491,7 +495,7 @@ class EncoderEndpoint:
             # 'ready' goes out before the peer is visible to the monitor, so
             # the first frame the language side sees on this socket is 'ready',
             # never a heartbeat
-            hs.reply(P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, name, {"phase": "ready"}))
+            hs.reply(_reply(name, {"phase": "ready"}))
             self._peers[msg.session_id] = peer
             if hs.conn is not None:
                 hs.conn.owner = peer

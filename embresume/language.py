@@ -468,7 +468,6 @@ class LanguageEndpoint:
 
     def _handshake_zmq(self, enc: _Encoder, exclude: list) -> _Link:
         """Another host: over ZeroMQ tcp with CURVE keys derived from the auth_key."""
-        c = self.config
         self._probe(enc)
         inbox: "queue.Queue[bytes]" = queue.Queue(maxsize=64)
         relay: dict = {"channel": None}

@@ -1,9 +1,9 @@
-"""Node identity: decides whether two endpoints share a host.
+"""Node identity and process liveness.
 
-Two processes are "on the same node" when hostname, boot id and their network
-and IPC namespaces agree.  Processes in different network namespaces (or
-containers) are treated as different nodes even on one machine, so a test
-with two network namespaces exercises the cross-host path for real.
+``node_id`` (hostname, boot id, network and IPC namespaces) is carried in the
+handshake for the logs; whether a peer is on this host is decided by how it
+connected (the encoder's Unix socket: :mod:`embresume.ipc.unix`), never by
+what it claims.  ``pid_alive`` counts a zombie as dead.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ def _boot_id() -> str:
 
 def node_id() -> str:
     return f"{socket.gethostname()}/{_boot_id()}/net:{_ns('net')}/ipc:{_ns('ipc')}"
-
-
-def pidns() -> str:
-    return _ns("pid")
 
 
 def pid_alive(pid: int) -> bool:

@@ -15,17 +15,23 @@ def _named():
     return set(glob.glob("/dev/shm/embr-*") + glob.glob("/dev/shm/sem.embr-*"))
 
 
-def _fds():
-    """This process's embresume memfds (what a leaked pool or ring would hold)."""
+def fd_links(prefix: str = "") -> set:
+    """(fd, target) of this process's open fds whose link starts with ``prefix``
+    (``/memfd:embresume``: our shared segments; ``socket:[``: sockets)."""
     out = set()
     for fd in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("/memfd:embresume"):
+        if target.startswith(prefix):
             out.add((int(fd), target))
     return out
+
+
+def _fds():
+    """This process's embresume memfds (what a leaked pool or ring would hold)."""
+    return fd_links("/memfd:embresume")
 
 
 @pytest.fixture(autouse=True)

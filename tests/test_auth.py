@@ -1,6 +1,5 @@
 """Authenticated TCP handshakes (ZeroMQ CURVE keys derived from Config.auth_key)."""
 
-import time
 
 import pytest
 import zmq

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import secrets
 import shutil
 import signal
 import subprocess
-import threading
 import time
 
 import pytest
@@ -42,7 +40,7 @@ from embresume.language import LanguageEndpoint
 from embresume.node import pid_alive
 from embresume.synthetic import SyntheticData
 
-from conftest import make_config
+from conftest import fd_links, make_config
 
 HIDDEN = 256
 
@@ -75,13 +73,7 @@ def _my_fds() -> int:
 
 
 def _memfds() -> int:
-    n = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            n += os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:embresume")
-        except OSError:
-            pass
-    return n
+    return len(fd_links("/memfd:embresume"))
 
 
 # ---------------------------------------------------------------- another uid
@@ -333,7 +325,7 @@ def test_a_local_peer_cannot_make_an_auto_encoder_open_mooncake():
 # ---------------------------------------------------------------- kill -9
 def _starting_rank(cfg, res_q):
     res_q.put(os.getpid())
-    with LanguageEndpoint(cfg) as lang:
+    with LanguageEndpoint(cfg):
         res_q.put("up")
         time.sleep(60)
 

@@ -17,7 +17,7 @@ from embresume.language import LanguageEndpoint
 from embresume.status import Status
 from embresume.synthetic import SyntheticData
 
-from conftest import device_of, make_config
+from conftest import device_of, fd_links, make_config
 
 HIDDEN = 256
 MAX_TOKENS = 6000
@@ -151,13 +151,7 @@ def test_pool_is_mapped_once_whatever_the_number_of_encoders(transport, data):
                 return sum(1 for line in f if name in line)
 
         def pool_fds():
-            n = 0
-            for fd in os.listdir("/proc/self/fd"):
-                try:
-                    n += os.readlink(f"/proc/self/fd/{fd}").startswith(name)
-                except OSError:
-                    pass
-            return n
+            return len(fd_links(name))
 
         before, fds_before = pool_mappings(), pool_fds()
         for e in encs:

@@ -16,6 +16,8 @@ import time
 import pytest
 import torch
 
+from conftest import fd_links
+
 pytestmark = pytest.mark.mooncake
 
 try:
@@ -570,14 +572,7 @@ def _threads() -> int:
 def _listening() -> int:
     """TCP sockets in LISTEN state owned by this process (/proc/net/tcp{,6}
     rows whose inode is one of our file descriptors)."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
+    inodes = {link[8:-1] for _, link in fd_links("socket:[")}
     n = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:

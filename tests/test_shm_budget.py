@@ -19,19 +19,14 @@ from embresume.config import Config, blocks_for_bytes, parse_size
 from embresume.errors import ConfigError
 from embresume.ipc import shm as S
 
+from conftest import fd_links
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _memfds() -> set:
     """This process's embresume memfds."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:embresume"):
-                out.add(int(fd))
-        except OSError:
-            pass
-    return out
+    return fd_links("/memfd:embresume")
 
 
 # ---------------------------------------------------------------- config
