@@ -48,7 +48,7 @@ from .errors import (BlockSizeMismatch, ConfigError, EmbResumeTimeout, InvalidAr
                      TransportUnavailable)
 from .node import node_id, pid_alive as _pid_alive
 from .planner import ChunkPlan, check_block_size, plan_chunk
-from .source import BlockSource, TensorSource, make_aux
+from .source import BlockSource, TensorSource, aux_record
 from .status import Status, StatusTracker
 from .transport import select
 from .transport.base import PeerPool, Transport
@@ -58,6 +58,9 @@ log = logging.getLogger("embresume.encoder")
 plog = RateLimitedLog(log)
 
 FINISHED_MEMORY = 65536
+#: a chunk up to this many embedding bytes is written by the thread that
+#: registered it (send/send_tensors) when its INIT is already here
+INLINE_WRITE_BYTES = 256 << 10
 #: hellos whose pool description has not come yet
 MAX_PENDING_HANDSHAKES = 256
 #: the largest control frame accepted from any peer (an INIT of 1M blocks, a handshake description)
@@ -316,6 +319,24 @@ class EncoderEndpoint:
         raise PeerError(f"{n} language ranks did not connect within {timeout}s")
 
     def _register(self, room: P.Room, src, on_done, own_blocks) -> None:
+        t = self._tls
+        outer = getattr(t, "jobs", None) is None
+        if outer:
+            # a small first chunk whose INIT is already here is written by this
+            # thread once the lock is released (no hand-off to the peer's worker)
+            t.peer, t.jobs = None, []
+        try:
+            self._register_locked(room, src, on_done, own_blocks)
+        finally:
+            if outer:
+                jobs, t.jobs = t.jobs, None
+                for job in jobs:
+                    try:
+                        job()
+                    except Exception:   # _write reports its own failures; this is a bug
+                        log.exception("inline write failed")
+
+    def _register_locked(self, room: P.Room, src, on_done, own_blocks) -> None:
         with self._lock:
             if self._closed:
                 raise PeerError("endpoint is closed")
@@ -476,7 +497,9 @@ class EncoderEndpoint:
                 except BaseException:
                     tx.close()
                     raise
-                channel: Channel = RingChannel(tx=tx, rx=rx, name=f"enc-{msg.session_id}")
+                # no spinning for a rank in this very process: its answers need our GIL
+                channel: Channel = RingChannel(tx=tx, rx=rx, name=f"enc-{msg.session_id}",
+                                               spin_us=0 if hs.pid == os.getpid() else self.config.ring_spin_us)
             else:
                 channel = ZmqChannel(self._hub, hs.key)
         except BaseException:
@@ -676,12 +699,25 @@ class EncoderEndpoint:
                 self._fail_room(r, str(e), cause="bad_message")
                 return
             k.pending, k.in_flight = False, True
-            aux = make_aux(src.total_tokens, src.mrope_delta, layout.aux_ints) if k.chunks == 0 else None
+            aux = aux_record(src.total_tokens, src.mrope_delta, layout.aux_ints) if k.chunks == 0 else None
             job = (lambda k=k, plan=plan, aux=aux: self._write(r, k, src, plan, aux))
-            if getattr(self._tls, "jobs", None) is not None and self._tls.peer is k.peer:
-                self._tls.jobs.append(job)      # run by k's reader once the lock is released
+            if self._here(k, plan):
+                self._tls.jobs.append(job)      # run by this thread once the lock is released
             else:
                 k.peer.jobs.put(job)
+
+    def _here(self, k: _Rank, plan: ChunkPlan) -> bool:
+        """Whether the calling thread writes the chunk itself: ``k``'s own ring
+        reader always (it has nothing else to do), an application thread in
+        ``send``/``send_tensors`` when the chunk is small (it returns a little
+        later instead of paying a thread hand-off); anything else goes to the
+        peer's worker."""
+        t = self._tls
+        if getattr(t, "jobs", None) is None:
+            return False
+        if t.peer is k.peer:
+            return True
+        return t.peer is None and plan.tokens * k.peer.pool.layout.emb_row_bytes <= INLINE_WRITE_BYTES
 
     def _write(self, r: _Room, k: _Rank, src, plan: ChunkPlan, aux) -> None:
         """Runs on the rank's worker thread (or, same-host, its reader thread).

@@ -250,6 +250,10 @@ class LanguageEndpoint:
         self._keys = auth.keys_for(c)
         backing, device = select.create_pool_backing(c, self.layout.nbytes)
         self.pool = BlockPool(self.layout, backing)
+        #: read once (torch attribute reads and torch.device() cost microseconds on every chunk)
+        self._host_pool = not self.pool.is_cuda
+        #: the pool stayed on the host for a GPU model (no transport could export a GPU pool)
+        self._move_results = self.pool.device.type != torch.device(c.device).type
         log.info("rank %d: receive pool of %d blocks x %d tokens, %.1f MiB on %s", tp_rank,
                  self.layout.num_blocks, self.layout.block_size, self.layout.nbytes / 2**20, device)
         self._monitor = threading.Thread(target=self._monitor_loop, name=f"embresume-lang-r{tp_rank}-monitor",
@@ -429,7 +433,9 @@ class LanguageEndpoint:
             ready = self._await_unix(sock, deadline, ("ready", "retry"), enc)
             if ready.desc.get("phase") == "retry":
                 raise _Retry(chosen, str(ready.desc.get("reason", ""))[:1000])
-            channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}")
+            # no spinning for an encoder in this very process: its answers need our GIL
+            channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}",
+                                  spin_us=0 if pid == os.getpid() else c.ring_spin_us)
             rings = None
             log.info("rank %d connected to %s (pid %d) via %s", self.tp_rank, enc.address, pid, chosen)
             return _Link(channel, None, chosen, pid, pid > 0, session, sock=sock)
@@ -883,7 +889,7 @@ class LanguageEndpoint:
         block of the first chunk carries it) and keep it for the whole request."""
         if req.aux is not None:
             return
-        if self.pool.device.type == "cpu":
+        if self._host_pool:
             # numpy: one small copy instead of three torch ops (index, clone, cpu) and a scalar read
             a = pool_arrays(self.pool)[3][req.blocks[0]].copy()
             total = int(a[0])
@@ -902,7 +908,7 @@ class LanguageEndpoint:
         """The request completes in its first chunk, in consecutive blocks."""
         if not self.config.zero_copy or req.chunks or req.landed or tokens != req.total_tokens:
             return False
-        if self.pool.device.type != torch.device(self.config.device).type:
+        if self._move_results:
             return False  # host-path fallback for a GPU model: results are moved, not viewed
         need = -(-tokens // self.layout.block_size)
         b0 = req.blocks[0]
@@ -990,7 +996,7 @@ class LanguageEndpoint:
                                         req.aux, self.arena)
             if tokens:
                 req.merge.add(self.pool, blocks, tokens)
-            if self.pool.device.type == "cuda":
+            if not self._host_pool:
                 # gather kernels are asynchronous: the blocks are freed (and may be
                 # written by the encoder for another request) only after they finished
                 torch.cuda.current_stream(self.pool.device).synchronize()
@@ -1034,7 +1040,6 @@ class LanguageEndpoint:
             enc.held.setdefault(room, []).extend(blocks)
 
     def _chunk_done(self, req: _Request, tokens: int, complete: bool) -> None:
-        pool = self.pool
         wasted = self.allocator.allocated_tokens(req.blocks) - tokens if complete else 0
         self.stats["wasted_tokens"] += wasted
         self.allocator.free(req.blocks, req.room)
@@ -1046,8 +1051,7 @@ class LanguageEndpoint:
         self.stats["bytes"] += tokens * self.layout.emb_row_bytes
         if complete:
             res = req.merge.result(req.room, req.tracker.history + [Status.Success], req.chunks)
-            if pool.device.type != torch.device(self.config.device).type:
-                # the pool stayed on the host (no transport could export a GPU pool)
+            if self._move_results:
                 res.embeddings, res.fill_ids, res.mrope_positions = (
                     t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))
             req.result = res

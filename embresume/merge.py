@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .kernels import gather_chunk
+from .kernels.cpu import as_numpy
 from .status import Status
 
 
@@ -101,6 +102,9 @@ class ResultArena:
         return cap * (hidden * dtype.itemsize + 16)
 
     def take(self, tokens: int, hidden: int, dtype: torch.dtype, device):
+        """``(views, host_views, lease)``: the result tensors ``[T, hidden]``,
+        ``[T]`` and ``[3, T]``; for host memory also numpy views of the same
+        bytes (integers of the same width) for the copies, else None."""
         key = (self._bucket(tokens), hidden, dtype, str(device))
         with self._lock:
             stack = self._free.get(key)
@@ -111,14 +115,20 @@ class ResultArena:
             else:
                 buffers = None
                 self.misses += 1
+        cap = key[0]
         if buffers is None:
-            cap = key[0]
-            buffers = (torch.empty(cap * hidden, dtype=dtype, device=device),
-                       torch.empty(cap * 4, dtype=torch.int32, device=device))
-        e, meta = buffers
-        views = (e[:tokens * hidden].view(tokens, hidden), meta[:tokens],
-                 meta[key[0]:key[0] + 3 * tokens].view(3, tokens))
-        return views, _Lease(self, key, buffers)
+            e = torch.empty(cap * hidden, dtype=dtype, device=device)
+            meta = torch.empty(cap * 4, dtype=torch.int32, device=device)
+            buffers = (e, meta, (as_numpy(e), meta.numpy()) if e.device.type == "cpu" else None)
+        e, meta, host = buffers
+        # one torch op per view (as_strided, a slice): each costs microseconds on a cold cache
+        views = (e.as_strided((tokens, hidden), (hidden, 1)), meta[:tokens],
+                 meta.as_strided((3, tokens), (tokens, 1), cap))
+        if host is not None:
+            he, hm = host
+            host = (he[:tokens * hidden].reshape(tokens, hidden), hm[:tokens],
+                    hm[cap:cap + 3 * tokens].reshape(3, tokens))
+        return views, host, _Lease(self, key, buffers)
 
     def _put(self, key, buffers) -> None:
         n = self._nbytes(key)
@@ -141,13 +151,16 @@ class MergeBuffer:
                  arena: Optional[ResultArena] = None):
         self.total_tokens = total_tokens
         if arena is not None:
-            (self.embeddings, self.fill_ids, self.mrope_positions), self.lease = arena.take(
+            (self.embeddings, self.fill_ids, self.mrope_positions), host, self.lease = arena.take(
                 total_tokens, hidden, dtype, device)
         else:
             self.lease = None
             self.embeddings = torch.empty((total_tokens, hidden), dtype=dtype, device=device)
             self.fill_ids = torch.empty(total_tokens, dtype=torch.int32, device=device)
             self.mrope_positions = torch.empty((3, total_tokens), dtype=torch.int32, device=device)
+            host = None
+        #: where the copies write: numpy views of host buffers (no torch op per chunk), else the tensors
+        self._out = host if host is not None else (self.embeddings, self.fill_ids, self.mrope_positions)
         self.aux = aux
         self.filled = 0
 
@@ -158,7 +171,7 @@ class MergeBuffer:
         need = -(-tokens // pool.layout.block_size)
         if need > len(blocks):
             raise ValueError(f"chunk of {tokens} tokens needs {need} blocks, {len(blocks)} given")
-        gather_chunk(pool, blocks, tokens, self.embeddings, self.fill_ids, self.mrope_positions, self.filled)
+        gather_chunk(pool, blocks, tokens, *self._out, self.filled)
         self.filled += tokens
 
     @property

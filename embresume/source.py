@@ -41,23 +41,36 @@ class TensorSource:
         if f.dtype != torch.int32 or m.dtype != torch.int32:
             raise ConfigError("fill_ids and mrope_positions must be int32")
         if not e.is_contiguous():
-            self.embeddings = e.contiguous()
+            self.embeddings = e = e.contiguous()
+        # read once: torch attribute reads cost microseconds each on a cold cache,
+        # and the encoder asks for them on every chunk
+        self._shape = (T, e.shape[1], e.dtype, e.device)
+        self._host = None
 
     @property
     def total_tokens(self) -> int:
-        return self.embeddings.shape[0]
+        return self._shape[0]
 
     @property
     def hidden(self) -> int:
-        return self.embeddings.shape[1]
+        return self._shape[1]
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embeddings.dtype
+        return self._shape[2]
 
     @property
     def device(self) -> torch.device:
-        return self.embeddings.device
+        return self._shape[3]
+
+    def host_arrays(self):
+        """numpy views (same-width integers) of the three host tensors, made once."""
+        h = self._host
+        if h is None:
+            from embresume.kernels.cpu import as_numpy
+            h = self._host = (as_numpy(self.embeddings), as_numpy(self.fill_ids),
+                              as_numpy(self.mrope_positions))
+        return h
 
     def block_rows(self, block: int, block_size: int, n: int):
         """Views of ``n`` tokens starting at token ``block * block_size``."""
@@ -152,9 +165,16 @@ def stage_chunk(src, src_block0: int, n_tokens: int, bs: int, nblocks: int, devi
     return TensorSource(e, f, m, getattr(src, "mrope_delta", 0))
 
 
-def make_aux(total_tokens: int, mrope_delta: int, aux_ints: int) -> torch.Tensor:
-    # built in numpy: three torch ops (zeros + two item writes) cost ~4x more per chunk
+def aux_record(total_tokens: int, mrope_delta: int, aux_ints: int) -> np.ndarray:
+    """A request's aux record (int32 ``[aux_ints]``: total tokens, mrope delta,
+    zeros) as a host numpy array: what the endpoints hand to
+    :meth:`Transport.write_chunk` (no torch op on the hot path)."""
     aux = np.zeros(aux_ints, dtype=np.int32)
     aux[0] = total_tokens
     aux[1] = mrope_delta
-    return torch.from_numpy(aux)
+    return aux
+
+
+def make_aux(total_tokens: int, mrope_delta: int, aux_ints: int) -> torch.Tensor:
+    """:func:`aux_record` as an int32 tensor (sharing its memory)."""
+    return torch.from_numpy(aux_record(total_tokens, mrope_delta, aux_ints))

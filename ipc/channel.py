@@ -16,9 +16,11 @@ class RingChannel(Channel):
     kind = "shm-ring"
     dedicated = True
 
-    def __init__(self, tx: ShmRing, rx: ShmRing, name: str = "ring"):
+    def __init__(self, tx: ShmRing, rx: ShmRing, name: str = "ring", spin_us: int = 0):
         super().__init__()
         self.tx, self.rx = tx, rx
+        #: seconds the reader looks for the next message before it sleeps (ShmRing.recv)
+        self.spin = max(0, spin_us) * 1e-6
         self._stop = threading.Event()
         self._name = name
         self._thread = None
@@ -36,7 +38,7 @@ class RingChannel(Channel):
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                data = self.rx.recv(timeout=1.0)   # close() wakes it at once
+                data = self.rx.recv(timeout=1.0, spin=self.spin)   # close() wakes it at once
             except RingClosed:
                 break
             except Exception as e:  # corrupt ring: the peer is broken

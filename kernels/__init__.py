@@ -12,19 +12,22 @@ from __future__ import annotations
 from embresume.kernels import cpu
 
 
-def _on_cuda(t) -> bool:
-    return getattr(t, "is_cuda", False)
+def _on_cuda(pool) -> bool:
+    c = getattr(pool, "is_cuda", None)        # BlockPool: a plain attribute
+    if c is None:
+        c = getattr(pool.embeddings, "is_cuda", False)
+    return c
 
 
 def scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux=None) -> None:
-    if _on_cuda(dst.embeddings):
+    if _on_cuda(dst):
         from embresume.kernels import cuda
         return cuda.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
     return cpu.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
 
 
 def gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0) -> None:
-    if _on_cuda(src_pool.embeddings):
+    if _on_cuda(src_pool):
         from embresume.kernels import cuda
         return cuda.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
     return cpu.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)

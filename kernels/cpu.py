@@ -23,7 +23,10 @@ _INT_DTYPES = frozenset(_INT_OF_SIZE.values())
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor's bytes as same-width integers (no copy)."""
+    """A numpy view of a CPU tensor's bytes as same-width integers (no copy);
+    a numpy array is returned as it is."""
+    if type(t) is np.ndarray:
+        return t
     if t.dtype in _INT_DTYPES:
         return t.numpy()            # already integers: one torch call instead of two
     return t.view(_INT_OF_SIZE[t.element_size()]).numpy()
@@ -99,7 +102,11 @@ def scatter_chunk(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens
             if n > full * bs:
                 np.copyto(dm[d0 + full, :, :n - full * bs], sm[s0 + full, :, :n - full * bs], casting="no")
     else:                               # TensorSource: contiguous tensors
-        se, sf, sm = as_numpy(src.embeddings), as_numpy(src.fill_ids), as_numpy(src.mrope_positions)
+        host = getattr(src, "host_arrays", None)
+        if host is not None:
+            se, sf, sm = host()
+        else:
+            se, sf, sm = as_numpy(src.embeddings), as_numpy(src.fill_ids), as_numpy(src.mrope_positions)
         t_base = src_block0 * bs
         if t_base + n_tokens > se.shape[0]:
             raise ValueError(f"the chunk needs source tokens up to {t_base + n_tokens}, the source has "
@@ -115,7 +122,9 @@ def scatter_chunk(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens
             if n > full * bs:
                 np.copyto(dm[d0 + full, :, :n - full * bs], sm[:, t0 + full * bs:t0 + n], casting="no")
     if aux is not None:
-        if aux.dtype == torch.int32 and not aux.is_cuda:
+        if type(aux) is np.ndarray and aux.dtype == np.int32:
+            a = aux                     # the endpoints' aux record (source.aux_record)
+        elif aux.dtype == torch.int32 and not aux.is_cuda:
             a = aux.numpy()             # the usual case (make_aux): no conversion ops
         else:
             a = as_numpy(aux.to(torch.int32).cpu().contiguous())

@@ -277,6 +277,8 @@ def _aux_words(aux: torch.Tensor) -> np.ndarray:
 def _attach_aux(launch: Launch, dst_pool, db0: int, aux: Optional[torch.Tensor]) -> Launch:
     if aux is None:
         return launch
+    if isinstance(aux, np.ndarray):         # the endpoints' host aux record (source.aux_record)
+        aux = torch.from_numpy(aux)
     L = dst_pool.layout
     k = aux.numel()
     if k > L.aux_ints:

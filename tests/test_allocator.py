@@ -79,3 +79,24 @@ def test_pool_views_share_one_backing():
     for off in (layout.fill_offset, layout.mrope_offset, layout.aux_offset, layout.nbytes):
         assert off % 4096 == 0
     assert BlockLayout.from_dict(layout.to_dict()) == layout
+
+
+def test_free_takes_any_int_like_block_id_and_refuses_the_rest():
+    import numpy as np
+    a = BlockAllocator(8, 16)
+    b = a.allocate(64, room="r")
+    a.free([np.int64(x) for x in b[:2]], room="r")      # numpy ints are block ids
+    assert a.blocks_of("r") == sorted(b[2:])
+    with pytest.raises(AllocatorError, match="not a block index"):
+        a.free([float(b[2])], room="r")                 # 2.0 == 2, but it is not a block index
+    with pytest.raises(AllocatorError, match="not a block index"):
+        a.free(["2"], room="r")
+    with pytest.raises(AllocatorError, match="double free"):
+        a.free([np.int64(b[0])], room="r")
+    with pytest.raises(AllocatorError, match="owned by room r"):
+        a.free([b[2]], room="nobody")                   # a room that owns nothing
+    assert a.blocks_of("r") == sorted(b[2:]) and a.free_blocks == 6
+    a.free(b[2:], room="r")
+    assert a.free_blocks == 8 and a.rooms() == []
+    # the last free comes back first, in its own order (runs of blocks survive churn)
+    assert [a.allocate(16, room=1)[0] for _ in range(3)] == [b[2], b[3], b[0]]

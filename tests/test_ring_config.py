@@ -158,3 +158,44 @@ def test_config_defaults_and_validation(monkeypatch):
                 dict(peer_timeout=0.1, heartbeat_interval=0.5), dict(aux_ints=4), dict(device="tpu")):
         with pytest.raises(ConfigError):
             Config(**bad)
+
+
+def test_spinning_reader_catches_the_next_message_and_an_idle_one_sleeps():
+    """The spin follows a received message only: an idle reader sleeps on its
+    doorbell at once (no CPU), a busy one picks up the next message while it
+    spins, and one that spun in vain still sleeps until its timeout."""
+    w = ShmRing.create(4096)
+    r = ShmRing.from_handles(w.handles())
+    try:
+        c0 = time.thread_time()
+        assert r.recv(timeout=0.3, spin=1.0) is None     # never received: no spin at all
+        assert time.thread_time() - c0 < 0.1             # it slept (a 1 s spin would burn ~0.3 s)
+        w.send(b"first")
+        assert r.recv(timeout=1, spin=1.0) == b"first"
+        threading.Timer(0.02, w.send, (b"second",)).start()
+        t0 = time.monotonic()
+        assert r.recv(timeout=5, spin=1.0) == b"second"  # arrived while spinning
+        assert time.monotonic() - t0 < 1.0
+        t0 = time.monotonic()
+        assert r.recv(timeout=0.3, spin=0.05) is None    # spun 50 ms, then slept to the timeout
+        assert time.monotonic() - t0 >= 0.29
+        c0 = time.thread_time()
+        assert r.recv(timeout=0.3, spin=1.0) is None     # the last call got nothing: no spin now
+        assert time.thread_time() - c0 < 0.1
+        w.close_writer()
+        with pytest.raises(RingClosed):
+            r.recv(timeout=1, spin=1.0)
+    finally:
+        r.close()
+        w.close()
+
+
+def test_ring_spin_config(monkeypatch):
+    monkeypatch.delenv("EMBRESUME_RING_SPIN_US", raising=False)
+    assert Config().ring_spin_us == 200
+    monkeypatch.setenv("EMBRESUME_RING_SPIN_US", "0")
+    assert Config().ring_spin_us == 0
+    assert Config(ring_spin_us=50).ring_spin_us == 50      # explicit beats env
+    for bad in (-1, 2_000_000, 1.5, True):
+        with pytest.raises(ConfigError, match="ring_spin_us"):
+            Config(ring_spin_us=bad)

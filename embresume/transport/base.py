@@ -130,8 +130,9 @@ class Transport(abc.ABC):
                     aux: Optional[torch.Tensor]) -> None:
         """Write ``plan.tokens`` tokens of ``src`` (from source block
         ``plan.src_block_start``) into ``plan.dst_blocks`` of the peer pool;
-        write ``aux`` into the aux record of the first destination block
-        when given.  Returns once the data is visible to the peer."""
+        write ``aux`` (int32 ``[<= aux_ints]``: a host numpy array from
+        :func:`~embresume.source.aux_record`, or a tensor) into the aux record
+        of the first destination block when given.  Returns once the data is visible to the peer."""
 
     def close_peer(self, peer: PeerPool) -> None:
         peer.close()

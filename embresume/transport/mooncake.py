@@ -109,6 +109,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from ..blocks import BlockLayout, BlockPool
@@ -1100,6 +1101,8 @@ class MooncakeTransport(Transport):
         if src.hidden != L.hidden or src.dtype != L.dtype:
             raise TransferError(f"source is [{src.hidden}] {src.dtype}, the peer pool holds [{L.hidden}] {L.dtype}")
         if aux is not None:
+            if isinstance(aux, np.ndarray):  # the endpoints' host aux record (source.aux_record)
+                aux = torch.from_numpy(aux)
             if aux.dtype != torch.int32 or aux.dim() != 1 or not 0 < aux.numel() <= L.aux_ints:
                 raise TransferError(f"aux must be a 1-D int32 tensor of at most {L.aux_ints} ints")
 
