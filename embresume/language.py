@@ -252,6 +252,7 @@ class LanguageEndpoint:
         self.pool = BlockPool(self.layout, backing)
         #: read once (torch attribute reads and torch.device() cost microseconds on every chunk)
         self._host_pool = not self.pool.is_cuda
+        self._pool_device = str(self.pool.device)
         #: the pool stayed on the host for a GPU model (no transport could export a GPU pool)
         self._move_results = self.pool.device.type != torch.device(c.device).type
         log.info("rank %d: receive pool of %d blocks x %d tokens, %.1f MiB on %s", tp_rank,
@@ -992,7 +993,7 @@ class LanguageEndpoint:
         err = None
         try:
             if req.merge is None:
-                req.merge = MergeBuffer(req.total_tokens, self.layout.hidden, self.layout.dtype, self.pool.device,
+                req.merge = MergeBuffer(req.total_tokens, self.layout.hidden, self.layout.dtype, self._pool_device,
                                         req.aux, self.arena)
             if tokens:
                 req.merge.add(self.pool, blocks, tokens)

@@ -105,7 +105,7 @@ class ResultArena:
         """``(views, host_views, lease)``: the result tensors ``[T, hidden]``,
         ``[T]`` and ``[3, T]``; for host memory also numpy views of the same
         bytes (integers of the same width) for the copies, else None."""
-        key = (self._bucket(tokens), hidden, dtype, str(device))
+        key = (self._bucket(tokens), hidden, dtype, device if type(device) is str else str(device))
         with self._lock:
             stack = self._free.get(key)
             if stack:

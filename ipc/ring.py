@@ -199,8 +199,13 @@ class ShmRing:
                 if self.capacity - (tail - self._get(_HEAD)) < need:
                     _wait(self._space, min(left, 0.05))
                 self._put(_WAITING, 0)
-            self._copy_in(tail, _U32.pack(len(data)))
-            self._copy_in(tail + 4, data)
+            p = tail % self.capacity
+            if p + 4 + len(data) <= self.capacity:   # the usual case: no wrap-around
+                _U32.pack_into(self._mv, HEADER + p, len(data))
+                self._mv[HEADER + p + 4:HEADER + p + 4 + len(data)] = data
+            else:
+                self._copy_in(tail, _U32.pack(len(data)))
+                self._copy_in(tail + 4, data)
             self._put(_TAIL, tail + need)
             _ring(self._items)
 
@@ -250,7 +255,11 @@ class ShmRing:
                     self._woken = False
                     return None
                 # a stale ring (messages already read without sleeping): sleep again
-        n = _U32.unpack(self._copy_out(head, 4))[0]
+        p = head % self.capacity
+        if p + 4 <= self.capacity:       # the length never straddles the end (8-byte aligned)
+            n = _U32.unpack_from(self._mv, HEADER + p)[0]
+        else:  # pragma: no cover - capacity is a multiple of 8
+            n = _U32.unpack(self._copy_out(head, 4))[0]
         if n > self.capacity - 4:
             raise ValueError(f"corrupt ring {self.name}: message length {n}")
         data = self._copy_out(head + 4, n)

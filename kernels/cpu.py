@@ -63,7 +63,12 @@ def _runs(dst_blocks: Sequence[int], src_blocks, need: int, n_tokens: int, bs: i
 
 
 def _check_blocks(blocks: Sequence[int], need: int, num_blocks: int, what: str) -> None:
-    for b in blocks[:need]:
+    if need <= 0:
+        return
+    head = blocks[:need]
+    if min(head) >= 0 and max(head) < num_blocks:   # C-level: no Python loop on the hot path
+        return
+    for b in head:
         if not 0 <= b < num_blocks:
             raise IndexError(f"{what} block {b} is out of range [0, {num_blocks})")
 
@@ -111,6 +116,12 @@ def scatter_chunk(dst, dst_blocks: Sequence[int], src, src_block0: int, n_tokens
         if t_base + n_tokens > se.shape[0]:
             raise ValueError(f"the chunk needs source tokens up to {t_base + n_tokens}, the source has "
                              f"{se.shape[0]}")
+        if need == 1:                   # one block (small requests): the fewest numpy ops
+            d0, n = dst_blocks[0], n_tokens
+            np.copyto(de[d0, :n], se[t_base:t_base + n], casting="no")
+            np.copyto(df[d0, :n], sf[t_base:t_base + n], casting="no")
+            np.copyto(dm[d0, :, :n], sm[:, t_base:t_base + n], casting="no")
+            need = 0                    # nothing left for the loop below
         for j0, j1, n in _runs(dst_blocks, None, need, n_tokens, bs):
             d0, r, t0 = dst_blocks[j0], j1 - j0, t_base + j0 * bs
             np.copyto(de[d0:d0 + r].reshape(r * bs, H)[:n], se[t0:t0 + n], casting="no")
@@ -143,6 +154,12 @@ def gather_chunk(src_pool, src_blocks: Sequence[int], n_tokens: int, out_embeddi
     H = se.shape[2]
     _check_blocks(src_blocks, need, se.shape[0], "source")
     oe, of, om = as_numpy(out_embeddings), as_numpy(out_fill_ids), as_numpy(out_mrope)
+    if need == 1:                       # one block (small requests): the fewest numpy ops
+        s0, o, n = src_blocks[0], out_token0, n_tokens
+        np.copyto(oe[o:o + n], se[s0, :n], casting="no")
+        np.copyto(of[o:o + n], sf[s0, :n], casting="no")
+        np.copyto(om[:, o:o + n], sm[s0, :, :n], casting="no")
+        return
     for j0, j1, n in _runs(src_blocks, None, need, n_tokens, bs):
         s0, r, o = src_blocks[j0], j1 - j0, out_token0 + j0 * bs
         np.copyto(oe[o:o + n], se[s0:s0 + r].reshape(r * bs, H)[:n], casting="no")
