@@ -41,7 +41,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urlsplit
 
@@ -77,29 +76,36 @@ BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 MAX_FRAME = 1 << 20
 
 
-@dataclass
 class _Request:
-    room: P.Room
-    required_dst_info_num: int
-    deadline: float
-    enc: "_Encoder"
-    nonce: int = 0
-    hint: Optional[int] = None
-    t0: float = field(default_factory=time.monotonic)
-    tracker: StatusTracker = field(default_factory=StatusTracker)
-    blocks: list = field(default_factory=list)
-    sent_tokens: int = 0
-    total_tokens: int = 0
-    chunks: int = 0
-    merge: Optional[MergeBuffer] = None
-    aux: Optional[torch.Tensor] = None
-    result: Optional[EmbeddingResult] = None
-    reason: str = ""
-    waiting_alloc: bool = False
-    copying: bool = False
-    landed: int = 0        # tokens of the current chunk already copied (pipelined chunks)
-    release: str = "free"
-    event: "_Latch" = field(default_factory=lambda: _Latch())
+    """One request's state (a plain class with slots: one is made per request)."""
+
+    __slots__ = ("room", "required_dst_info_num", "deadline", "enc", "nonce", "hint", "t0", "tracker", "blocks",
+                 "sent_tokens", "total_tokens", "chunks", "merge", "aux", "result", "reason", "waiting_alloc",
+                 "copying", "landed", "release", "event")
+
+    def __init__(self, room: P.Room, required_dst_info_num: int, deadline: float, enc: "_Encoder",
+                 nonce: int = 0, hint: Optional[int] = None):
+        self.room = room
+        self.required_dst_info_num = required_dst_info_num
+        self.deadline = deadline
+        self.enc = enc
+        self.nonce = nonce
+        self.hint = hint
+        self.t0 = time.monotonic()
+        self.tracker = StatusTracker()
+        self.blocks: list = []
+        self.sent_tokens = 0
+        self.total_tokens = 0
+        self.chunks = 0
+        self.merge: Optional[MergeBuffer] = None
+        self.aux: Optional[torch.Tensor] = None
+        self.result: Optional[EmbeddingResult] = None
+        self.reason = ""
+        self.waiting_alloc = False
+        self.copying = False
+        self.landed = 0        # tokens of the current chunk already copied (pipelined chunks)
+        self.release = "free"
+        self.event = _Latch()
 
 
 class _Latch:
@@ -437,6 +443,9 @@ class LanguageEndpoint:
             # no spinning for an encoder in this very process: its answers need our GIL
             channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}",
                                   spin_us=0 if pid == os.getpid() else c.ring_spin_us)
+            # and only while a request waits for the encoder: after the last one
+            # completed, the thread that collects it needs our GIL, not a spinner
+            channel.spin_while = self._awaiting
             rings = None
             log.info("rank %d connected to %s (pid %d) via %s", self.tp_rank, enc.address, pid, chosen)
             return _Link(channel, None, chosen, pid, pid > 0, session, sock=sock)
@@ -588,6 +597,11 @@ class LanguageEndpoint:
                 enc.pending.append(room)
                 self._start_connecting(enc)
             return req.tracker.status
+
+    def _awaiting(self) -> bool:
+        """Some request has not ended yet (the ring reader's spin condition)."""
+        s = self.stats
+        return s["requests"] > s["success"] + s["failed"]
 
     def _first_tokens(self, req: _Request) -> tuple[int, int]:
         """(tokens to ask for, the least worth taking) for a request's first chunk."""

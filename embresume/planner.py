@@ -10,14 +10,12 @@ sum of earlier ``allocated_tokens``, each a multiple of the block size).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from .errors import BlockSizeMismatch, ProtocolError
 
 
-@dataclass(frozen=True)
-class ChunkPlan:
+class ChunkPlan(NamedTuple):
     src_block_start: int          # first source block (token sent_tokens)
     src_block_end: int            # one past the last source block used
     dst_blocks: tuple[int, ...]   # destination blocks actually written
@@ -57,5 +55,5 @@ def plan_chunk(total_tokens: int, sent_tokens: int, allocated_tokens: int, block
         tokens, partial = remaining, False
     nblocks = -(-tokens // block_size)
     start = sent_tokens // block_size
-    return ChunkPlan(start, start + nblocks, tuple(int(b) for b in dst_blocks[:nblocks]), tokens,
+    return ChunkPlan(start, start + nblocks, tuple(map(int, dst_blocks[:nblocks])), tokens,
                      sent_tokens + tokens, partial)
