@@ -25,7 +25,9 @@ Measured in one run, side by side (``run_latency`` / ``format_table``)::
    over ``shm``, ``mooncake`` (tcp, loopback; skipped with the reason when
    Mooncake is unavailable) and ``in-process`` (both endpoints in this
    process, shm), plus ``shm paced``: send-first with 1 ms of idle between
-   requests (every thread is parked when the request comes).
+   requests (every thread is parked when the request comes), and an A/B of
+   the ring readers' spin: the default ``ring_spin_us`` against 0, chunks of
+   requests interleaved between two encoder children in the same run.
 
 2. **Baselines** in the same run: a bare shm ring ping-pong between two
    processes (``ShmRing``, 64-byte message), a ZeroMQ 4 KiB round trip (PAIR,
@@ -767,6 +769,44 @@ def _merge_runs(runs: list, skip: int) -> dict:
     return out
 
 
+def _has_ring_spin() -> bool:
+    import dataclasses
+    from embresume.config import Config
+    return "ring_spin_us" in {f.name for f in dataclasses.fields(Config)}
+
+
+def _spin_ab(enc: "_Encoder", requests: int, warmup: int, rooms: "_Rooms", expected, cfg_extra: dict, say,
+             chunks: int = 6) -> list:
+    """The ring readers' spin (``Config.ring_spin_us``) against none, shm
+    send-first, in one run: a second encoder child and language endpoint with
+    ``ring_spin_us=0``; chunks of requests alternate between the two pairs."""
+    from embresume.config import Config
+    say("1-token shm send-first: ring spin A/B")
+    spin = Config().ring_spin_us
+    off = _Encoder(True, dict(_cfg_kw("auto"), ring_spin_us=0, **cfg_extra), 16)
+    langs = {}
+    try:
+        langs["on"] = _language(enc.address, "shm")
+        langs["off"] = _language(off.address, "shm", ring_spin_us=0)
+        encs = {"on": enc, "off": off}
+        runs = {"on": [], "off": []}
+        chunks = max(1, min(chunks, requests))
+        sizes = [requests // chunks + (1 if i < requests % chunks else 0) for i in range(chunks)]
+        per = sizes[0]
+        skip = max(2, warmup // chunks)
+        for n in sizes:
+            for k in ("on", "off"):
+                runs[k].append(_timed_requests(langs[k], encs[k], rooms.take(n + skip), 1, "send-first", expected))
+        return [_latency_row(f"shm, ring_spin_us={spin} (A/B)", "send-first", _merge_runs(runs["on"], skip), 0,
+                             f"interleaved with the row below in chunks of {per}"),
+                _latency_row("shm, ring_spin_us=0 (A/B)", "send-first", _merge_runs(runs["off"], skip), 0,
+                             "readers sleep on the doorbell at once")]
+    finally:
+        for lang in langs.values():
+            lang.close()
+        off.close()
+
+
 def _breakdown_run(enc: "_Encoder", path: str, order: str, requests: int, warmup: int, rooms: "_Rooms", expected,
                    chunks: int = 4) -> dict:
     """Probe one request's hand-offs.  Clean and instrumented chunks alternate
@@ -1261,6 +1301,10 @@ def run_latency(requests: int = 1000, quick: bool = False, *, sections=None, idl
                     result["latency"].append(_latency_row("shm paced 1 ms", "send-first", run, warmup,
                                                           "1 ms idle before each request"))
                 guard("latency shm paced", paced)
+                if _has_ring_spin():
+                    guard("latency shm ring spin A/B",
+                          lambda: result["latency"].extend(_spin_ab(enc, requests, warmup, rooms, expected,
+                                                                    cfg_extra, say)))
 
         # ---------------------------------------------------------- baselines
         if "baselines" in sections:

@@ -31,8 +31,11 @@ def test_every_request_succeeded(result):
 
 def test_one_token_rows(result):
     rows = {(r["path"], r["order"]): r for r in result["latency"]}
+    from embresume.config import Config
+    spin = Config().ring_spin_us
     expected = {("shm", "send-first"), ("shm", "request-first"), ("in-process", "send-first"),
-                ("in-process", "request-first"), ("shm paced 1 ms", "send-first")}
+                ("in-process", "request-first"), ("shm paced 1 ms", "send-first"),
+                (f"shm, ring_spin_us={spin} (A/B)", "send-first"), ("shm, ring_spin_us=0 (A/B)", "send-first")}
     if "mooncake" in result["skipped"]:
         assert result["skipped"]["mooncake"]
     else:
