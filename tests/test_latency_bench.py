@@ -121,6 +121,9 @@ def test_cli_writes_json(tmp_path):
     assert rc == 0
     data = json.loads(out.read_text())
     rows = {(r["path"], r["order"]): r for r in data["latency"]}
-    assert set(rows) == {("shm", "send-first"), ("shm paced 1 ms", "send-first")}
+    from embresume.config import Config
+    assert set(rows) == {("shm", "send-first"), ("shm paced 1 ms", "send-first"),
+                         (f"shm, ring_spin_us={Config().ring_spin_us} (A/B)", "send-first"),
+                         ("shm, ring_spin_us=0 (A/B)", "send-first")}
     row = rows[("shm", "send-first")]
     assert row["n"] == 20 and row["failed"] == 0
