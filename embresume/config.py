@@ -147,8 +147,10 @@ class Config:
     #: heartbeat period and the silence after which the peer is declared dead
     heartbeat_interval: float = 0.5
     peer_timeout: float = 3.0
-    #: pipelined chunks: the encoder reports PROGRESS every this many bytes of
-    #: embeddings written so the receiver copies out while the rest lands (0: off)
+    #: pipelined chunks: the encoder writes a chunk in pieces of at most this many
+    #: bytes of embeddings (and about four pieces of at least 2 MiB when the chunk
+    #: is smaller than four of these) and reports PROGRESS after each, so the
+    #: receiver copies out while the rest lands (0: off)
     pipeline_bytes: int = 8 << 20
     #: zero-copy receive: a request that arrives in one chunk in consecutive blocks
     #: is returned as views of the receive pool (no gather copy); its blocks stay

@@ -61,6 +61,10 @@ FINISHED_MEMORY = 65536
 #: a chunk up to this many embedding bytes is written by the thread that
 #: registered it (send/send_tensors) when its INIT is already here
 INLINE_WRITE_BYTES = 256 << 10
+#: pipelined chunks (Config.pipeline_bytes): a chunk is cut into about this many
+#: pieces, none smaller than MIN_PIECE_BYTES of embeddings, none larger than pipeline_bytes
+PIPELINE_PIECES = 4
+MIN_PIECE_BYTES = 2 << 20
 #: hellos whose pool description has not come yet
 MAX_PENDING_HANDSHAKES = 256
 #: the largest control frame accepted from any peer (an INIT of 1M blocks, a handshake description)
@@ -799,9 +803,14 @@ class EncoderEndpoint:
                 pass
 
     def _pieces(self, peer: _Peer, plan: ChunkPlan) -> list[ChunkPlan]:
-        """Split a chunk into pieces of ~``pipeline_bytes`` for pipelined delivery."""
-        per = self.config.pipeline_bytes // peer.pool.layout.emb_block_bytes
+        """Split a chunk into pieces for pipelined delivery: at most
+        ``pipeline_bytes`` each, and a chunk of a few of them into about
+        PIPELINE_PIECES pieces of at least MIN_PIECE_BYTES (a 1024-token chunk
+        at hidden 4096 is 8 MiB: four pieces overlap its two copies, one would
+        not overlap them at all)."""
+        bb = peer.pool.layout.emb_block_bytes
         n = plan.src_block_end - plan.src_block_start
+        per = min(self.config.pipeline_bytes // bb, max(-(-n // PIPELINE_PIECES), -(-MIN_PIECE_BYTES // bb)))
         if not peer.transport.pipelined or per <= 0 or n <= per:
             return [plan]
         bs = peer.pool.layout.block_size

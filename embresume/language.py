@@ -44,6 +44,7 @@ import uuid
 from typing import Optional
 from urllib.parse import urlsplit
 
+import numpy as np
 import torch
 import zmq
 
@@ -259,6 +260,9 @@ class LanguageEndpoint:
         #: read once (torch attribute reads and torch.device() cost microseconds on every chunk)
         self._host_pool = not self.pool.is_cuda
         self._pool_device = str(self.pool.device)
+        #: storage offsets of the pool's views (as_strided takes absolute offsets)
+        self._emb_off = self.pool.embeddings.storage_offset()
+        self._fill_off = self.pool.fill_ids.storage_offset()
         #: the pool stayed on the host for a GPU model (no transport could export a GPU pool)
         self._move_results = self.pool.device.type != torch.device(c.device).type
         log.info("rank %d: receive pool of %d blocks x %d tokens, %.1f MiB on %s", tp_rank,
@@ -938,10 +942,15 @@ class LanguageEndpoint:
         need = -(-tokens // bs)
         b0 = req.blocks[0]
         pool, H = self.pool, self.layout.hidden
-        emb = pool.embeddings[b0:b0 + need].reshape(need * bs, H)[:tokens]
-        fill = pool.fill_ids[b0:b0 + need].reshape(need * bs)[:tokens]
+        # one torch op per view (as_strided on the pool's own tensors: consecutive blocks are contiguous)
+        emb = pool.embeddings.as_strided((tokens, H), (H, 1), self._emb_off + b0 * bs * H)
+        fill = pool.fill_ids.as_strided((tokens,), (1,), self._fill_off + b0 * bs)
         # mrope is [3, bs] per block: [3, T] needs this small copy (12 bytes a token)
-        mrope = pool.mrope[b0:b0 + need].transpose(0, 1).reshape(3, need * bs)[:, :tokens].contiguous()
+        if self._host_pool:
+            m = pool_arrays(pool)[2][b0:b0 + need].transpose(1, 0, 2).reshape(3, need * bs)[:, :tokens]
+            mrope = torch.from_numpy(np.ascontiguousarray(m))
+        else:
+            mrope = pool.mrope[b0:b0 + need].transpose(0, 1).reshape(3, need * bs)[:, :tokens].contiguous()
         spare = req.blocks[need:]
         wasted = self.allocator.allocated_tokens(req.blocks) - tokens
         self.stats["wasted_tokens"] += wasted

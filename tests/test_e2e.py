@@ -255,10 +255,19 @@ def test_zero_copy_receive(encoder, data):
         assert r.embeddings.is_contiguous() and r.fill_ids.is_contiguous() and r.mrope_positions.is_contiguous()
         assert lang.allocator.free_blocks == 16 - 8          # 1000 tokens: 8 blocks lent to the result
         assert lang.stats["zero_copy"] == 1
+        # a second one while the first is held: views of blocks further into the pool
+        room2 = next(_rooms)
+        lang.request(room2, expected_tokens=300)
+        enc.send(room2, 300)
+        assert lang.wait(room2, 30) is Status.Success
+        r1 = lang.result(room2)
+        assert data.verify(room2, r1) and lang.stats["zero_copy"] == 2
+        assert r1.embeddings.data_ptr() >= pool.data_ptr() + 8 * lang.layout.emb_block_bytes
         r.release()
+        r1.release()
         assert lang.allocator.free_blocks == 16
         # a request that needs a resume is gathered as usual
         r2, _ = run_one(lang, enc, data, 2500)
-        assert r2.chunks == 2 and lang.stats["zero_copy"] == 1
+        assert r2.chunks == 2 and lang.stats["zero_copy"] == 2
         r2.release()
         check_clean(lang)
