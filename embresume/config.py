@@ -162,11 +162,11 @@ class Config:
     prefault: bool = True
     #: shm control ring capacity in bytes (per direction)
     ring_bytes: int = 1 << 20
-    #: microseconds a ring reader that just got a message keeps looking for the
-    #: next before it sleeps on its doorbell (0: sleep at once).  Saves the
-    #: wake-up of a sleeping thread (an idle vCPU halts) on the round trips of
-    #: a request; costs at most this much CPU per message, never when idle.
-    #: Env: EMBRESUME_RING_SPIN_US
+    #: encoder side: microseconds a ring reader that just got a message keeps
+    #: looking for the next before it sleeps on its doorbell (0: sleep at once).
+    #: Saves the wake-up of a sleeping thread (an idle vCPU halts) when the next
+    #: INIT or RESUME follows soon; costs at most this much CPU per message,
+    #: never when idle.  The language side never spins.  Env: EMBRESUME_RING_SPIN_US
     ring_spin_us: Optional[int] = None
     #: Mooncake: "tcp" or "rdma"; device names for rdma ("" = auto)
     mooncake_protocol: str = "tcp"

@@ -21,8 +21,6 @@ class RingChannel(Channel):
         self.tx, self.rx = tx, rx
         #: seconds the reader looks for the next message before it sleeps (ShmRing.recv)
         self.spin = max(0, spin_us) * 1e-6
-        #: optional predicate: spin only while it is true (the owner expects a message)
-        self.spin_while = None
         self._stop = threading.Event()
         self._name = name
         self._thread = None
@@ -40,10 +38,7 @@ class RingChannel(Channel):
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                spin = self.spin
-                if spin and self.spin_while is not None and not self.spin_while():
-                    spin = 0.0
-                data = self.rx.recv(timeout=1.0, spin=spin)   # close() wakes it at once
+                data = self.rx.recv(timeout=1.0, spin=self.spin)   # close() wakes it at once
             except RingClosed:
                 break
             except Exception as e:  # corrupt ring: the peer is broken
