@@ -23,9 +23,10 @@ Before it sleeps, a reader that has just received a message may spin for
 ``spin`` seconds on the tail (``os.sched_yield`` between looks, which drops
 the GIL and gives the core to anything runnable): the answer to a message
 usually comes within a few hundred microseconds, and a thread that slept
-pays for the wake-up (an idle vCPU halts; on the 2-core development VM a
-1-token request took 520-650 us p50 sleeping, 290-430 us spinning 200 us).
-An idle ring never spins: the spin follows a received message only.
+pays for the wake-up (an idle vCPU halts, and the thread then runs on cold
+caches; on the 2-core development VM the bench's same-run A/B of a 1-token
+request gave 221 us p50 sleeping against 183 us with the encoder spinning
+200 us).  An idle ring never spins: the spin follows a received message only.
 
 One ring carries one direction; a channel is a pair.  Writers in several
 threads of one process are serialised by a lock; there is one reader thread.
