@@ -713,15 +713,18 @@ class EncoderEndpoint:
     def _here(self, k: _Rank, plan: ChunkPlan) -> bool:
         """Whether the calling thread writes the chunk itself: ``k``'s own ring
         reader always (it has nothing else to do), an application thread in
-        ``send``/``send_tensors`` when the chunk is small (it returns a little
-        later instead of paying a thread hand-off); anything else goes to the
+        ``send``/``send_tensors`` when the chunk is small and goes to a
+        same-host peer (a memory copy: it returns a little later instead of
+        paying a thread hand-off; a network write to a stalled peer could hold
+        the caller, so those stay on the worker); anything else goes to the
         peer's worker."""
         t = self._tls
         if getattr(t, "jobs", None) is None:
             return False
         if t.peer is k.peer:
             return True
-        return t.peer is None and plan.tokens * k.peer.pool.layout.emb_row_bytes <= INLINE_WRITE_BYTES
+        return (t.peer is None and k.peer.channel.dedicated
+                and plan.tokens * k.peer.pool.layout.emb_row_bytes <= INLINE_WRITE_BYTES)
 
     def _write(self, r: _Room, k: _Rank, src, plan: ChunkPlan, aux) -> None:
         """Runs on the rank's worker thread (or, same-host, its reader thread).

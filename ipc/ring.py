@@ -256,11 +256,8 @@ class ShmRing:
                     self._woken = False
                     return None
                 # a stale ring (messages already read without sleeping): sleep again
-        p = head % self.capacity
-        if p + 4 <= self.capacity:       # the length never straddles the end (8-byte aligned)
-            n = _U32.unpack_from(self._mv, HEADER + p)[0]
-        else:  # pragma: no cover - capacity is a multiple of 8
-            n = _U32.unpack(self._copy_out(head, 4))[0]
+        # frames start 8-byte aligned and the capacity is a multiple of 8: the length never wraps
+        n = _U32.unpack_from(self._mv, HEADER + head % self.capacity)[0]
         if n > self.capacity - 4:
             raise ValueError(f"corrupt ring {self.name}: message length {n}")
         data = self._copy_out(head + 4, n)

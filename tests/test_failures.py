@@ -314,3 +314,35 @@ def test_tp_ranks_under_pool_pressure_do_not_deadlock(seed, pool0, pool1):
                 res = lang.result(room)
                 assert res.total_tokens == n and data.verify(room, res)
         assert r0.allocator.free_blocks == pool0 and r1.allocator.free_blocks == pool1
+
+
+def test_small_first_chunk_is_written_by_the_sending_thread_big_one_by_the_worker():
+    """Request first, then ``send_tensors``: a first chunk of at most
+    INLINE_WRITE_BYTES to a same-host rank is written by the calling thread
+    (no hand-off), a bigger one by the peer's worker; both arrive bit-exact."""
+    from embresume import encoder as E
+    cfg, data = _inproc(pool_blocks=64, default_allocate_tokens=4096)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        small = E.INLINE_WRITE_BYTES // (HIDDEN * 2)           # tokens that fit the inline limit
+        big = small + 1
+        seen = []
+        enc.wait_peers(1, 10)
+        peer = next(iter(enc._peers.values()))
+        orig = peer.transport.write_chunk
+
+        def write_chunk(*a, **k):
+            seen.append(threading.current_thread())
+            return orig(*a, **k)
+
+        peer.transport.write_chunk = write_chunk
+        for tokens in (small, big):
+            room = next(_rooms)
+            lang.request(room)
+            assert wait_for(lambda: room in enc._rooms and enc._rooms[room].ranks, 5)   # the INIT is here
+            _send(enc, data, room, tokens)
+            assert lang.wait(room, 20) is Status.Success
+            r = lang.result(room)
+            assert data.verify(room, r)
+            r.release()
+        assert seen[0] is threading.current_thread()
+        assert seen[1] is not threading.current_thread() and seen[1].name.startswith("embresume-enc-")
