@@ -9,8 +9,8 @@ control rings) is a ``memfd`` with no name in any file system::
     posix_fallocate(fd, 0, size)      # pages reserved now: ENOMEM here, never SIGBUS later
     fcntl(F_ADD_SEALS, SHRINK|GROW|SEAL)
     mmap(fd)                  ---- fd over SCM_RIGHTS ---->   ShmSegment.from_fd(fd, size)
-                                                                check: a memfd, sealed against
-                                                                shrinking, at least ``size`` bytes
+                                                                check: a memfd, sealed SHRINK|GROW|SEAL,
+                                                                at least ``size`` bytes
                                                               mmap(fd)
 
 Sealed, the object can never shrink under a mapping, so no peer can make
@@ -43,9 +43,11 @@ from embresume.errors import ConfigError
 
 log = logging.getLogger("embresume.shm")
 
-#: seals every shared segment carries; a peer's segment must have at least SHRINK
+#: seals every shared segment carries, and every peer's segment must carry:
+#: SHRINK (no truncation under our mapping: SIGBUS), GROW (its size is what we
+#: checked) and SEAL (nobody can change the seals after we checked them)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-REQUIRED_SEALS = fcntl.F_SEAL_SHRINK
+REQUIRED_SEALS = SEALS
 
 
 # ---------------------------------------------------------------- space
@@ -131,15 +133,17 @@ def _populate(mm: mmap.mmap) -> bool:
 
 
 def check_sealed(fd: int, size: int, what: str = "segment") -> int:
-    """Raise ValueError unless ``fd`` is a memfd sealed against shrinking that
-    holds at least ``size`` bytes; returns its size."""
+    """Raise ValueError unless ``fd`` is a memfd sealed against shrinking,
+    growing and further sealing (``REQUIRED_SEALS``) that holds at least
+    ``size`` bytes; returns its size."""
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError as e:
         raise ValueError(f"the peer's {what} is not a sealable memfd ({e.strerror})") from None
     if seals & REQUIRED_SEALS != REQUIRED_SEALS:
-        raise ValueError(f"the peer's {what} is not sealed against shrinking (seals 0x{seals:x}): "
-                         "it could be truncated under our mapping")
+        raise ValueError(f"the peer's {what} is not sealed against shrinking, growing and resealing "
+                         f"(seals 0x{seals:x}, required 0x{REQUIRED_SEALS:x}): it could be truncated under "
+                         "our mapping")
     have = os.fstat(fd).st_size
     if have < size:
         raise ValueError(f"the peer's {what} has {have} bytes, expected at least {size}")
@@ -199,7 +203,7 @@ class ShmSegment:
     def from_fd(cls, fd: int, size: int, *, prefault: bool = False, what: str = "segment") -> "ShmSegment":
         """Map ``size`` bytes of a peer's segment.  The caller keeps (and closes) ``fd``.
 
-        Raises ValueError when the fd is not a memfd sealed against shrinking
+        Raises ValueError when the fd is not a memfd sealed SHRINK|GROW|SEAL
         or is smaller than ``size``."""
         if size <= 0:
             raise ValueError(f"{what} size must be positive")
