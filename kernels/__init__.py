@@ -9,28 +9,30 @@ from pool blocks.  Pools on a CUDA device use the CuPy kernels of
 
 from __future__ import annotations
 
-from embresume.kernels import cpu
+if __name__ == "embresume.kernels":
+    from embresume.kernels import cpu
 
+    def _on_cuda(pool) -> bool:
+        c = getattr(pool, "is_cuda", None)        # BlockPool: a plain attribute
+        if c is None:
+            c = getattr(pool.embeddings, "is_cuda", False)
+        return c
 
-def _on_cuda(pool) -> bool:
-    c = getattr(pool, "is_cuda", None)        # BlockPool: a plain attribute
-    if c is None:
-        c = getattr(pool.embeddings, "is_cuda", False)
-    return c
+    def scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux=None) -> None:
+        if _on_cuda(dst):
+            from embresume.kernels import cuda
+            return cuda.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
+        return cpu.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
 
+    def gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0) -> None:
+        if _on_cuda(src_pool):
+            from embresume.kernels import cuda
+            return cuda.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
+        return cpu.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
 
-def scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux=None) -> None:
-    if _on_cuda(dst):
-        from embresume.kernels import cuda
-        return cuda.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
-    return cpu.scatter_chunk(dst, dst_blocks, src, src_block0, n_tokens, aux)
-
-
-def gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0) -> None:
-    if _on_cuda(src_pool):
-        from embresume.kernels import cuda
-        return cuda.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
-    return cpu.gather_chunk(src_pool, src_blocks, n_tokens, out_embeddings, out_fill_ids, out_mrope, out_token0)
-
-
-__all__ = ["scatter_chunk", "gather_chunk", "cpu"]
+    __all__ = ["scatter_chunk", "gather_chunk", "cpu"]
+else:
+    # imported by its folder's bare name, "kernels", because the repository root is on the
+    # path (e.g. transformers probing for Hugging Face's "kernels" package from this
+    # directory): define nothing, import nothing, so the probe finds no usable package
+    __all__ = []

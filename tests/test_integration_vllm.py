@@ -47,7 +47,8 @@ try:
     from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorBase, ECConnectorRole
     from vllm.distributed.ec_transfer.ec_connector.factory import ECConnectorFactory
     from vllm.distributed.ec_transfer.ec_connector.utils import ECOutputAggregator
-    from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItem, PlaceholderRange
+    from vllm.multimodal.inputs import (MultiModalFeatureSpec, MultiModalFieldElem, MultiModalKwargsItem,
+                                        MultiModalSharedField, PlaceholderRange)
     from vllm.sampling_params import SamplingParams
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
@@ -58,6 +59,7 @@ except Exception as e:  # pragma: no cover - depends on the machine
                 "install it with the lines in docs/integrations.md", allow_module_level=True)
 
 from embresume.harness import free_port
+from embresume.status import Status
 from embresume.integrations import vllm as adapter
 from embresume.integrations.vllm import EmbresumeECConnector, EmbresumeECWorkerMetadata
 
@@ -98,11 +100,22 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def make_request(rid: str, items, params=None, media: bool = True) -> "Request":
+def media_item(media):
+    """True: the item carries pixels (recomputable); "meta": placeholder metadata only (what
+    vLLM 0.33 gives EC consumers), False: no data at all."""
+    if media is True:
+        return MultiModalKwargsItem.dummy()
+    if media == "meta":
+        return MultiModalKwargsItem({"pixel_values": MultiModalFieldElem(
+            data=None, field=MultiModalSharedField(batch_size=1))})
+    return None
+
+
+def make_request(rid: str, items, params=None, media=True) -> "Request":
     """items: [(mm_hash, num_embeds)]; placeholders laid out one after another after one text token."""
     feats, pos = [], 1
     for h, n in items:
-        feats.append(MultiModalFeatureSpec(data=MultiModalKwargsItem() if media else None, modality="image",
+        feats.append(MultiModalFeatureSpec(data=media_item(media), modality="image",
                                            identifier=h, mm_position=PlaceholderRange(offset=pos, length=n)))
         pos += n
     extra_args = {"ec_transfer_params": params} if params is not None else None
@@ -115,6 +128,10 @@ def schedule(sched, requests, freed=()):
 
     scheduled: [(request, external_load_indices, local_encode_indices)]."""
     scheduled = []
+    for req in requests:                    # Scheduler._free_encoder_inputs
+        for i, f in enumerate(req.mm_features):
+            if f.identifier in freed:
+                sched.update_state_after_free(req, i)
     for req in requests:
         if not sched.ensure_cache_available(req, req.num_computed_tokens):
             continue
@@ -273,12 +290,27 @@ def producer():
         p.stop()
 
 
+RECEIVE_MODES = ["scheduler", "worker"]
+
+
+@pytest.fixture(params=RECEIVE_MODES)
+def receive(request):
+    """receive="scheduler" (default: the scheduler process receives, workers load from the
+    landing region) and receive="worker" (every worker receives its own copy)."""
+    return request.param
+
+
+def receiving_endpoint(sched, ranks):
+    """The LanguageEndpoint that received (scheduler mode: the engine's one)."""
+    return sched._lang if sched._lang is not None else ranks[0][0]._lang
+
+
 @pytest.fixture
-def consumer_parts(request):
+def consumer_parts(request, receive):
     made = []
 
     def make(extra, tp=1):
-        cfg = vllm_config("ec_consumer", dict(BASE_EXTRA, **extra), tp=tp)
+        cfg = vllm_config("ec_consumer", dict(BASE_EXTRA, receive=receive, landing_bytes="4MiB", **extra), tp=tp)
         sched = ECConnectorFactory.create_connector(cfg, ECConnectorRole.SCHEDULER)
         ranks = []
         for rank in range(tp):
@@ -312,28 +344,33 @@ def test_is_a_real_vllm_ec_connector():
 
 
 def test_bad_options_fail_at_startup():
-    with pytest.raises(ValueError, match="unknown embresume"):
-        ECConnectorFactory.create_connector(vllm_config("ec_consumer", dict(BASE_EXTRA, pool_blokcs=3)),
-                                            ECConnectorRole.SCHEDULER)
-    with pytest.raises(ValueError, match="on_failure"):
-        ECConnectorFactory.create_connector(vllm_config("ec_consumer", dict(BASE_EXTRA, on_failure="retry")),
-                                            ECConnectorRole.SCHEDULER)
+    for bad, match in ((dict(pool_blokcs=3), "unknown embresume"), (dict(on_failure="retry"), "on_failure"),
+                       (dict(receive="both"), "receive"), (dict(failover_timeout=0), "failover_timeout"),
+                       (dict(landing_bytes="-1M"), "size")):
+        with pytest.raises(ValueError, match=match):
+            ECConnectorFactory.create_connector(vllm_config("ec_consumer", dict(BASE_EXTRA, **bad)),
+                                                ECConnectorRole.SCHEDULER)
 
 
-def test_two_processes_bit_exact(producer, consumer_parts):
-    """Producer process encodes; the consumer's scheduler defers the request, its worker
-    receives, the item becomes a cache hit and lands in encoder_cache bit for bit.  Sizes
+def test_two_processes_bit_exact(producer, consumer_parts, receive):
+    """Producer process encodes; the consumer's scheduler defers the request while the item
+    comes, the item becomes a cache hit and lands in encoder_cache bit for bit.  Sizes
     cover under one block, exactly the default allocation, several default allocations."""
     items = [("img-a", 7), ("img-b", 64), ("img-c", 300)]
     params = producer.encode("enc-1", items)
     assert {h: params[h][adapter.PARAM_KEY] for h, _ in items} == {h: producer.address for h, _ in items}
-    assert all(params[h]["num_embeds"] == n for h, n in items)
+    assert all(params[h]["num_embeds"] == n and params[h]["width"] == HIDDEN and params[h]["dtype"] == "bfloat16"
+               for h, n in items)
 
     sched, ranks = consumer_parts({})
     req = make_request("lm-1", items, params=params)
-    # first step: the request is deferred while the transfer starts
+    # first step: the request is deferred while the transfers start
     so, scheduled = schedule(sched, [req])
-    assert scheduled == [] and {s.mm_hash for s in so.ec_connector_metadata.loads} == {h for h, _ in items}
+    assert scheduled == []
+    if receive == "worker":
+        assert {s.mm_hash for s in so.ec_connector_metadata.loads} == {h for h, _ in items}
+    else:
+        assert set(sched._items) == {h for h, _ in items}      # started by the scheduler itself
     assert sched.has_pending_push_work()
     finish_step(sched, run_workers(ranks, so, scheduled))
 
@@ -344,11 +381,34 @@ def test_two_processes_bit_exact(producer, consumer_parts):
     cache = ranks[0][1]
     for h, n in items:
         assert same_bits(cache[h], embedding(h, n)), h
+    # one more step: the workers' load reports unpin the landed items
+    finish_step(sched, run_workers(ranks, *schedule(sched, [])))
     assert not sched.has_pending_push_work()
-    lang = ranks[0][0]._lang
+    lang = receiving_endpoint(sched, ranks)
     # every item was asked for with its exact size: no resume was needed
     assert lang.stats["requests"] == 3 and lang.stats["hinted"] == 3 and lang.stats["resumes"] == 0
     assert [e["transport"] for e in lang.encoders()] == ["shm"]
+    st = (sched if receive == "scheduler" else ranks[0][0]).stats    # counted where it arrived
+    assert st["items_received"] == 3 and st["bytes_received"] == sum(n for _, n in items) * HIDDEN * 2
+    assert sched.stats["local_encodes"] == 0 and sched.stats["recomputes"] == 0
+
+
+def test_transfers_progress_without_any_worker_step(producer, consumer_parts):
+    """receive="scheduler": vLLM's V1 runner calls no EC connector on steps that run no tokens,
+    so while every request waits for its items nothing runs on the workers.  The items must
+    arrive anyway: only scheduler-side calls here until the item is a cache hit."""
+    params = producer.encode("enc-v1", [("v1-a", 90)])
+    sched, ranks = consumer_parts({})
+    if sched._region is None:
+        pytest.skip("receive='worker' transfers run on the workers (V2 runner only)")
+    req = make_request("lm-v1", [("v1-a", 90)], params=params)
+    deadline = time.monotonic() + 60
+    while not sched.ensure_cache_available(req, 0):
+        assert time.monotonic() < deadline, "the item never arrived without worker steps"
+        time.sleep(0.01)
+    assert sched.has_cache_item("v1-a")
+    done, failed = step_until(sched, ranks, [req])
+    assert done["lm-v1"] == (["v1-a"], []) and same_bits(ranks[0][1]["v1-a"], embedding("v1-a", 90))
 
 
 def test_cached_item_is_published_again(producer, consumer_parts):
@@ -368,7 +428,19 @@ def test_cached_item_is_published_again(producer, consumer_parts):
     assert same_bits(ranks[0][1]["img-y"], embedding("img-y", 9))
 
 
-def test_tensor_parallel_consumer_every_rank_gets_a_copy(producer, consumer_parts):
+def test_a_published_item_serves_several_consumers(producer, consumer_parts):
+    """Two language instances (two schedulers) ask for the same item, one after the other:
+    the producer keeps it published, both get it bit for bit (no 60 s wait, no recompute)."""
+    params = producer.encode("enc-2c", [("shared", 70)])
+    for name in ("first", "second"):
+        sched, ranks = consumer_parts({})
+        done, failed = step_until(sched, ranks, [make_request(f"lm-{name}", [("shared", 70)], params=params)],
+                                  deadline_s=30)
+        assert not failed and done[f"lm-{name}"] == (["shared"], []), name
+        assert same_bits(ranks[0][1]["shared"], embedding("shared", 70)), name
+
+
+def test_tensor_parallel_consumer_every_rank_gets_a_copy(producer, consumer_parts, receive):
     sched, ranks = consumer_parts({}, tp=2)
     items = [("tp-a", 33), ("tp-b", 129)]
     params = producer.encode("enc-tp", items)
@@ -379,11 +451,16 @@ def test_tensor_parallel_consumer_every_rank_gets_a_copy(producer, consumer_part
             assert same_bits(cache[h], embedding(h, n))
     for h, _ in items:                                  # each rank holds its own copy
         assert ranks[0][1][h].data_ptr() != ranks[1][1][h].data_ptr()
+    if receive == "scheduler":
+        # written once per host: one transfer per item for both ranks
+        assert sched._lang.stats["requests"] == 2 and sched.stats["items_received"] == 2
+        finish_step(sched, run_workers(ranks, *schedule(sched, [])))
+        assert sched._region.pinned() == 0            # both ranks reported their loads
 
 
-def test_preempted_request_does_not_wait_for_a_second_transfer(producer, consumer_parts):
-    """Once a request's item was delivered and vLLM freed it (preemption), the encoder
-    no longer holds it: the item is encoded locally at once, no new transfer starts."""
+def test_preempted_request_gets_its_item_again(producer, consumer_parts):
+    """An item delivered once and then freed by vLLM (preemption) is a cache hit again: still
+    landed (receive="scheduler") or asked again from the producer, which keeps it."""
     params = producer.encode("enc-p", [("img-p", 21)])
     sched, ranks = consumer_parts({})
     req = make_request("lm-p", [("img-p", 21)], params=params)
@@ -397,59 +474,168 @@ def test_preempted_request_does_not_wait_for_a_second_transfer(producer, consume
     assert scheduled[0][1] == [0] and same_bits(ranks[0][1]["img-p"], embedding("img-p", 21))
     finish_step(sched, out)
     ranks[0][1].clear()                                   # preempted: vLLM frees its encoder cache entry
-    so, scheduled = schedule(sched, [req], freed=["img-p"])
-    assert so.ec_connector_metadata.loads == [] and scheduled and scheduled[0][2] == [0]
-    sched.request_finished(req)
+    done, failed = step_until(sched, ranks, [req], freed=["img-p"])
+    assert not failed and done["lm-p"] == (["img-p"], [])
+    assert same_bits(ranks[0][1]["img-p"], embedding("img-p", 21))
+    assert sched.stats["local_encodes"] == 0
 
 
-def test_staged_sets_intersect_across_ranks():
-    a = EmbresumeECWorkerMetadata(staged=frozenset({"x", "y"}), failed={"z": "r0"})
-    b = EmbresumeECWorkerMetadata(staged=frozenset({"y"}), failed={"w": "r1"})
+def test_worker_metadata_aggregates_across_ranks():
+    a = EmbresumeECWorkerMetadata(loaded=[1, 2], staged=frozenset({"x", "y"}), failed={"z": "r0"})
+    b = EmbresumeECWorkerMetadata(loaded=[1], staged=frozenset({"y"}), failed={"w": "r1"})
     m = a.aggregate(b)
-    assert m.staged == {"y"} and m.failed == {"z": "r0", "w": "r1"}
+    assert m.staged == {"y"} and m.failed == {"z": "r0", "w": "r1"} and sorted(m.loaded) == [1, 1, 2]
 
 
 def test_wrong_size_is_recomputed_not_crashed(producer, consumer_parts):
-    """The encoder's tensor does not match the consumer's placeholder count: the worker
-    refuses it, the scheduler lets vLLM encode it locally (the request has its media)."""
+    """The encoder's tensor does not match the consumer's placeholder count: it is refused,
+    and vLLM encodes the item locally (the request has its media)."""
     params = producer.encode("enc-w", [("img-w", 50)])
     sched, ranks = consumer_parts({})
     req = make_request("lm-w", [("img-w", 48)], params=params)
     done, failed = step_until(sched, ranks, [req])
     assert not failed and done["lm-w"] == ([], ["img-w"])
+    assert sched.stats["recomputes"] == 1 and sched.stats["transfer_failures"] == 1
 
 
-def test_unreachable_encoder_recomputes_or_fails(consumer_parts):
-    """Nothing listens at the encoder address: no exception reaches the engine; a request
-    with its media is encoded locally, one without media (or with on_failure=fail) is failed."""
+def test_unreachable_encoder_fails_over_in_seconds(consumer_parts):
+    """Nothing listens at the encoder address: no exception reaches the engine, and within
+    seconds (not request_timeout) a request with its media is encoded locally; one whose item
+    is metadata only (vLLM 0.33's EC consumer items), or without data, or with
+    on_failure=fail, is failed."""
     dead = f"tcp://127.0.0.1:{free_port()}"
-    extra = {"encoder_addresses": [dead], "handshake_timeout": 1.0, "request_timeout": 3.0}
+    extra = {"encoder_addresses": [dead], "handshake_timeout": 1.0, "request_timeout": 60.0,
+             "failover_timeout": 1.0, "max_attempts": 2}
     sched, ranks = consumer_parts(extra)
     with_media = make_request("m", [("dead-1", 20)])
     without = make_request("n", [("dead-2", 20)], media=False)
-    done, failed = step_until(sched, ranks, [with_media, without])
-    assert done == {"m": ([], ["dead-1"])} and failed == {"n"}
+    meta_only = make_request("q", [("dead-4", 20)], media="meta")
+    t0 = time.monotonic()
+    done, failed = step_until(sched, ranks, [with_media, without, meta_only], deadline_s=45)
+    assert done == {"m": ([], ["dead-1"])} and failed == {"n", "q"}
+    if sched._region is not None:
+        assert time.monotonic() - t0 < 30, "fail-over took as long as request_timeout"
+        assert sched.stats["failovers"] >= 1 and sched.stats["transfer_failures"] == 3
+        assert sched.stats["recomputes"] == 1 and sched.stats["unavailable"] == 2
 
     sched2, ranks2 = consumer_parts(dict(extra, on_failure="fail"))
-    done, failed = step_until(sched2, ranks2, [make_request("o", [("dead-3", 20)])])
+    done, failed = step_until(sched2, ranks2, [make_request("o", [("dead-3", 20)])], deadline_s=45)
     assert done == {} and failed == {"o"}
 
 
+def test_silent_producer_fails_over(producer, consumer_parts):
+    """The producer is alive but never publishes the item (stuck, or it lost it): after
+    failover_timeout per attempt the item is recomputed, not waited for for a minute."""
+    sched, ranks = consumer_parts({"failover_timeout": 1.0, "max_attempts": 2})
+    if sched._region is None:
+        pytest.skip("receive='worker' bounds a transfer by load_timeout only")
+    params = {"never-sent": {adapter.PARAM_KEY: producer.address, "num_embeds": 12}}
+    t0 = time.monotonic()
+    done, failed = step_until(sched, ranks, [make_request("lm-s", [("never-sent", 12)], params=params)],
+                              deadline_s=30)
+    assert done == {"lm-s": ([], ["never-sent"])} and not failed
+    assert time.monotonic() - t0 < 20
+    assert sched.stats["failovers"] == 1 and sched.stats["recomputes"] == 1
+
+
 def test_finished_request_drops_its_transfer(consumer_parts):
-    """A request that ends while its item is in flight: the workers abort the room
-    (no staged tensor, nothing left pending)."""
+    """A request that ends while its item is in flight: the transfer is aborted (no staged
+    tensor, nothing landed, nothing left pending)."""
     dead = f"tcp://127.0.0.1:{free_port()}"
     sched, ranks = consumer_parts({"encoder_addresses": dead, "handshake_timeout": 5.0})
     req = make_request("gone", [("gone-1", 10)])
     so, scheduled = schedule(sched, [req])
     finish_step(sched, run_workers(ranks, so, scheduled))
     worker = ranks[0][0]
-    assert "gone-1" in worker._inflight
+    if sched._region is None:
+        assert "gone-1" in worker._inflight
+    else:
+        assert "gone-1" in sched._items
     sched.request_finished(req)
     so, scheduled = schedule(sched, [])
-    assert so.ec_connector_metadata.drops == ["gone-1"]
+    if sched._region is None:
+        assert so.ec_connector_metadata.drops == ["gone-1"]
     finish_step(sched, run_workers(ranks, so, scheduled))
     assert not worker._inflight and not worker._staged and not sched.has_pending_push_work()
+    assert not sched._items and (sched._region is None or "gone-1" not in sched._region)
+
+
+def test_landing_region_evicts_unpinned_items_first():
+    from embresume.integrations._landing import LandingRegion, LandingView
+    region = LandingRegion(64 * 1024)
+    try:
+        a = region.alloc("a", (16, 256), torch.float32)      # 16 KiB each
+        b = region.alloc("b", (16, 256), torch.float32)
+        c = region.alloc("c", (16, 256), torch.float32)
+        region.tensor(a).fill_(1.0)
+        region.pin("a")
+        region.get("b")                                       # b used more recently than c
+        d = region.alloc("d", (32, 256), torch.float32)       # 32 KiB: c must go (a pinned, b recent)
+        assert d is not None and "c" not in region and {"a", "b", "d"} <= {k for k in ("a", "b", "d") if k in region}
+        assert region.alloc("e", (64, 256), torch.float32) is None or "a" in region
+        assert "a" in region and region.evictions >= 1
+        # a worker's mapping of the same memory (through /proc/<pid>/fd) sees the bytes
+        view = LandingView(region.descriptor())
+        assert torch.equal(view.tensor(a.offset, a.shape, a.dtype), torch.ones(16, 256))
+        view.close()
+        region.unpin("a")
+        for key in list(("a", "b", "d")):
+            region.discard(key)
+        assert region.used == 0 and region._free == [(0, region.size)]
+    finally:
+        region.close()
+
+
+def test_producer_holds_at_most_producer_max_bytes():
+    """Every output is published for consumers, but the producer holds at most
+    producer_max_bytes: the least recently used idle items are withdrawn."""
+    port = free_port()
+    cfg = vllm_config("ec_producer", dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{port}",
+                                          producer_max_bytes=3 * 100 * HIDDEN * 2))
+    worker = EmbresumeECConnector(cfg, ECConnectorRole.WORKER)
+    try:
+        for i in range(5):
+            worker.save_caches({f"p{i}": embedding(f"p{i}", 100)}, f"p{i}")
+        deadline = time.monotonic() + 10
+        while worker.stats["items_published"] < 5:
+            assert time.monotonic() < deadline, worker.stats
+            time.sleep(0.01)
+        assert worker._publisher.held_bytes <= 3 * 100 * HIDDEN * 2
+        assert worker.stats["items_withdrawn"] == 2
+        # the two least recently published are let go, the others still wait for consumers
+        assert worker._enc.poll("p0") is Status.Failed and worker._enc.poll("p1") is Status.Failed
+        assert not worker._enc.poll("p4").terminal
+    finally:
+        worker.shutdown()
+
+
+def test_deepstack_width_comes_from_the_encoder(consumer_parts):
+    """A DeepStack encoder's output is wider than the LM: the producer publishes what the
+    encoder produced (its endpoint takes that width) and announces the width; the consumer
+    receives it at that width instead of refusing it."""
+    wide = 2 * HIDDEN
+    port = free_port()
+    extra = {k: v for k, v in BASE_EXTRA.items() if k != "hidden_size"}
+    pcfg = vllm_config("ec_producer", dict(extra, encoder_address=f"tcp://127.0.0.1:{port}"))
+    pcfg.ec_transfer_config.mm_encoder_output_widths = {"image": wide}    # measured by vLLM at start-up
+    producer_worker = EmbresumeECConnector(pcfg, ECConnectorRole.WORKER)
+    producer_sched = EmbresumeECConnector(pcfg, ECConnectorRole.SCHEDULER)
+    try:
+        g = torch.Generator().manual_seed(7)
+        tensor = torch.randn(30, wide, generator=g).to(DTYPE)
+        producer_worker.save_caches({"deep": tensor}, "deep")
+        _, params = producer_sched.request_finished(make_request("enc-d", [("deep", 30)]))
+        assert params["deep"]["width"] == wide
+        sched, ranks = consumer_parts({})
+        if sched._region is None:
+            pytest.skip("receive='worker' pools have the configured width")
+        done, failed = step_until(sched, ranks, [make_request("lm-d", [("deep", 30)], params=params)],
+                                  deadline_s=30)
+        assert not failed and done["lm-d"] == (["deep"], [])
+        assert same_bits(ranks[0][1]["deep"], tensor)
+    finally:
+        producer_worker.shutdown()
+        producer_sched.shutdown()
 
 
 def test_routing_by_hash_is_stable():

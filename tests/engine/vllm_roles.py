@@ -1,0 +1,163 @@
+"""One vLLM instance in one role, driven through vLLM's own entry points.
+
+Run with the engine's interpreter (see tests/engine/setup_venv.sh):
+
+    python tests/engine/vllm_roles.py ROLE --model DIR --images SPEC --out FILE [options]
+
+ROLE is one of
+  reference   a single instance: encoder and language model together;
+  producer    an EC producer (``ec_role: ec_producer``, encoder only) with the
+              connector ``--connector``; it encodes the images (vLLM's
+              ``LLM.generate``), prints ``READY`` and keeps serving consumers
+              until its standard input closes;
+  consumer    an EC consumer (``ec_role: ec_consumer``) that asks the producer
+              at ``--encoder`` for every image's embedding.
+
+``--images`` is a comma-separated list of ``SIZE:SEED`` (a SIZExSIZE RGB image
+of seeded noise).  The out file gets the greedy tokens per image, timings
+and, for the connector's instances, the embresume counters read from vLLM's
+Prometheus metrics (``vllm:embresume_ec_*``).  Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+          "Describe this image.<|im_end|>\n<|im_start|>assistant\n")
+
+CONNECTORS = {
+    "embresume": ("EmbresumeECConnector", "embresume.integrations.vllm"),
+    # the test's swapped-payload producer (tests/engine/swap_connector.py)
+    "embresume-swap": ("SwappingECConnector", "swap_connector"),
+    # vLLM's own disk connector, the control and the benchmark's baseline
+    "example": ("ECExampleConnector", None),
+}
+
+
+def images(spec: str):
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for part in spec.split(","):
+        size, seed = (int(x) for x in part.split(":"))
+        rng = np.random.RandomState(seed)
+        out.append(Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)))
+    return out
+
+
+def data_url(image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat_message(image) -> dict:
+    """The OpenAI-format user message the server test sends for ``image``."""
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                        {"type": "text", "text": "Describe this image."}]}
+
+
+def ec_config(args) -> dict:
+    name, module = CONNECTORS[args.connector]
+    cfg = {"ec_connector": name, "ec_role": "ec_producer" if args.role == "producer" else "ec_consumer"}
+    if module:
+        cfg["ec_connector_module_path"] = module
+    extra = json.loads(args.extra) if args.extra else {}
+    if args.connector.startswith("embresume"):
+        if args.role == "producer":
+            extra.setdefault("encoder_address", args.encoder)
+        else:
+            extra.setdefault("encoder_addresses", [args.encoder])
+    else:
+        extra.setdefault("shared_storage_path", args.storage)
+    cfg["ec_connector_extra_config"] = extra
+    return cfg
+
+
+def embresume_counters(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        name = getattr(m, "name", "")
+        if name.startswith("vllm:embresume_ec_"):
+            key = name[len("vllm:embresume_ec_"):]
+            if key.endswith("_total"):
+                key = key[:-len("_total")]
+            out[key] = out.get(key, 0) + int(getattr(m, "value", 0))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("role", choices=["reference", "producer", "consumer"])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--images", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--connector", default="embresume", choices=sorted(CONNECTORS))
+    ap.add_argument("--encoder", default="tcp://127.0.0.1:17600")
+    ap.add_argument("--storage", default="")
+    ap.add_argument("--extra", default="")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--batch", action="store_true", help="submit every image at once (default: one by one)")
+    ap.add_argument("--chat", type=int, default=0,
+                    help="also answer the first N images through LLM.chat (the server's prompt format)")
+    args = ap.parse_args()
+
+    from vllm import LLM, SamplingParams
+
+    kw = dict(model=args.model, enforce_eager=True, max_model_len=512, dtype="float32",
+              limit_mm_per_prompt={"image": 1, "video": 0}, disable_log_stats=False, seed=0)
+    if args.role != "reference":
+        kw["ec_transfer_config"] = ec_config(args)
+    t0 = time.monotonic()
+    llm = LLM(**kw)
+    started = time.monotonic() - t0
+    params = SamplingParams(max_tokens=1 if args.role == "producer" else args.max_tokens, temperature=0.0)
+    prompts = [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images(args.images)]
+    tokens, latency = [], []
+    if args.batch:
+        t = time.monotonic()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        latency = [time.monotonic() - t] * len(outs)
+        tokens = [list(o.outputs[0].token_ids) for o in outs]
+    else:
+        for p in prompts:
+            t = time.monotonic()
+            o = llm.generate([p], params, use_tqdm=False)[0]
+            latency.append(time.monotonic() - t)
+            tokens.append(list(o.outputs[0].token_ids))
+    chat = []
+    for im in images(args.images)[:args.chat]:
+        o = llm.chat([chat_message(im)], params, use_tqdm=False)[0]
+        chat.append(o.outputs[0].text)
+    result = {"chat_text": chat, "role": args.role, "connector": args.connector, "tokens": tokens, "latency_s": latency,
+              "start_s": started}
+    if args.role == "producer":
+        print("READY", flush=True)
+        # keep serving consumers until the test closes our standard input (bounded by the test)
+        sys.stdin.read()
+    time.sleep(0.2)
+    try:
+        result["embresume"] = embresume_counters(llm)
+    except Exception as e:            # the counters are the proof: report why they are missing
+        result["embresume_error"] = f"{type(e).__name__}: {e}"
+    with open(args.out, "w") as f:
+        json.dump(result, f)
+    print(json.dumps({k: v for k, v in result.items() if k != "latency_s"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
