@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import socket
 import sys
 from typing import Optional
@@ -21,7 +22,13 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage error is exactly one line on stderr (exit 2)."""
+    """argparse, but a usage error is exactly one line on stderr (exit 2), and a
+    value that starts with a minus and a digit (``--pool-bytes -1M``) is a value
+    to check, not an unknown option."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\d[\w.]*$|^-\.\d[\w.]*$")
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
         self.exit(2, f"embresume: error: {message}\n")

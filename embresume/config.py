@@ -10,6 +10,7 @@ start-up, never later on the data path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -17,6 +18,8 @@ from typing import Literal, Optional
 import torch
 
 from .errors import ConfigError
+
+log = logging.getLogger("embresume.config")
 
 #: env var -> fallback env var of the original system
 ENV_NAMES = {
@@ -99,15 +102,54 @@ def format_bytes(n: int) -> str:
 
 
 def _env_int(name: str) -> Optional[int]:
+    """The field's value from its environment variable, checked here so that the
+    error names the variable (``EMBRESUME_BLOCK_SIZE=-4``)."""
+    least = 0 if name == "ring_spin_us" else 1
     for env in ENV_NAMES[name]:
         raw = os.environ.get(env)
         if raw is None or raw.strip() == "":
             continue
         try:
-            return int(raw.strip())
+            value = int(raw.strip())
         except ValueError:
-            raise ConfigError(f"environment variable {env}={raw!r} is not an integer") from None
+            raise ConfigError(f"environment variable {env}={raw!r} is not an integer ({name})") from None
+        if value < least:
+            raise ConfigError(f"environment variable {env}={raw!r}: {name} must be "
+                              f"{'a positive integer' if least else 'an integer >= 0'}")
+        return value
     return None
+
+
+def check_endpoint(value, what: str = "encoder_endpoint") -> str:
+    """``tcp://HOST:PORT`` with a port in 1-65535 (HOST may be a name, an IPv4
+    address, ``[IPv6]``, ``*`` or ``0.0.0.0``); ConfigError otherwise."""
+    bad = f"{what} must be tcp://HOST:PORT with a port in 1-65535 (e.g. tcp://127.0.0.1:17600), got {value!r}"
+    if not isinstance(value, str) or not value.startswith("tcp://"):
+        raise ConfigError(bad)
+    rest = value[len("tcp://"):]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(bad)
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ConfigError(bad)
+    elif host != "*" and (any(c in host for c in "/@?# []") or not host.strip(".:")):
+        raise ConfigError(bad)
+    return value
+
+
+def as_config(config, who: str) -> "Config":
+    """What an endpoint's constructor does with its ``config`` argument: None ->
+    ``Config()``, a Config as it is; anything else (a dict of fields...) is a
+    TypeError that says how to call it."""
+    if config is None:
+        return Config()
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, dict):
+        raise TypeError(f"{who} takes a Config, not a dict: use {who}(Config(**fields)), e.g. "
+                        f"{who}(Config(hidden_size=4096, dtype='bf16'))")
+    raise TypeError(f"{who} takes an embresume.Config, got {type(config).__name__}")
 
 
 @dataclass
@@ -197,6 +239,14 @@ class Config:
             if getattr(self, name) is None:
                 value = _env_int(name)
                 setattr(self, name, DEFAULTS[name] if value is None else value)
+        d, b = self.default_allocate_tokens, self.block_size
+        if (isinstance(d, int) and isinstance(b, int) and not isinstance(d, bool) and not isinstance(b, bool)
+                and d > 0 and b > 0 and d % b):
+            # the language side allocates whole blocks: that many tokens are what a request gets anyway
+            rounded = -(-d // b) * b
+            log.warning("default_allocate_tokens=%d is not a multiple of block_size=%d: rounded up to %d "
+                        "(requests get whole blocks)", d, b, rounded)
+            self.default_allocate_tokens = rounded
         if self.pool_bytes is None:
             raw = os.environ.get(POOL_BYTES_ENV, "").strip()
             if raw:
@@ -263,6 +313,7 @@ class Config:
                 raise ConfigError(f"allowed_uids must be uids (ints, or 'uid,uid' in EMBRESUME_ALLOWED_UIDS), "
                                   f"got {raw!r}")
             self.allowed_uids = uids
+        check_endpoint(self.encoder_endpoint)
         if self.mooncake_protocol not in ("tcp", "rdma"):
             raise ConfigError(f"mooncake_protocol must be tcp or rdma, got {self.mooncake_protocol!r}")
 

@@ -59,6 +59,11 @@ class TransportUnavailable(TransferError):
     next transport both sides allow."""
 
 
+class ResultReleased(EmbResumeError, RuntimeError):
+    """An :class:`~embresume.merge.EmbeddingResult`'s tensors were read after
+    ``release()`` handed its memory back."""
+
+
 class TransferFailed(EmbResumeError, RuntimeError):
     """A request ended in the ``Failed`` status.  ``room`` names the request."""
 

@@ -15,11 +15,14 @@ from typing import Optional, Sequence
 import torch
 
 from .kernels import gather_chunk
+from .errors import ResultReleased
 from .kernels.cpu import as_numpy
 from .status import Status
 
+_TENSORS = ("embeddings", "fill_ids", "mrope_positions")
 
-@dataclass
+
+@dataclass(repr=False)
 class EmbeddingResult:
     """A request's merged embedding, as the language model consumes it."""
 
@@ -37,11 +40,39 @@ class EmbeddingResult:
 
         Optional, but it saves the page faults of fresh memory (on the 2-core
         development machine a fresh 64 MiB result costs 25 ms to fill, a
-        recycled one 3.3 ms).  The tensors must not be used afterwards."""
+        recycled one 3.3 ms).  The tensors must not be used afterwards: reading
+        ``embeddings``, ``fill_ids``, ``mrope_positions`` or ``total_tokens``
+        then raises :class:`~embresume.errors.ResultReleased`.  Idempotent."""
         lease, self._lease = self._lease, None
-        self.embeddings = self.fill_ids = self.mrope_positions = None
+        d = self.__dict__
+        if "embeddings" in d:
+            d["_released_tokens"] = int(d["embeddings"].shape[0]) if d["embeddings"] is not None else None
+        for name in _TENSORS:
+            d.pop(name, None)
         if lease is not None:
             lease.give_back()
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: a tensor of a released result
+        if name in _TENSORS and "_released_tokens" in self.__dict__:
+            raise ResultReleased(f"room {self.__dict__.get('room')!r}: {name} read after release(); the result "
+                                 "was released and its memory serves other requests (read the tensors, or "
+                                 "copy them, before calling release())")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def released(self) -> bool:
+        """True once :meth:`release` was called."""
+        return "_released_tokens" in self.__dict__
+
+    def __repr__(self) -> str:
+        d = self.__dict__
+        if "_released_tokens" in d:
+            return f"EmbeddingResult(room={d.get('room')!r}, released)"
+        e = d.get("embeddings")
+        shape = tuple(e.shape) if e is not None else None
+        return (f"EmbeddingResult(room={d.get('room')!r}, embeddings={shape} {getattr(e, 'dtype', '')}, "
+                f"chunks={d.get('chunks')})")
 
     def __enter__(self) -> "EmbeddingResult":
         return self

@@ -27,6 +27,12 @@ class Status(enum.IntEnum):
     def terminal(self) -> bool:
         return self in (Status.Success, Status.Failed)
 
+    def __str__(self) -> str:               # print(lang.poll(room)) -> "Success", not "4"
+        return self.name
+
+    def __format__(self, spec: str) -> str:  # f"{status}" too; a numeric spec ("d") formats the value
+        return self.name if not spec else format(int(self), spec)
+
 
 ALLOWED: dict[Status, frozenset[Status]] = {
     Status.Bootstrapping: frozenset({Status.WaitingForInput, Status.Failed}),

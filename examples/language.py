@@ -6,6 +6,7 @@
 """
 
 import argparse
+import logging
 import sys
 import time
 import zlib
@@ -28,26 +29,42 @@ def vision_tower(room: str, tokens: int):
     return embeddings, fill_ids, mrope_positions, -(tokens // 7)
 
 
-def connect_when_up(lang: LanguageEndpoint, seconds: float = 60) -> None:
-    """The encoder may start after us: retry until it listens."""
+def connect_when_up(lang: LanguageEndpoint, seconds: float) -> bool:
+    """The encoder may start after us: retry until it listens (False after ``seconds``)."""
     deadline = time.monotonic() + seconds
-    while True:
-        try:
-            return lang.connect()
-        except PeerError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    said = False
+    quiet = logging.getLogger("embresume.language")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)       # refused attempts are expected here: no warning for each
+    try:
+        while True:
+            try:
+                lang.connect()
+                return True
+            except PeerError:
+                if time.monotonic() > deadline:
+                    return False
+                if not said:
+                    print(f"language: waiting up to {seconds:g} s for the encoder at "
+                          f"{lang.config.encoder_endpoint}", flush=True)
+                    said = True
+                time.sleep(0.5)
+    finally:
+        quiet.setLevel(level)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--endpoint", default="tcp://127.0.0.1:17600", help="the encoder's address (tcp://host:port)")
+    ap.add_argument("--wait", type=float, default=30, help="seconds to wait for the encoder to listen (default 30)")
     args = ap.parse_args()
 
     ok = True
     with LanguageEndpoint(Config(**CONFIG, encoder_endpoint=args.endpoint), connect=False) as lang:
-        connect_when_up(lang)
+        if not connect_when_up(lang, args.wait):
+            print(f"language: no encoder listens at {args.endpoint} (start examples/encoder.py "
+                  f"--endpoint {args.endpoint} first)", file=sys.stderr, flush=True)
+            return 1
         for room in ROOMS:
             lang.request(room)                  # non-blocking: allocates 1024 tokens, asks the encoder
         for room in ROOMS:
