@@ -253,7 +253,8 @@ class Child:
         self.res_q = ctx.Queue()
         self.proc = ctx.Process(target=_child_main, args=(target, self.cmd_q, self.res_q) + tuple(args), name=name,
                                 daemon=True)
-        self.proc.start()
+        from embresume.procutil import start_child
+        start_child(self.proc)   # SIGINT ignored: a Ctrl-C is the bench's to handle, no child tracebacks
         if wait:
             self.wait_ready(start_timeout)
 
@@ -264,6 +265,9 @@ class Child:
         try:
             self.reply(timeout, expect="ready")
             self._ready = True
+        except KeyboardInterrupt:
+            self.close(timeout=0)     # interrupted: no waiting for a child still importing
+            raise
         except BaseException:
             self.close()
             raise

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import inspect
+import logging
+import random
+import signal
 import statistics
 import sys
 import time
 import traceback
+from typing import Optional
 
 from .cli import dtype_arg, int_arg, local_endpoint, positive_int, size_arg
 
@@ -21,7 +26,11 @@ Starts an encoder process and a language process on this host, sends N
 requests whose token counts follow an image/video mix (28x28 patches) plus the
 edge cases (1 token, one more than the default allocation, several times it),
 verifies every merged result bit for bit and prints requests, resumes, bytes,
-GB/s, p50/p99 latency and "verified N/N".  Exits 1 on any mismatch."""
+GB/s, p50/p99 latency and "verified N/N".  Exits 1 on any mismatch or when
+the encoder process dies (one line says how), 130 on Ctrl-C.  Progress shows
+the rate and the time left; piped, a progress line every 5 seconds.  Token
+counts are drawn as the demo goes, so -n 100000000 needs no more memory than
+-n 200 (the latency percentiles then come from a uniform sample of 100,000)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,6 +76,8 @@ def run(args: argparse.Namespace, console=None) -> int:
         if "shared memory" in str(e):
             hint = " (demo: use --cache-buffers 1, --pool-bytes 32M or --hidden 512)"
         return _error(f"{e}{hint}", 2)
+    except EncoderDied as e:
+        return _error(str(e))
     except EmbResumeError as e:
         if verbose:
             traceback.print_exc()
@@ -77,9 +88,75 @@ def run(args: argparse.Namespace, console=None) -> int:
         return _error(f"{_first_line(e)}" + ("" if verbose else " (run with -v for details)"))
 
 
+class _QuietLibrary(logging.Filter):
+    """Holds back the library's per-room warnings while the demo runs (the demo
+    counts failures and reports them itself, in one line each); -v shows them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("embresume.") and record.levelno < logging.CRITICAL:
+            self.held += 1
+            return False
+        return True
+
+
+class _Ticker:
+    """Progress for a pipe or a file: one plain line every ``every`` seconds
+    (done, rate, ETA); nothing in between."""
+
+    def __init__(self, total: int, every: float = 5.0):
+        self.total, self.every = total, every
+        self.t0 = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            print(progress_line(done, self.total, now - self.t0), flush=True)
+
+
+def progress_line(done: int, total: int, elapsed: float) -> str:
+    rate = done / elapsed if elapsed > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("inf")
+    return (f"transferring {done:,}/{total:,} ({100.0 * done / total:.1f}%), {rate:,.0f} requests/s, "
+            f"ETA {_hms(eta)}")
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "unknown"
+    s = int(seconds + 0.5)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _exit_text(code: Optional[int]) -> str:
+    if code is None:
+        return "is gone"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (signal {-code})"
+    return f"exited with code {code}"
+
+
+class EncoderDied(RuntimeError):
+    """The demo's encoder child exited while requests were in flight."""
+
+
+#: latency samples kept for the percentiles (a uniform sample of all requests beyond this)
+LATENCY_SAMPLES = 100_000
+#: no request finished for this long: give up on the rest
+STALL_SECONDS = 90.0
+
+
 def _run(args: argparse.Namespace, console=None) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from .config import Config
@@ -87,9 +164,10 @@ def _run(args: argparse.Namespace, console=None) -> int:
     from .harness import EncoderProcess, free_port
     from .language import LanguageEndpoint
     from .status import Status
-    from .synthetic import SyntheticData, image_token_counts
+    from .synthetic import SyntheticData, TokenCounts
 
     console = console or Console(highlight=False)
+    verbose = getattr(args, "verbose", 0)
     device = "cpu"
     if args.transport == "cuda_ipc":
         import torch
@@ -100,42 +178,74 @@ def _run(args: argparse.Namespace, console=None) -> int:
                   cache_buffers=args.cache_buffers, pool_bytes=getattr(args, "pool_bytes", None),
                   encoder_endpoint=args.endpoint or f"tcp://127.0.0.1:{free_port()}")
     cfg = Config(**cfg_kw)
-    counts = image_token_counts(args.requests, cfg.default_allocate_tokens, cfg.block_size, seed=args.seed)
-    max_tokens = max(counts)
-    print(f"embresume demo: {len(counts)} requests, {min(counts)}-{max_tokens} tokens, hidden {cfg.hidden_size} "
-          f"{str(cfg.dtype).removeprefix('torch.')}, block {cfg.block_size}, default allocation "
-          f"{cfg.default_allocate_tokens} tokens, pool {cfg.total_pool_blocks} blocks "
-          f"({cfg.pool_nbytes / 2**20:.1f} MiB)", flush=True)
+    counts = TokenCounts(args.requests, cfg.default_allocate_tokens, cfg.block_size, seed=args.seed)
+    n = len(counts)
+    max_tokens = counts.max_tokens
+    dtype_name = str(cfg.dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float16", "fp16")
+    # short lines (80 columns): what runs, then the pool
+    print(f"embresume demo: {n:,} requests of {counts.min_tokens}-{max_tokens} tokens, hidden {cfg.hidden_size} "
+          f"{dtype_name}", flush=True)
+    print(f"pool: {cfg.total_pool_blocks} blocks of {cfg.block_size} tokens ({cfg.pool_nbytes / 2**20:.1f} MiB), "
+          f"{cfg.default_allocate_tokens} tokens per request at first", flush=True)
     data_spec = (cfg.hidden_size, args.dtype, max_tokens, args.seed)
     data = SyntheticData(*data_spec)
     enc_spec = data_spec + ((device,) if device != "cpu" else ())
     lat: list[float] = []
+    lat_seen = 0
+    rng = random.Random(args.seed)
     verified = failed = mismatched = 0
     verify_s = 0.0
     chunks = 0
     nbytes = 0
     reasons: collections.Counter = collections.Counter()
-    # the pool first (a /dev/shm that is too small fails here, before the encoder starts)
+    quiet = None if verbose else _QuietLibrary()
+    handlers = logging.getLogger().handlers
+    # the pool first (a pool that does not fit fails here, before the encoder starts)
     deferred = "connect" in inspect.signature(LanguageEndpoint).parameters
     lang = LanguageEndpoint(cfg, connect=False) if deferred else None
+    died = None
     try:
-        with EncoderProcess(cfg, data_spec=enc_spec) as enc:
+        level = logging.getLogger("embresume").getEffectiveLevel()
+        with EncoderProcess(cfg, data_spec=enc_spec, log_level=level if verbose else None) as enc:
             if lang is None:
                 lang = LanguageEndpoint(cfg)
             else:
                 lang.connect()
             print(f"encoder pid {enc.proc.pid} at {enc.address}; language rank connected via {lang.transport_name}",
                   flush=True)
-            todo = collections.deque(enumerate(counts))
+            if quiet is not None:
+                for h in handlers:
+                    h.addFilter(quiet)
+            todo = iter(enumerate(counts))
+            more = True
             inflight: dict[int, tuple[int, float]] = {}
+            done_n = 0
             t0 = time.perf_counter()
-            with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                          TimeElapsedColumn(), console=console, transient=console.is_terminal) as bar:
-                task = bar.add_task("transferring", total=len(counts))
-                deadline = time.monotonic() + max(60.0, 0.5 * len(counts))
-                while (todo or inflight) and time.monotonic() < deadline:
-                    while todo and len(inflight) < args.inflight:
-                        room, tokens = todo.popleft()
+            last_done = next_check = time.monotonic()
+            tty = console.is_terminal
+            bar = (Progress(TextColumn("transferring"), BarColumn(bar_width=16),
+                            TextColumn("{task.completed:,}/{task.total:,}"), TextColumn("{task.fields[rate]}"),
+                            TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True)
+                   if tty else contextlib.nullcontext())
+            ticker = None if tty else _Ticker(n)
+            with bar:
+                task = bar.add_task("transferring", total=n, rate="") if tty else None
+                last_rate_at = time.monotonic()
+                while more or inflight:
+                    now = time.monotonic()
+                    if now >= next_check:
+                        next_check = now + 0.1
+                        if not enc.proc.is_alive():
+                            died = enc.proc.exitcode
+                            break
+                        if now - last_done > STALL_SECONDS:
+                            break
+                    while more and len(inflight) < args.inflight:
+                        item = next(todo, None)
+                        if item is None:
+                            more = False
+                            break
+                        room, tokens = item
                         enc.send(room, tokens)
                         inflight[room] = (tokens, time.perf_counter())
                         lang.request(room)
@@ -143,11 +253,20 @@ def _run(args: argparse.Namespace, console=None) -> int:
                     if not done:
                         time.sleep(0.0002)
                         continue
+                    last_done = time.monotonic()
+                    encoder_lost = False
                     for room in done:
                         tokens, ts = inflight.pop(room)
                         st = lang.poll(room)
                         if st is Status.Success:
-                            lat.append(time.perf_counter() - ts)
+                            x = time.perf_counter() - ts
+                            lat_seen += 1
+                            if len(lat) < LATENCY_SAMPLES:
+                                lat.append(x)
+                            else:  # reservoir: a uniform sample of every request's latency
+                                j = rng.randrange(lat_seen)
+                                if j < LATENCY_SAMPLES:
+                                    lat[j] = x
                             res = lang.result(room)
                             chunks += res.chunks
                             nbytes += res.embeddings.numel() * res.embeddings.element_size()
@@ -161,16 +280,40 @@ def _run(args: argparse.Namespace, console=None) -> int:
                                 mismatched += 1
                         else:
                             failed += 1
-                            reasons[lang.failure_reason(room)] += 1
-                        bar.advance(task)
+                            reason = lang.failure_reason(room)
+                            reasons[reason] += 1
+                            encoder_lost |= "encoder" in str(reason)
+                        done_n += 1
+                    if encoder_lost:
+                        enc.proc.join(2.0)   # a killed encoder: its exit status shows up at once
+                        if not enc.proc.is_alive():
+                            died = enc.proc.exitcode
+                            break
+                    if tty:
+                        if last_done - last_rate_at >= 0.5:
+                            last_rate_at = last_done
+                            el = time.perf_counter() - t0
+                            bar.update(task, completed=done_n, rate=f"{done_n / el:,.0f}/s" if el > 0 else "")
+                        else:
+                            bar.update(task, completed=done_n)
+                    else:
+                        ticker(done_n)
+            if died is not None or not enc.proc.is_alive():
+                code = died if died is not None else enc.proc.exitcode
+                raise EncoderDied(f"the encoder process (pid {enc.proc.pid}) {_exit_text(code)}; "
+                                  f"{done_n:,} of {n:,} requests were done")
             elapsed = max(1e-9, time.perf_counter() - t0 - verify_s)  # verification is not transfer time
-            lost = len(todo) + len(inflight)
+            lost = (n - done_n)
             leftover = lang.allocator.used_blocks
             lang.close()  # before the encoder goes: a clean goodbye, not "encoder lost"
     finally:
-        if lang is not None:
-            lang.close()
-    n = len(counts)
+        try:
+            if lang is not None:
+                lang.close()
+        finally:
+            if quiet is not None:
+                for h in handlers:
+                    h.removeFilter(quiet)
     resumes = chunks - verified - mismatched
     lat_ms = sorted(x * 1e3 for x in lat) or [float("nan")]
     p50 = statistics.median(lat_ms)
@@ -182,7 +325,7 @@ def _run(args: argparse.Namespace, console=None) -> int:
                  ("failed", failed), ("blocks still allocated", leftover)]:
         table.add_row(k, str(v))
     console.print(table)
-    if getattr(args, "verbose", 0):
+    if verbose:
         try:
             from .metrics import REGISTRY
             text = REGISTRY.render_text()
@@ -192,9 +335,11 @@ def _run(args: argparse.Namespace, console=None) -> int:
             pass
     ok = verified == n and not failed and not mismatched and not lost and leftover == 0
     for reason, k in reasons.most_common(5):
-        print(f"failed x{k}: {reason}")
+        print(f"failed x{k}: {' '.join(str(reason).split())}")
     if lost:
-        print(f"{lost} requests did not finish in time")
+        print(f"{lost} requests did not finish (no request finished for {STALL_SECONDS:.0f} s)")
+    if quiet is not None and quiet.held and not ok:
+        print(f"({quiet.held} library log lines held back; run with -v to see them)")
     # the last line: plain print, never wrapped (rich would fold it at the console width)
     print(f"requests {n}, resumes {resumes}, {nbytes / 2**20:.1f} MiB, {nbytes / elapsed / 1e9:.2f} GB/s, "
           f"p50 {p50:.2f} ms, p99 {p99:.2f} ms, verified {verified}/{n}: {'OK' if ok else 'MISMATCH'}", flush=True)

@@ -22,9 +22,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple]) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple], log_level: Optional[int] = None) -> None:
     from .procutil import die_with_parent
     die_with_parent()  # never outlive the test, demo or bench that started us
+    import logging
+    if log_level is not None:   # the parent's log level and format (the demo's -v)
+        logging.basicConfig(level=log_level, format=LOG_FORMAT)
+        logging.getLogger("embresume").setLevel(log_level)
 
     import torch  # noqa: F401  (import cost paid before the ready message)
     from .encoder import EncoderEndpoint
@@ -45,6 +52,10 @@ def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple]) -> 
                 continue
             op = cmd[0]
             if op == "stop":
+                # the parent asked: rooms still in flight end with the endpoint, nothing to warn about
+                lg = logging.getLogger("embresume")
+                if lg.getEffectiveLevel() >= logging.WARNING:
+                    lg.setLevel(logging.ERROR)
                 break
             try:
                 if op == "send":
@@ -77,13 +88,17 @@ def _encoder_child(config: Config, cmd_q, res_q, data_spec: Optional[tuple]) -> 
 class EncoderProcess:
     """An :class:`EncoderEndpoint` serving synthetic data in a spawned child."""
 
-    def __init__(self, config: Config, data_spec: Optional[tuple] = None, start_timeout: float = 60.0):
+    def __init__(self, config: Config, data_spec: Optional[tuple] = None, start_timeout: float = 60.0,
+                 log_level: Optional[int] = None):
+        """``log_level``: the child's logging level (its lines in the parent's
+        format); None leaves Python's default (warnings and errors, bare)."""
         ctx = mp.get_context("spawn")
         self.cmd_q = ctx.Queue()
         self.res_q = ctx.Queue()
-        self.proc = ctx.Process(target=_encoder_child, args=(config, self.cmd_q, self.res_q, data_spec),
+        self.proc = ctx.Process(target=_encoder_child, args=(config, self.cmd_q, self.res_q, data_spec, log_level),
                                 daemon=True, name="embresume-encoder")
-        self.proc.start()
+        from .procutil import start_child
+        start_child(self.proc)   # SIGINT ignored: a Ctrl-C is the parent's to handle
         try:
             msg = self.res_q.get(timeout=start_timeout)
         except queue.Empty:
@@ -176,7 +191,8 @@ class LanguageProcess:
         self.res_q = ctx.Queue()
         self.proc = ctx.Process(target=_language_child, args=(config, room, self.res_q, report_status),
                                 daemon=True, name="embresume-language")
-        self.proc.start()
+        from .procutil import start_child
+        start_child(self.proc)
 
     def wait_report(self, timeout: float = 60.0):
         return self.res_q.get(timeout=timeout)

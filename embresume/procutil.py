@@ -18,11 +18,14 @@ inherited the pipe are gone.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import signal
 import sys
+import threading
+import weakref
 from typing import Optional
 
 from embresume.node import pid_alive
@@ -103,4 +106,55 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
-__all__ = ["die_with_parent", "expected_parent", "pid_alive", "children"]
+@contextlib.contextmanager
+def sigint_ignored():
+    """Children started inside this block ignore SIGINT for their whole life.
+
+    A Ctrl-C at a terminal signals the whole foreground process group; the
+    parent (demo, bench) handles it and stops its children itself, so a child
+    must neither die on its own nor print a ``KeyboardInterrupt`` traceback.
+    SIG_IGN survives the exec of a 'spawn' child, and Python leaves an ignored
+    SIGINT ignored at start-up, so even the child's imports are covered.
+    Only the main thread may change signal handlers: elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+_tracked: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def start_child(proc) -> None:
+    """``proc.start()`` (a multiprocessing Process) with SIGINT ignored in the
+    child (:func:`sigint_ignored`); the process is remembered for
+    :func:`terminate_children`."""
+    with sigint_ignored():
+        proc.start()
+    _tracked.add(proc)
+
+
+def terminate_children(timeout: float = 5.0) -> None:
+    """SIGTERM every live process started with :func:`start_child` and reap it
+    (SIGKILL after ``timeout``): what an interrupted parent does before its
+    ordinary clean-up, so that clean-up finds nothing busy."""
+    procs = [p for p in list(_tracked) if p.is_alive()]
+    for p in procs:
+        try:
+            p.terminate()
+        except Exception:  # pragma: no cover - already gone
+            pass
+    for p in procs:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout)
+
+
+__all__ = ["die_with_parent", "expected_parent", "pid_alive", "children", "sigint_ignored", "start_child",
+           "terminate_children"]

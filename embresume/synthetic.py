@@ -90,3 +90,46 @@ def image_token_counts(n: int, default_allocate_tokens: int, block_size: int, se
         out = [min(t, max_tokens) for t in out]
     rng.shuffle(out)
     return out
+
+
+#: the largest count :func:`image_token_counts` draws (a 2048 x 2048 image: 73 x 73 patches)
+_SIDES = [224, 336, 448, 560, 672, 896, 1008, 1344, 1792, 2048]
+MAX_DRAWN_TOKENS = max((_SIDES[-1] // 28) ** 2, 16 // 2 * (_SIDES[4] // 28) ** 2)
+
+
+class TokenCounts:
+    """The same image/video mix as :func:`image_token_counts`, generated lazily:
+    ``n`` may be 10**8 without building a list (memory stays flat).  The edge
+    cases sit at seeded positions; ``len()``, ``min_tokens`` and ``max_tokens``
+    are known before the first count is drawn."""
+
+    def __init__(self, n: int, default_allocate_tokens: int, block_size: int, seed: int = 0):
+        self.n = n
+        self.seed = seed
+        edges = edge_case_tokens(default_allocate_tokens, block_size)
+        if n <= len(edges):
+            self._edges = dict(enumerate(random.Random(seed).sample(edges[:n], n)))
+            drawn: list[int] = []
+        else:
+            rng = random.Random(seed ^ 0x5EED)
+            self._edges = dict(zip(rng.sample(range(n), len(edges)), edges))
+            drawn = [1, MAX_DRAWN_TOKENS]
+        pool = list(self._edges.values()) + drawn
+        self.min_tokens, self.max_tokens = min(pool), max(pool)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rng = random.Random(self.seed)
+        sides = _SIDES
+        edges = self._edges
+        for i in range(self.n):
+            t = edges.get(i)
+            if t is None:
+                if rng.random() < 0.8:
+                    t = (rng.choice(sides) // 28) * (rng.choice(sides) // 28)
+                else:  # a short video: frames/2 x (h/28 x w/28)
+                    frames = rng.choice([4, 8, 16])
+                    t = frames // 2 * (rng.choice(sides[:5]) // 28) * (rng.choice(sides[:5]) // 28)
+            yield max(1, t)

@@ -1,0 +1,143 @@
+"""`embresume demo` as a new user meets it: a huge -n starts at once with flat
+memory and shows progress when piped, Ctrl-C is one line and exit 130, a dead
+encoder is one line and exit 1.  Every wait is bounded; every process is
+killed on the way out, also when an assertion fails."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from embresume.procutil import children, pid_alive
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["COLUMNS"] = "80"
+    return env
+
+
+class Proc:
+    """A CLI run in its own session (a terminal's Ctrl-C signals the whole group),
+    its stdout read line by line on a thread."""
+
+    def __init__(self, *args: str):
+        self.p = subprocess.Popen([sys.executable, "-m", "embresume", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, start_new_session=True)
+        self.lines: "queue.Queue[str | None]" = queue.Queue()
+        self.out: list[str] = []
+        self.err = ""
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_line(self, pred, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no such line within {timeout} s; got {self.out}"
+            try:
+                line = self.lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            assert line is not None, f"the process ended first (rc {self.p.wait(5)}): {self.out} {self.p.stderr.read()}"
+            self.out.append(line)
+            if pred(line):
+                return line
+
+    def finish(self, timeout: float = 60) -> int:
+        rc = self.p.wait(timeout)
+        self.err = self.p.stderr.read()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            if line is None:
+                break
+            self.out.append(line)
+        return rc
+
+    def kill(self) -> None:
+        kids = children(self.p.pid) if self.p.poll() is None else []
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.p.wait(10)
+        for k in kids:
+            if pid_alive(k):
+                os.kill(k, signal.SIGKILL)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _encoder_pid(line: str) -> int:
+    return int(line.split()[2])
+
+
+def test_huge_demo_starts_at_once_shows_progress_and_ctrl_c_is_one_line():
+    run = Proc("demo", "-n", "100000000")
+    try:
+        first = run.wait_line(lambda s: True, timeout=60)
+        assert first.startswith("embresume demo: 100,000,000 requests"), first
+        assert all(len(x.rstrip("\n")) <= 80 for x in run.out)
+        enc_line = run.wait_line(lambda s: s.startswith("encoder pid"), timeout=90)
+        enc = _encoder_pid(enc_line)
+        # piped: a plain progress line with the rate and the time left every few seconds
+        prog = run.wait_line(lambda s: s.startswith("transferring "), timeout=60)
+        assert "requests/s" in prog and "ETA" in prog, prog
+        # memory stays flat: nothing of the 10**8 requests is built up front
+        assert _rss_mib(run.p.pid) < 1024, _rss_mib(run.p.pid)
+        os.killpg(run.p.pid, signal.SIGINT)            # what Ctrl-C at a terminal does
+        rc = run.finish(60)
+        assert rc == 130, (rc, run.err)
+        assert run.err.strip().splitlines() == ["embresume: interrupted"], run.err
+        deadline = time.monotonic() + 10
+        while pid_alive(enc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(enc), "the encoder child outlived the interrupted demo"
+    finally:
+        run.kill()
+
+
+def test_demo_notices_its_encoder_died():
+    run = Proc("demo", "-n", "100000")
+    try:
+        enc = _encoder_pid(run.wait_line(lambda s: s.startswith("encoder pid"), timeout=90))
+        time.sleep(1.0)                                  # requests in flight
+        os.kill(enc, signal.SIGKILL)
+        rc = run.finish(60)
+        assert rc == 1, (rc, run.err)
+        err = run.err.strip().splitlines()
+        assert len(err) == 1, run.err
+        assert "encoder process" in err[0] and "SIGKILL" in err[0], err
+        assert "WARNING" not in "".join(run.out) + run.err
+    finally:
+        run.kill()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_tiny_demo_is_exact(n):
+    r = subprocess.run([sys.executable, "-m", "embresume", "demo", "-n", str(n)], capture_output=True, text=True,
+                       timeout=120, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.rstrip().splitlines()[-1].endswith(f"verified {n}/{n}: OK")
