@@ -72,7 +72,10 @@ SWAP_IMAGES = "112:5,112:6"
 TOKENS = {56: 4, 112: 16}
 WIDTH, ITEMSIZE = 128, 4                # the tiny model's LM width, fp32
 # block_size must agree on both sides; max_chunk_tokens forces resumes inside vLLM
-EXTRA = {"block_size": 4, "max_chunk_tokens": 8, "failover_timeout": 20, "request_timeout": 60}
+# (the generous timeouts keep a loaded 2-core machine from failing an item over: a fail-over
+# would recompute it, which this test counts as a failure)
+EXTRA = {"block_size": 4, "max_chunk_tokens": 8, "failover_timeout": 30, "request_timeout": 90,
+         "handshake_timeout": 30, "peer_timeout": 30}
 
 
 def _free_port() -> int:

@@ -66,7 +66,7 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -160,21 +160,31 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------- stats
 class EmbresumeECStats(ECConnectorStats):
-    """Counters since the last report (vLLM aggregates them per interval)."""
+    """Counters since the last report (vLLM aggregates them per interval), and
+    ``transfer_seconds``: the list of per-item transfer times (request to landed)."""
 
     def reset(self) -> None:
         self.data = {}
 
     def aggregate(self, other: ECConnectorStats) -> "EmbresumeECStats":
         for k, v in (other.data or {}).items():
-            self.data[k] = self.data.get(k, 0) + v
+            self.data[k] = self.data.get(k, [] if isinstance(v, list) else 0) + v
         return self
 
     def reduce(self) -> dict:
-        return {k: v for k, v in self.data.items() if v}
+        out = {k: v for k, v in self.data.items() if v and not isinstance(v, list)}
+        times = sorted(self.data.get("transfer_seconds") or ())
+        if times:
+            out["transfer_ms_p50"] = round(1e3 * times[len(times) // 2], 3)
+            out["transfer_ms_max"] = round(1e3 * times[-1], 3)
+        return out
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+#: buckets of the ``vllm:embresume_ec_transfer_seconds`` histogram (0.1 ms to 30 s)
+TRANSFER_BUCKETS = tuple(round(1e-4 * 2 ** (i / 2), 6) for i in range(37))
 
 
 class EmbresumeECPromMetrics(ECConnectorPromMetrics):
@@ -187,9 +197,18 @@ class EmbresumeECPromMetrics(ECConnectorPromMetrics):
             c = self._counter_cls(name=f"vllm:embresume_ec_{name}", documentation=f"embresume: {doc}",
                                   labelnames=labelnames)
             self._counters[name] = {idx: c.labels(*values) for idx, values in per_engine_labelvalues.items()}
+        h = self._histogram_cls(name="vllm:embresume_ec_transfer_seconds",
+                                documentation="embresume: per-item transfer time, request to landed",
+                                labelnames=labelnames, buckets=list(TRANSFER_BUCKETS))
+        self._transfer = {idx: h.labels(*values) for idx, values in per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict, engine_idx: int = 0) -> None:
         for name, value in (transfer_stats_data or {}).items():
+            if name == "transfer_seconds":
+                if engine_idx in self._transfer:
+                    for t in value:
+                        self._transfer[engine_idx].observe(t)
+                continue
             per_engine = self._counters.get(name)
             if per_engine is not None and value and engine_idx in per_engine:
                 per_engine[engine_idx].inc(value)
@@ -200,6 +219,7 @@ class _Counters:
 
     def __init__(self) -> None:
         self.totals = dict.fromkeys(STAT_NAMES, 0)
+        self.recent: "deque[float]" = deque(maxlen=4096)     # the last transfer times, for the log
         self._delta: dict = {}
         self._lock = threading.Lock()
 
@@ -207,6 +227,11 @@ class _Counters:
         with self._lock:
             self.totals[name] += n
             self._delta[name] = self._delta.get(name, 0) + n
+
+    def transfer(self, seconds: float) -> None:
+        with self._lock:
+            self._delta.setdefault("transfer_seconds", []).append(seconds)
+            self.recent.append(seconds)
 
     def take(self) -> Optional[EmbresumeECStats]:
         with self._lock:
@@ -277,10 +302,26 @@ class _Item:
     requests: set = field(default_factory=set)
     attempts: int = 0
     started: float = 0.0          # this attempt
+    born: float = field(default_factory=time.monotonic)
     deadline: float = 0.0         # all attempts
     retry_at: float = 0.0
     reason: str = ""
     result: Any = None            # a received result waiting for landing space
+
+
+def _join_vllm_logging() -> None:
+    """embresume's log lines go where vLLM's go (its handlers and format), unless the
+    application configured the ``embresume`` logger itself."""
+    ours = logging.getLogger("embresume")
+    if ours.handlers:
+        return
+    theirs = logging.getLogger("vllm")
+    if theirs.handlers:
+        for h in theirs.handlers:
+            ours.addHandler(h)
+        if ours.level == logging.NOTSET:
+            ours.setLevel(theirs.getEffectiveLevel())
+        ours.propagate = False
 
 
 class EmbresumeECConnector(ECConnectorBase):
@@ -288,6 +329,7 @@ class EmbresumeECConnector(ECConnectorBase):
 
     def __init__(self, vllm_config: "VllmConfig", role: ECConnectorRole):
         super().__init__(vllm_config=vllm_config, role=role)
+        _join_vllm_logging()
         ec = vllm_config.ec_transfer_config
         extra = dict(ec.ec_connector_extra_config or {})
         self._extra = extra
@@ -569,8 +611,12 @@ class EmbresumeECConnector(ECConnectorBase):
             if obj is not None:
                 obj.close()
         self._staged.clear()
-        log.info("embresume EC connector (%s, %s) totals: %s", "producer" if self.is_producer else "consumer",
-                 self.role.name.lower(), {k: v for k, v in self.counters.totals.items() if v})
+        times = sorted(self.counters.recent)
+        summary = (f"; transfer time p50 {1e3 * times[len(times) // 2]:.2f} ms, "
+                   f"p99 {1e3 * times[min(len(times) - 1, int(len(times) * 0.99))]:.2f} ms "
+                   f"(last {len(times)})") if times else ""
+        log.info("embresume EC connector (%s, %s) totals: %s%s", "producer" if self.is_producer else "consumer",
+                 self.role.name.lower(), {k: v for k, v in self.counters.totals.items() if v}, summary)
 
     # ------------------------------------------------------------ receive="scheduler"
     def _ensure_landed(self, request: "Request", num_computed_tokens: int) -> bool:
@@ -722,6 +768,7 @@ class EmbresumeECConnector(ECConnectorBase):
         it.result = None
         self.counters.add("items_received")
         self.counters.add("bytes_received", emb.numel() * emb.element_size())
+        self.counters.transfer(time.monotonic() - it.born)
         if res.resumes:
             self.counters.add("resumes", res.resumes)
         res.release()
@@ -965,10 +1012,10 @@ class EmbresumeECConnector(ECConnectorBase):
                 self._failed[h] = describe(e)
                 continue
             try:
-                self._staged[h] = self._take(res, spec)
+                nbytes = res.embeddings.numel() * res.embeddings.element_size()
+                self._staged[h] = self._take(res, spec)       # releases res unless it keeps its tensor
                 self.counters.add("items_received")
-                self.counters.add("bytes_received", res.embeddings.numel() * res.embeddings.element_size()
-                                  if res.embeddings is not None else 0)
+                self.counters.add("bytes_received", nbytes)
             except Exception as e:
                 self._failed[h] = describe(e)
 

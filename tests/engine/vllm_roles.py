@@ -91,7 +91,10 @@ def embresume_counters(llm) -> dict:
     out = {}
     for m in llm.get_metrics():
         name = getattr(m, "name", "")
-        if name.startswith("vllm:embresume_ec_"):
+        if name == "vllm:embresume_ec_transfer_seconds":
+            out["transfer_seconds"] = {"count": int(getattr(m, "count", 0)), "sum": float(getattr(m, "sum", 0.0)),
+                                       "buckets": dict(getattr(m, "buckets", {}) or {})}
+        elif name.startswith("vllm:embresume_ec_"):
             key = name[len("vllm:embresume_ec_"):]
             if key.endswith("_total"):
                 key = key[:-len("_total")]
