@@ -1493,6 +1493,108 @@ def format_table(r: dict) -> str:
     return "\n".join(L)
 
 
+#: what each probe means, for people (the probe names are the code's)
+EVENT_NAMES = {
+    "request": "request() called",
+    "enc.send_called": "send_tensors() called",
+    "lang.request_entered": "request() entered",
+    "lang.init_send_start": "language sends the INIT",
+    "lang.resume_send_start": "language sends the RESUME",
+    "enc.recv_woke": "encoder's reader wakes up",
+    "enc.deliver": "encoder's reader has the message",
+    "enc.decoded": "encoder decoded it",
+    "enc.locked": "encoder took its lock",
+    "enc.handled": "INIT checked, room planned",
+    "enc.register_start": "encoder registers the source",
+    "enc.registered": "source registered",
+    "enc.write_start": "data write starts",
+    "enc.data_written": "data written to the pool",
+    "enc.status_send_start": "encoder sends the STATUS",
+    "enc.progress_send_start": "encoder sends a PROGRESS",
+    "lang.recv_woke": "language's reader wakes up",
+    "lang.deliver": "language's reader has the message",
+    "lang.decoded": "language decoded it",
+    "lang.status_handled": "STATUS handled",
+    "lang.copy_start": "merge copy starts",
+    "lang.copy_done": "merge copy done",
+    "lang.success_set": "blocks freed, Success set",
+    "caller.wait_returned": "the caller wakes up",
+    "caller.result_returned": "result() returned",
+}
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
+def _short(name: str, width: int = 46) -> str:
+    """A row name within ``width``: the last details of its parenthesis go first."""
+    while len(name) > width and name.endswith(")") and ", " in name:
+        name = name[:name.rindex(", ")] + ")"
+    if len(name) > width and " (" in name:
+        name = name[:name.index(" (")]
+    return _clip(name, width)
+
+
+def format_summary(r: dict, breakdown: bool = False) -> str:
+    """The bench's default report of this section, every line within 80
+    columns: the 1-token rows, the baselines, the goals; with ``breakdown``
+    also where one request's time goes, step by step, in plain words."""
+    L = []
+    if r.get("latency"):
+        L.append(f"1-token requests, hidden {r['hidden']} bf16, {r['requests']} timed each (microseconds):")
+        L.append(f"  {'path':<46} {'p50':>8} {'p99':>8} {'failed':>7}")
+        for x in r["latency"]:
+            name = x["path"] if x["order"] == "send-first" else f"{x['path']} ({x['order']})"
+            L.append(f"  {_short(name):<46} {_f(x.get('p50_us')):>8} {_f(x.get('p99_us')):>8} "
+                     f"{x['failed'] + x['mismatched']:>7}")
+        for k, v in r.get("skipped", {}).items():
+            L.append(_clip(f"  {k}: skipped: {v}", 80))
+    if r.get("baselines"):
+        L.append("baselines in the same run (microseconds):")
+        for b in r["baselines"]:
+            if "skipped" in b:
+                L.append(_clip(f"  {b['name']}: skipped: {b['skipped']}", 80))
+            else:
+                L.append(f"  {_short(b['name']):<46} {_f(b['p50_us']):>8} {_f(b['p99_us']):>8}")
+    for x in r.get("copy_overhead", []):
+        L.append(f"  copy overhead {x['tokens']} tokens: end to end / its copies {_f(x['ratio_p50'], 2)}")
+    for x in r.get("idle_cpu", []):
+        L.append(f"  idle {x['pair']} pair: CPU {_f(x['language_cpu_pct'], 2)} % (language), "
+                 f"{_f(x['encoder_cpu_pct'], 2)} % (encoder)")
+    if breakdown:
+        for b in r.get("breakdown", []):
+            L.append("")
+            L.append(f"where one request's time goes: {b['path']}, {b['order']}, {b['rooms']} requests")
+            L.append(f"(end to end p50 {_f(b['e2e_clean'].get('p50_us'))} us, "
+                     f"{_f(b['e2e_instrumented'].get('p50_us'))} with the probes; us; at: since the start)")
+            L.append(f"  {'step, until':<46} {'median':>8} {'p90':>8} {'at':>8}")
+            offs = {e["event"]: e["median_offset_us"] for e in b["events"]}
+            overlap = False
+            for seg in b["segments"]:
+                name = EVENT_NAMES.get(seg["to"], seg["to"])
+                med = seg["median_us"]
+                if med is not None and med < 0:
+                    # the two events happen in either order (on two threads or processes):
+                    # a difference of them has no meaningful median
+                    cell, overlap = "overlap", True
+                else:
+                    cell = _f(med)
+                L.append(f"  {_clip(name, 46):<46} {cell:>8} {_f(seg['p90_us']):>8} {_f(offs.get(seg['to'])):>8}")
+            if overlap:
+                L.append("  overlap: this step and the one before run at the same time, in either order")
+            if b.get("missing_probes"):
+                L.append(_clip("  missing probes: " + "; ".join(b["missing_probes"]), 80))
+    if r.get("goals"):
+        for g in r["goals"]:
+            L.append(_clip(f"{'PASS' if g['pass'] else 'MISS'} {g['goal']}: {_f(g['value'], 1)}", 80))
+    for e in r.get("errors", []):
+        L.append(_clip("ERROR " + e, 80))
+    L.append(f"all requests succeeded and verified: {'yes' if r.get('all_ok') else 'NO'}; "
+             f"wall {r.get('wall_s', 0):.1f} s")
+    return "\n".join(L)
+
+
 # ====================================================================== CLI
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m embresume.bench.latency", description=__doc__.split("\n\n")[0])

@@ -40,7 +40,8 @@ def throughput(data: dict, path: str) -> str:
         ax.set_ylabel("GB/s (p50)")
         ax.set_title(f"hidden {h}, {samples[0]['dtype'] if samples else ''}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle("Throughput against size per path")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -71,7 +72,8 @@ def resume(data: dict, path: str) -> str:
     ax.set_ylabel("p50 latency, ms")
     if entries:
         ax.set_title(f"Resume overhead: {entries[0]['tokens']} tokens x {entries[0]['hidden']}")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -93,7 +95,8 @@ def concurrency(data: dict, path: str) -> str:
         a.set_xscale("log", base=2)
         a.set_xlabel("requests in flight")
         a.grid(True, which="both", alpha=0.3)
-        a.legend(fontsize=8)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8)
     a1.set_ylabel("aggregate GB/s")
     a2.set_ylabel("latency from batch start, ms")
     fig.suptitle("Concurrency")

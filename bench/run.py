@@ -19,8 +19,8 @@ requests in flight, and allocator operations per second against the pool size.
 Writes ``results.json`` (every sample, the machine description) and PNG plots
 into ``--out`` and prints a table with ratios to memcpy and to pickle-over-ZeroMQ.
 
-Profiles: ``--tiny`` (seconds; used by the tests), ``--quick`` (under a minute
-on a 2-core machine), default ``full`` (about ten minutes).
+Profiles: ``--tiny`` (seconds; used by the tests), ``--quick`` (about a minute
+on a 2-core machine), default ``full`` (about six minutes).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ PROFILES: dict[str, dict] = {
         hints=dict(requests=400, hidden=1024),
         latency=dict(requests=1000, quick=False),
     ),
-    # under a minute on a quiet 2-core VM (about 45 s): every section, fewer repeats; the
+    # about a minute on a 2-core VM: every section, fewer repeats; the
     # slow baselines (pickle over ZeroMQ: 0.3-0.8 s per 128 MiB message) get the fewest
     "quick": dict(
         sizes=[256, 2048, 8192, 16384], hidden=[4096],
@@ -135,8 +135,10 @@ plus the resume overhead (0/1/3/10 forced resumes), N requests in flight and
 allocator operations per second.  Writes results.json and PNG plots into --out
 and prints tables with ratios to memcpy and to pickle-over-ZeroMQ.
 
-Profiles: --tiny (seconds), --quick (under a minute on a 2-core machine),
-the default full profile (about five minutes)."""
+Profiles: --tiny (seconds), --quick (about a minute on a 2-core machine),
+the default full profile (about six minutes).  --breakdown adds where one
+1-token request's time goes, step by step.  Ctrl-C stops it (exit 130) and
+writes nothing."""
 
 
 def _paths_arg(s: str) -> list[str]:
@@ -153,7 +155,7 @@ def add_arguments(p: argparse.ArgumentParser, verbose: bool = True) -> None:
     from embresume.cli import dtype_arg, int_arg, positive_int
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", choices=sorted(PROFILES), default=None, help="profile (default: full)")
-    g.add_argument("--quick", action="store_true", help="under a minute: fewer sizes, one hidden size")
+    g.add_argument("--quick", action="store_true", help="about a minute: fewer sizes, one hidden size")
     g.add_argument("--tiny", action="store_true", help="seconds: hidden 256, 2 sizes, 2 repeats, all paths")
     p.add_argument("--out", default="bench-results", metavar="DIR",
                    help="output directory (default: bench-results/)")
@@ -166,6 +168,8 @@ def add_arguments(p: argparse.ArgumentParser, verbose: bool = True) -> None:
     p.add_argument("--skip-concurrency", action="store_true", help="leave out the requests-in-flight section")
     p.add_argument("--skip-allocator", action="store_true", help="leave out the allocator section")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also measure and print where one 1-token request's time goes, step by step")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--torch-threads", type=positive_int, default=None, metavar="N",
                    help="torch intra-op threads in the bench process and the children (default: torch's own "
@@ -199,6 +203,16 @@ def _profile(args) -> tuple[str, dict]:
         prof["conc_levels"] = []
     if args.skip_allocator:
         prof["alloc_pools"] = []
+    lat = dict(prof.get("latency") or {})
+    if lat:
+        from .latency import SECTIONS
+        sections = tuple(lat.get("sections") or SECTIONS)
+        if getattr(args, "breakdown", False):
+            sections = tuple(dict.fromkeys(sections + ("breakdown",)))
+        else:
+            sections = tuple(x for x in sections if x != "breakdown")
+        lat["sections"] = sections
+        prof["latency"] = lat
     return name, prof
 
 
@@ -510,6 +524,23 @@ def _progress(enabled: bool):
     return prog, set_total, tick, finish
 
 
+def _memory_needed(prof: dict, dtype: torch.dtype) -> int:
+    """Bytes the largest size needs at once: the expected data (twice the largest
+    message, as make_data builds it), a copy in flight and the receiving side's."""
+    tokens = max(prof["sizes"] + ([prof["resume_total"]] if prof["resume_targets"] else []))
+    hidden = max(prof["hidden"])
+    return 4 * tokens * hidden * torch.empty((), dtype=dtype).element_size()
+
+
+def _memory_available() -> Optional[int]:
+    try:
+        from embresume.ipc.shm import memory_free_bytes
+        free = memory_free_bytes()
+    except Exception:  # pragma: no cover - no /proc
+        return None
+    return free[0] if free else None
+
+
 def _loadavg() -> Optional[list]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -538,6 +569,14 @@ def run(args: argparse.Namespace) -> int:
     set_mooncake_log_level(args.verbose)  # before mooncake is first imported (children inherit it)
     name, prof = _profile(args)
     paths = list(args.paths) if args.paths else list(ALL_PATHS)
+    need = _memory_needed(prof, dtype)
+    avail = _memory_available()
+    if avail is not None and need > avail:
+        print(f"embresume: error: --sizes {max(prof['sizes'])} x hidden {max(prof['hidden'])} needs about "
+              f"{need / GiB:.1f} GiB of memory for the data and its copies; {avail / GiB:.1f} GiB is available "
+              "(choose smaller --sizes or --hidden)", file=sys.stderr)
+        return 2
+
     out_dir = args.out
     try:
         os.makedirs(out_dir, exist_ok=True)
@@ -557,21 +596,32 @@ def run(args: argparse.Namespace) -> int:
     shm_before = shm_objects()
     t_start = time.perf_counter()
     load_start = _loadavg()
-    show = not args.no_progress
+    show = not args.no_progress and sys.stderr.isatty()   # a bar in a pipe or a file is noise
     ctx, set_total, tick, finish = _progress(show)
     run = _Run(name, prof, dtype, args.seed, paths, tick, args.verbose)
     run.data["settings"]["torch_threads"] = args.torch_threads or f"default ({old_threads})"
+    interrupted = False
+    failure = None
     try:
         with ctx:
             set_total(run.steps())
             try:
                 run.start()
                 run.run()
+            except KeyboardInterrupt:
+                interrupted = True
+                from embresume.procutil import terminate_children
+                terminate_children()     # the children stop now; the clean-up below finds nothing busy
+            except Exception as e:       # outside any one path (the data itself): one line, no traceback
+                failure = e
+                if args.verbose:
+                    traceback.print_exc()
             finally:
                 run.close()
-            finish()
+            if not interrupted and failure is None:
+                finish()
     except KeyboardInterrupt:
-        run.data["warnings"].append("interrupted: the results are partial")
+        interrupted = True
     finally:
         elog.setLevel(old_level)
         if old_omp is None:
@@ -579,6 +629,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             os.environ["OMP_NUM_THREADS"] = old_omp
         torch.set_num_threads(old_threads)
+    if interrupted:
+        # partial figures would read as a finished run: nothing is written
+        print(f"embresume: interrupted; no results written to {out_dir}", file=sys.stderr)
+        return 130
+    if failure is not None:
+        print(f"embresume: error: {_err(failure).splitlines()[0]}" + ("" if args.verbose else
+              " (run with -v for the traceback)"), file=sys.stderr)
+        return 1
     data = run.data
     data["timeline"] = run.timeline  # [step, seconds since start] as the progress bar saw them
     data["elapsed_s"] = round(time.perf_counter() - t_start, 2)
@@ -617,17 +675,20 @@ def run(args: argparse.Namespace) -> int:
             data["files"]["plots"] = write_all(data, out_dir)
         except Exception as e:
             data["warnings"].append(f"plots not written: {_err(e)}")
-    with open(json_path, "w") as f:
+    tmp = json_path + ".partial"
+    with open(tmp, "w") as f:     # renamed when complete: an interrupted write leaves no results.json
         json.dump(data, f, indent=1, default=str, allow_nan=True)
+    os.replace(tmp, json_path)
     from rich.console import Console
-    # the tables fit 80 columns (they fold below that); a pipe or a file gets 100
-    console = Console(highlight=False) if sys.stdout.isatty() else Console(width=100, highlight=False)
+    # the tables fit 80 columns (they fold below that); so does a pipe or a file
+    console = Console(highlight=False) if sys.stdout.isatty() else Console(width=80, highlight=False)
     render(data, console)
     from .bench_topology import format_fan_in, format_hints
     if data.get("latency"):
-        from .latency import format_table as format_latency
-        console.print("\ncontrol-path latency (1-token requests) and where the time goes:")
-        console.print(format_latency(data["latency"]), soft_wrap=True)
+        from .latency import format_summary
+        console.print("\ncontrol-path latency" + (" and where the time goes:" if args.breakdown else
+                                                  " (--breakdown: where the time goes):"))
+        console.print(format_summary(data["latency"], breakdown=args.breakdown), soft_wrap=True)
     if data.get("fan_in"):
         console.print("\nM encoders -> one language endpoint (shm, same workload):")
         console.print(format_fan_in(data["fan_in"]), soft_wrap=True)

@@ -29,6 +29,20 @@ def shm_budget(free: int) -> tuple[str, bool, str]:
                      "or give the process more memory")
 
 
+def mooncake_summary(d: dict) -> str:
+    """What a user needs of Mooncake's diagnostics: the package, what it can
+    drive, and the one security fact; not the transport's internal counters."""
+    if not d.get("available"):
+        return str(d.get("reason") or d.get("error") or "not installed (the rdma or rdma-cpu extra)")
+    parts = [f"{d.get('package', 'mooncake')} {d.get('version', '')}".strip()]
+    kinds = [name for key, name in (("support_cuda", "CUDA"), ("support_efa", "EFA"), ("support_hip", "HIP"),
+                                    ("support_intra_nvlink", "NVLink"), ("support_mnnvl", "MNNVL")) if d.get(key)]
+    parts.append("GPU memory: " + ", ".join(kinds) if kinds else "host memory only")
+    parts.append("RDMA usable" if d.get("rdma_usable") else "tcp only (no RDMA device)")
+    parts.append("its ports are unauthenticated: keep them on a private network")
+    return "; ".join(parts)
+
+
 def checks() -> list[tuple[str, bool, str]]:
     out = []
     import torch
@@ -60,8 +74,7 @@ def checks() -> list[tuple[str, bool, str]]:
     try:
         from .transport.mooncake import mooncake_diagnostics
         d = mooncake_diagnostics()
-        out.append(("Mooncake transfer engine (cross-host)", bool(d.get("available")),
-                    ", ".join(f"{k}={v}" for k, v in d.items() if k != "available")))
+        out.append(("Mooncake transfer engine (cross-host)", bool(d.get("available")), mooncake_summary(d)))
     except Exception as e:
         out.append(("Mooncake transfer engine (cross-host)", False, f"{type(e).__name__}: {e}"[:160]))
     ib = "/sys/class/infiniband"

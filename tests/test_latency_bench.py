@@ -127,3 +127,27 @@ def test_cli_writes_json(tmp_path):
                          ("shm, ring_spin_us=0 (A/B)", "send-first")}
     row = rows[("shm", "send-first")]
     assert row["n"] == 20 and row["failed"] == 0
+
+
+def test_bench_summary_fits_80_columns_and_speaks_plainly(result):
+    short = latency.format_summary(result)
+    assert "where one request's time goes" not in short          # the breakdown is behind --breakdown
+    text = latency.format_summary(result, breakdown=True)
+    lines = text.splitlines()
+    assert max(len(x) for x in lines) <= 80, [x for x in lines if len(x) > 80]
+    assert "where one request's time goes: shm, send-first" in text
+    assert "->" not in text and "lang." not in text and "enc." not in text, text
+    for line in lines:                                            # no negative median is shown
+        if line.startswith("  ") and len(line.split()) >= 4:
+            assert not line.split()[-3].startswith("-"), line
+
+
+def test_bench_breakdown_flag():
+    from embresume.bench import run as bench_run
+    p = bench_run._parser()
+    _, prof = bench_run._profile(p.parse_args(["--quick"]))
+    assert "breakdown" not in prof["latency"]["sections"]
+    _, prof = bench_run._profile(p.parse_args(["--quick", "--breakdown"]))
+    assert "breakdown" in prof["latency"]["sections"]
+    _, prof = bench_run._profile(p.parse_args([]))
+    assert "breakdown" not in prof["latency"]["sections"] and "copy" in prof["latency"]["sections"]
