@@ -643,3 +643,22 @@ def test_routing_by_hash_is_stable():
     picks = {h: adapter.pick_encoder(h, addrs) for h in (f"h{i}" for i in range(200))}
     assert set(picks.values()) == set(addrs)
     assert picks == {h: adapter.pick_encoder(h, addrs) for h in picks}
+
+
+def test_worker_mode_names_a_transfer_again_until_a_worker_starts_it(producer, consumer_parts, receive):
+    """receive="worker": a step whose metadata no worker sees (V1 skips the connector on
+    steps without tokens) must not lose the transfer: it is named again until a worker
+    reports it started, and the item arrives."""
+    if receive != "worker":
+        pytest.skip("receive='scheduler' starts transfers in the scheduler")
+    params = producer.encode("enc-rs", [("resend", 17)])
+    sched, ranks = consumer_parts({})
+    req = make_request("lm-rs", [("resend", 17)], params=params)
+    so, scheduled = schedule(sched, [req])
+    assert [s.mm_hash for s in so.ec_connector_metadata.loads] == ["resend"]
+    # no worker ran that step; the next metadata names it again
+    so, scheduled = schedule(sched, [req])
+    assert [s.mm_hash for s in so.ec_connector_metadata.loads] == ["resend"]
+    done, failed = step_until(sched, ranks, [req], deadline_s=30)
+    assert not failed and done["lm-rs"] == (["resend"], [])
+    assert same_bits(ranks[0][1]["resend"], embedding("resend", 17))
