@@ -104,6 +104,9 @@ class EncoderProcess:
         except queue.Empty:
             self.close()
             raise TimeoutError("encoder process did not start in time") from None
+        except KeyboardInterrupt:
+            self.close(timeout=0)   # interrupted while the child starts: no waiting for it
+            raise
         if msg[0] != "ready":
             self.close()
             raise RuntimeError(f"encoder process failed to start: {msg[1]}")
