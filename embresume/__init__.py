@@ -1,16 +1,22 @@
 """embresume: resumable transfer of variable-length multimodal embeddings
-from an encoder process to a language-model process."""
+from an encoder process to a language-model process.
 
-from .config import Config
-from .encoder import EncoderEndpoint
+The names below are imported on first use (PEP 562), so ``import embresume``
+and the ``embresume`` command start without importing torch; ``from embresume
+import Config`` works as usual."""
+
+import importlib
+
 from .errors import (AllocatorError, BlockSizeMismatch, ConfigError, EmbResumeError, EmbResumeTimeout,
                      InvalidArgument, PeerError, ProtocolError, ResultReleased, TransferError, TransferFailed,
                      TransportUnavailable, UnknownRoom)
-from .language import LanguageEndpoint
-from .merge import EmbeddingResult
 from .status import Status
 
 __version__ = "0.1.0"
+
+#: public name -> the module that defines it (imported when the name is first used)
+_LAZY = {"Config": ".config", "EncoderEndpoint": ".encoder", "LanguageEndpoint": ".language",
+         "EmbeddingResult": ".merge"}
 
 __all__ = [
     "Config", "EncoderEndpoint", "LanguageEndpoint", "EmbeddingResult", "Status",
@@ -18,3 +24,22 @@ __all__ = [
     "TransferError", "TransferFailed", "PeerError", "InvalidArgument", "UnknownRoom", "EmbResumeTimeout",
     "ResultReleased", "TransportUnavailable",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):            # a submodule: embresume.metrics, embresume.harness, ...
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -176,8 +176,42 @@ def parse_args(argv: list[str], parser: Optional[ArgumentParser] = None) -> argp
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """The ``embresume`` command; a Ctrl-C anywhere (imports included) is one line and exit 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("embresume: interrupted", file=sys.stderr)
+        return 130
+
+
+class _SigintDeferred:
+    """A Ctrl-C during the block (torch's import: an import cut short can leave
+    the interpreter slow to exit) takes effect right after it, as KeyboardInterrupt."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.hit = False
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.hit = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.hit and exc[0] is None:
+            raise KeyboardInterrupt
+
+
+def _main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = build_parser()
+    with _SigintDeferred():
+        p = build_parser()   # imports torch (the bench's options)
     if not argv:
         p.print_help()
         return 0

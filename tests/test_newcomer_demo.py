@@ -141,3 +141,22 @@ def test_tiny_demo_is_exact(n):
                        timeout=120, env=_env(), cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.rstrip().splitlines()[-1].endswith(f"verified {n}/{n}: OK")
+
+
+@pytest.mark.parametrize("args", [("demo",), ("bench", "--tiny", "--no-plots")])
+def test_ctrl_c_while_starting_is_one_line(args, tmp_path):
+    """Ctrl-C right after the command was typed (imports, the encoder child starting)."""
+    extra = ("--out", str(tmp_path / "out")) if args[0] == "bench" else ()
+    run = Proc(*args, *extra)
+    try:
+        time.sleep(1.0)
+        os.killpg(run.p.pid, signal.SIGINT)
+        rc = run.finish(60)
+        assert "Traceback" not in run.err, run.err
+        # 130 with one line; only a machine too slow to have started Python within a second dies by the signal
+        assert rc == 130 or rc == -signal.SIGINT, (rc, run.err)
+        if rc == 130:
+            assert run.err.strip().splitlines()[-1:] == ["embresume: interrupted"], run.err
+            assert len(run.err.strip().splitlines()) == 1, run.err
+    finally:
+        run.kill()
