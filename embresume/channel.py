@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
 import zmq
@@ -66,14 +67,56 @@ class Channel(abc.ABC):
     def send(self, msg: protocol.Message) -> None:
         self.send_bytes(protocol.encode(msg))
 
+    def stalled_for(self) -> float:
+        """Seconds outbound frames have waited for the peer to make room (0:
+        none wait).  The endpoints tear a link down past ``peer_timeout``."""
+        return 0.0
+
     @abc.abstractmethod
     def close(self) -> None: ...
+
+
+class RateBucket:
+    """A token bucket: ``take()`` is True while the long-run rate stays within
+    ``rate`` a second (``burst`` at once).  One thread per bucket (no lock)."""
+
+    __slots__ = ("rate", "burst", "tokens", "t")
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens = self.burst
+        self.t = time.monotonic()
+
+    def take(self, n: float = 1.0) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
+
+
+#: no-op frames (heartbeats, messages of a kind this side never expects) a peer
+#: may send per second, and the burst; past it the link is torn down.  A peer
+#: sends one heartbeat per heartbeat_interval: the bound is max(NOOP_RATE,
+#: 20 / heartbeat_interval), the burst two seconds of it.
+NOOP_RATE = 1000.0
+NOOP_BURST_S = 2.0
+
+
+def noop_bucket(heartbeat_interval: float) -> RateBucket:
+    rate = max(NOOP_RATE, 20.0 / max(heartbeat_interval, 1e-3))
+    return RateBucket(rate, rate * NOOP_BURST_S)
 
 
 # --------------------------------------------------------------------- ZeroMQ
 _ctx_lock = threading.Lock()
 #: frames a socket queues from its peers before it stops reading them
 RCV_HWM = 10000
+#: frames a ROUTER (the encoder) queues for one peer that does not read; past
+#: it the send fails and the peer is dropped (a refusal to a hello is dropped)
+ROUTER_SND_HWM = 10000
 
 
 def zmq_context() -> zmq.Context:
@@ -96,11 +139,13 @@ class ZmqHub:
         ctx = zmq_context()
         self.sock = ctx.socket(sock_type)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # control messages are small and must never be dropped silently: no
-        # send high-water mark, and a ROUTER reports unroutable identities.
+        # control messages are small and must never be dropped silently: a
+        # ROUTER (the encoder) reports unroutable identities and a full queue
+        # to one peer (ROUTER_SND_HWM: that peer does not read) to
+        # on_send_error, which drops the peer; a DEALER has no send limit.
         # Receiving, a high-water mark only pushes back on a flooding peer
         # (ZeroMQ stops reading its connection), it drops nothing.
-        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.setsockopt(zmq.SNDHWM, ROUTER_SND_HWM if sock_type == zmq.ROUTER else 0)
         self.sock.setsockopt(zmq.RCVHWM, RCV_HWM)
         if max_frame:
             # a peer announcing a bigger frame is disconnected before it is buffered

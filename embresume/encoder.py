@@ -20,6 +20,12 @@ Rules (docs/design.md):
 
 Every index and count a peer sends is bounds-checked; a bad message fails
 that one room (STATUS Failed to the ranks) and the endpoint keeps serving.
+
+One peer never stalls the others (docs/design.md, section 8): sends never wait
+for a peer (a frame that does not fit its ring waits in that link's queue), a
+peer whose ring stays full, that floods no-op frames or that sends more than
+its session's bound of rooms and blocks is refused or disconnected, and a
+room's ranks all belong to the TP group of its first INIT.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from . import auth, metrics
 from .logutil import RateLimitedLog, clip
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
-from .channel import Channel, ZmqChannel, ZmqHub
+from .channel import Channel, RateBucket, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import Config
 from .errors import (BlockSizeMismatch, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
@@ -67,6 +73,19 @@ PIPELINE_PIECES = 4
 MIN_PIECE_BYTES = 2 << 20
 #: hellos whose pool description has not come yet
 MAX_PENDING_HANDSHAKES = 256
+#: per language session (one rank's connection): rooms it is a rank of, and
+#: destination blocks it has asked to be written and not yet been answered
+#: for (at most its pool's blocks: an honest rank cannot have more).  An INIT
+#: past either bound is refused to that rank alone (STATUS Failed).
+MAX_LIVE_ROOMS_PER_SESSION = 16384
+MAX_LIVE_BLOCKS_PER_SESSION = 1 << 20
+#: refusals (a Bye) to tcp peers that are not registered (a keyless hello, an
+#: undecodable frame): at most REFUSAL_RATE a second after a burst of
+#: REFUSAL_BURST, for the whole endpoint; the rest are dropped and counted
+REFUSAL_RATE = 100.0
+REFUSAL_BURST = 200.0
+#: the longest TP group identity a rank may present
+MAX_GROUP = 256
 #: the largest control frame accepted from any peer (an INIT of 1M blocks, a handshake description)
 MAX_FRAME = max(P.MAX_BLOB, 4 << 20) + 64 * 1024
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -76,8 +95,16 @@ class _Peer:
     """One connected language rank."""
 
     def __init__(self, session_id: str, tp_rank: int, pid: int, transport: Transport, pool: PeerPool,
-                 channel: Channel, pid_check: bool, conn: Optional[unix.Conn] = None):
+                 channel: Channel, pid_check: bool, conn: Optional[unix.Conn] = None, group: str = "",
+                 heartbeat_interval: float = 0.5):
         self.session_id = session_id
+        #: the TP group (engine instance) this rank says it belongs to: a room's
+        #: ranks are all of one group
+        self.group = group
+        #: live rooms it is a rank of, blocks of its pool it asked for and awaits
+        self.live_rooms = 0
+        self.live_blocks = 0
+        self.noop = noop_bucket(heartbeat_interval)
         #: the Unix-socket connection of a same-host peer (its EOF: the peer is gone)
         self.conn = conn
         self.tp_rank = tp_rank
@@ -117,6 +144,7 @@ class _Rank:
     done: bool = False
     unsafe: bool = False
     failed_msg: Optional[P.StatusMsg] = None
+    counted: int = 0            # dst blocks counted in peer.live_blocks (asked for, not yet answered)
 
 
 @dataclass
@@ -131,6 +159,7 @@ class _Room:
     own_blocks: Optional[list] = None
     reason: str = ""
     t0: float = field(default_factory=time.monotonic)
+    group: Optional[str] = None     # the TP group of its ranks (set by the first INIT)
 
 
 def _reply(transport: str, desc: dict) -> P.Register:
@@ -197,6 +226,7 @@ class EncoderEndpoint:
         self._peers: dict[str, _Peer] = {}
         self._zmq_peers: dict[bytes, _Peer] = {}
         self._handshakes: dict[bytes, dict] = {}
+        self._refusals = RateBucket(REFUSAL_RATE, REFUSAL_BURST)
         self._transports = select.TransportSet(self.config)
         self._closed = False
         self._stop = threading.Event()
@@ -238,7 +268,31 @@ class EncoderEndpoint:
         before anything is registered."""
         P.check_room(room)
         self._check_delta(mrope_delta)
+        self._check_tensors(embeddings, fill_ids, mrope_positions)
         self._register(room, TensorSource(embeddings, fill_ids, mrope_positions, int(mrope_delta)), on_done, None)
+
+    def _check_tensors(self, embeddings, fill_ids, mrope_positions) -> None:
+        """``send_tensors``'s arguments against the Config, at the call."""
+        c = self.config
+        for name, t in (("embeddings", embeddings), ("fill_ids", fill_ids), ("mrope_positions", mrope_positions)):
+            if not isinstance(t, torch.Tensor):
+                raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}"
+                                      + (" (wrap it with torch.from_numpy)" if type(t).__module__ == "numpy" else ""))
+        if embeddings.dim() != 2:
+            raise InvalidArgument(f"embeddings must be 2-D [tokens, hidden_size], got shape {tuple(embeddings.shape)}")
+        T, width = embeddings.shape
+        if T < 1:
+            raise InvalidArgument("embeddings must have at least one token (row)")
+        if embeddings.dtype != c.dtype:
+            raise InvalidArgument(f"embeddings dtype is {embeddings.dtype}, the Config's dtype is {c.dtype}")
+        if width != c.hidden_size:
+            raise InvalidArgument(f"embeddings width is {width}, the Config's hidden_size is {c.hidden_size}")
+        if tuple(fill_ids.shape) != (T,) or fill_ids.dtype != torch.int32:
+            raise InvalidArgument(f"fill_ids must be int32 of shape ({T},), got {fill_ids.dtype} "
+                                  f"{tuple(fill_ids.shape)}")
+        if tuple(mrope_positions.shape) != (3, T) or mrope_positions.dtype != torch.int32:
+            raise InvalidArgument(f"mrope_positions must be int32 of shape (3, {T}), got {mrope_positions.dtype} "
+                                  f"{tuple(mrope_positions.shape)}")
 
     def send(self, room: P.Room, src_blocks: Sequence[int], total_tokens: int, mrope_delta: int = 0,
              on_done: Optional[Callable[[P.Room, Status], None]] = None, free_blocks: bool = True) -> None:
@@ -368,7 +422,7 @@ class EncoderEndpoint:
             msg = P.decode(data)
         except ProtocolError as e:
             self._warn_bad(f"bad handshake frame: {e}")
-            self._hub.send(ident, P.encode(P.Bye(clip(f"bad handshake frame: {e}", 1000))))
+            self._refuse(ident, f"bad handshake frame: {e}")
             return
         if not isinstance(msg, P.Register) or msg.role != P.Role.LANGUAGE:
             log.debug("ignoring %s from an unregistered peer", type(msg).__name__)
@@ -377,11 +431,21 @@ class EncoderEndpoint:
             # without a key a tcp peer is anyone who reaches the port; peers on
             # this host use the Unix socket, where the kernel vouches for them
             self._warn_bad("tcp handshake refused: this encoder has no auth_key")
-            self._hub.send(ident, P.encode(P.Bye(
-                "tcp handshakes need an auth_key (Config(auth_key=...) / EMBRESUME_AUTH_KEY on both sides); "
-                "peers on the encoder's host connect over its Unix socket")))
+            self._refuse(ident, "tcp handshakes need an auth_key (Config(auth_key=...) / EMBRESUME_AUTH_KEY on "
+                                "both sides); peers on the encoder's host connect over its Unix socket")
             return
         self._handshake_step(_HsZmq(self, ident), msg, [])
+
+    def _refuse(self, ident: bytes, reason: str) -> None:
+        """A Bye to an unregistered tcp peer, within the refusal rate (REFUSAL_RATE)."""
+        if self._refusals.take():
+            self.stats["refusals_sent"] += 1
+            try:
+                self._hub.send(ident, P.encode(P.Bye(clip(reason, 1000))))
+            except PeerError:
+                pass
+        else:
+            self.stats["refusals_dropped"] += 1
 
     def _on_unix_packet(self, conn: unix.Conn, data: bytes, fds: list) -> None:
         try:
@@ -424,6 +488,9 @@ class EncoderEndpoint:
              "uid %s (%d so far)", cred[0], cred[1], sorted(self.config.peer_uids), self.stats["refused_uid"])
 
     def _bye(self, hs, reason: str) -> None:
+        if isinstance(hs, _HsZmq):
+            self._refuse(hs.key, reason)
+            return
         try:
             hs.reply(P.Bye(clip(reason, 1000)))
         except Exception:
@@ -459,10 +526,13 @@ class EncoderEndpoint:
             offered = msg.desc.get("offer")
             if not isinstance(offered, list) or not all(isinstance(x, str) for x in offered[:16]):
                 raise ProtocolError("desc.offer", "expected a list of transport names")
+            group = msg.desc.get("group", "")
+            if not isinstance(group, str) or len(group) > MAX_GROUP:
+                raise ProtocolError("desc.group", f"expected a TP group identity of at most {MAX_GROUP} characters")
             chosen = select.choose(c, offered[:16], hs.same_host)
             while len(self._handshakes) >= MAX_PENDING_HANDSHAKES:   # the oldest half-open hello goes
                 self._handshakes.pop(next(iter(self._handshakes)))
-            self._handshakes[hs.key] = {"transport": chosen, "t": time.monotonic()}
+            self._handshakes[hs.key] = {"transport": chosen, "t": time.monotonic(), "group": group}
             hs.reply(_reply(chosen, {"phase": "hello"}))
             return
         if phase != "pool":
@@ -511,7 +581,8 @@ class EncoderEndpoint:
             raise
         # a same-host peer's pid is the kernel's (SO_PEERCRED), not what it claims
         pid = hs.pid if hs.same_host else msg.pid
-        peer = _Peer(msg.session_id, msg.tp_rank, pid, transport, pool, channel, hs.same_host and pid > 0, hs.conn)
+        peer = _Peer(msg.session_id, msg.tp_rank, pid, transport, pool, channel, hs.same_host and pid > 0, hs.conn,
+                     group=state.get("group", ""), heartbeat_interval=c.heartbeat_interval)
         with self._lock:
             if self._closed or msg.session_id in self._peers:
                 channel.close()
@@ -549,8 +620,12 @@ class EncoderEndpoint:
              self.stats["bad_handshakes"])
 
     def _on_message(self, peer: _Peer, msg: P.Message) -> None:
+        if not peer.alive:
+            return
         peer.last_seen = time.monotonic()
         if isinstance(msg, P.Heartbeat):
+            if not peer.noop.take():
+                self._noop_flood(peer)
             return
         inline = peer.channel.dedicated
         peer.busy = True            # the monitor does not count silence while we work
@@ -586,6 +661,13 @@ class EncoderEndpoint:
         else:
             self.stats["unexpected_messages"] += 1
             plog(logging.WARNING, "unexpected", "ignoring unexpected %s from %s", type(msg).__name__, peer.session_id)
+            if not peer.noop.take():
+                self._noop_flood(peer)
+
+    def _noop_flood(self, peer: _Peer) -> None:
+        self.stats["noop_flood"] += 1
+        self._peer_lost(peer, f"more than {peer.noop.rate:.0f} no-op frames a second (heartbeats or messages an "
+                              "encoder never expects): disconnected")
 
     def _validate_dst(self, peer: _Peer, msg) -> None:
         if msg.session_id != peer.session_id:
@@ -619,6 +701,13 @@ class EncoderEndpoint:
                     return
                 self._reject(peer, msg.room, "a new request for a room this rank is still receiving")
                 return
+            if r.ranks and r.group != peer.group:
+                # the room belongs to the TP group of its first rank: another
+                # group is told, whatever it claims, and the room is left alone
+                self.stats["other_group"] += 1
+                self._reject(peer, msg.room, "the room belongs to another TP group (another engine instance's "
+                                             "ranks asked for it first)")
+                return
             if r.tracker.status in (Status.Transferring, Status.Success):
                 self._reject(peer, msg.room, f"room already {r.tracker.status.name} to its "
                                              f"{r.required} rank(s)")
@@ -627,6 +716,13 @@ class EncoderEndpoint:
             self._validate_dst(peer, msg)
         except (ProtocolError, BlockSizeMismatch) as e:
             self._reject(peer, msg.room, str(e))
+            return
+        bound = min(peer.pool.layout.num_blocks, MAX_LIVE_BLOCKS_PER_SESSION)
+        if peer.live_rooms >= MAX_LIVE_ROOMS_PER_SESSION or peer.live_blocks + len(msg.dst_blocks) > bound:
+            self.stats["refused_bound"] += 1
+            self._reject(peer, msg.room, f"this rank already has {peer.live_rooms} rooms and {peer.live_blocks} "
+                                         f"blocks in flight (bounds: {MAX_LIVE_ROOMS_PER_SESSION} rooms, {bound} "
+                                         "blocks)")
             return
         if r is None:
             r = _Room(msg.room, time.monotonic() + self.config.request_timeout)
@@ -644,7 +740,10 @@ class EncoderEndpoint:
             self._fail_room(r, reason)
             return
         r.required = msg.required_dst_info_num
-        r.ranks[peer.session_id] = _Rank(peer, msg.nonce, msg.dst_blocks, msg.allocated_tokens, pending=True)
+        r.group = peer.group
+        k = r.ranks[peer.session_id] = _Rank(peer, msg.nonce, msg.dst_blocks, msg.allocated_tokens, pending=True)
+        peer.live_rooms += 1
+        self._count(k)
         r.deadline = time.monotonic() + self.config.request_timeout
         if len(r.ranks) == r.required and r.tracker.status is Status.Bootstrapping:
             r.tracker.set(Status.WaitingForInput)
@@ -668,6 +767,7 @@ class EncoderEndpoint:
             self._fail_room(r, f"resume with sent_tokens={msg.sent_tokens}, encoder sent {rank.sent_tokens}", cause="bad_message")
             return
         rank.dst_blocks, rank.allocated_tokens, rank.pending = msg.dst_blocks, msg.allocated_tokens, True
+        self._count(rank)
         r.deadline = time.monotonic() + self.config.request_timeout
         self._maybe_start(r)
 
@@ -765,9 +865,26 @@ class EncoderEndpoint:
         except PeerError as e:
             self._peer_lost(k.peer, str(e))
 
+    @staticmethod
+    def _count(k: _Rank) -> None:
+        """``k``'s destination blocks are asked for (INIT/RESUME): count them
+        against its session's bound until they are answered."""
+        if not k.counted:
+            k.counted = len(k.dst_blocks)
+            k.peer.live_blocks += k.counted
+
+    @staticmethod
+    def _uncount(k: _Rank) -> None:
+        """``k``'s blocks are answered (its chunk's STATUS, or Failed, is about
+        to go out): the rank may reuse them."""
+        if k.counted:
+            k.peer.live_blocks -= k.counted
+            k.counted = 0
+
     def _chunk_written(self, r: _Room, k: _Rank, src, plan: ChunkPlan) -> P.StatusMsg:
         """Book-keeping once a chunk landed (under the lock); returns its STATUS."""
         k.in_flight = False
+        self._uncount(k)
         k.sent_tokens = plan.sent_tokens_after
         k.chunks += 1
         k.done = not plan.partial
@@ -795,6 +912,7 @@ class EncoderEndpoint:
         """The write is over; if the room failed meanwhile, post its Failed now."""
         with self._lock:
             k.in_flight = False
+            self._uncount(k)
             msg = k.failed_msg
             k.failed_msg = None
         if msg is not None:
@@ -860,6 +978,9 @@ class EncoderEndpoint:
             self._finished.popitem(last=False)
         for k in r.ranks.values():
             self._finished_inits[(k.peer.session_id, r.room, k.nonce)] = None
+            k.peer.live_rooms -= 1
+            if not k.in_flight:         # an in-flight write's blocks are answered once it is over
+                self._uncount(k)
         while len(self._finished_inits) > FINISHED_MEMORY:
             self._finished_inits.popitem(last=False)
         self._cond.notify_all()
@@ -922,12 +1043,19 @@ class EncoderEndpoint:
         with self._lock:
             peers = list(self._peers.values())
         for p in peers:
+            # never blocks: a frame that does not fit the peer's ring waits in
+            # that link's own queue (ipc/channel.py), not on this thread
             try:
                 p.channel.send(P.Heartbeat(seq, time.time_ns()))
             except PeerError as e:
                 self._peer_lost(p, str(e))
                 continue
-            if now - p.last_seen > c.peer_timeout and not p.busy:
+            stalled = p.channel.stalled_for()
+            if stalled > c.peer_timeout:
+                self.stats["stalled_links"] += 1
+                self._peer_lost(p, f"stuck: its control ring made no room for {stalled:.1f}s (it does not read; "
+                                   f"peer_timeout {c.peer_timeout}s)")
+            elif now - p.last_seen > c.peer_timeout and not p.busy:
                 self._peer_lost(p, f"no message for {now - p.last_seen:.1f}s")
             elif p.pid_check and not _pid_alive(p.pid):
                 self._peer_lost(p, f"process {p.pid} exited")

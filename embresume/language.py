@@ -24,6 +24,12 @@ the rooms requested from it, and the next request naming it reconnects
 (bounded backoff).  Which block belongs to whom at each moment, and the lock
 rule, are in docs/design.md ("Who owns a block").
 
+No call waits for an encoder (docs/design.md, section 8): control sends go
+into the link's ring or its bounded queue; an encoder whose ring stays full,
+that floods no-op frames or that leaves an abort unanswered for the quarantine
+timeout is torn down, and ``Config.extra["max_encoder_share"]`` caps what one
+encoder can hold of the pool.
+
 The scheduler loop calls :meth:`LanguageEndpoint.poll` (non-blocking) and
 :meth:`LanguageEndpoint.result`; :meth:`LanguageEndpoint.recv` is the blocking
 convenience.  All network and copy work runs on threads the endpoint owns.
@@ -52,7 +58,7 @@ from . import auth, metrics
 from .logutil import RateLimitedLog
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
-from .channel import Channel, ZmqChannel, ZmqHub
+from .channel import Channel, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import Config
 from .errors import (AllocatorError, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
@@ -75,6 +81,11 @@ MAX_REQUEST_TOKENS = 1 << 24
 BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 #: the largest control frame accepted from an encoder
 MAX_FRAME = 1 << 20
+#: a quarantined room waits for the encoder's abort acknowledgement at most
+#: this many peer_timeouts; then the encoder counts as stuck: its connection is
+#: torn down (its rooms fail, all it was parked for is freed, the next request
+#: naming it reconnects).  Config.extra["quarantine_timeout"] (seconds) overrides.
+QUARANTINE_TIMEOUT_FACTOR = 2.0
 
 
 class _Request:
@@ -161,6 +172,7 @@ class _Link:
         self.busy = False
         self.alive = True
         self.hb_seq = 0
+        self.noop = None        # the no-op frame bucket (set by the endpoint)
 
     def close(self) -> None:
         self.alive = False
@@ -187,6 +199,7 @@ class _Encoder:
         self.transport = ""                 # of the last connection
         self.pending: list = []             # rooms waiting for the connection
         self.quarantine: dict = {}
+        self.quarantined_at: dict = {}      # room -> when its ABORT went out (QUARANTINE_TIMEOUT)
         self.held: dict = {}
         self.failures = 0                   # failed attempts in a row (back-off)
         self.connections = 0                # successful ones
@@ -202,6 +215,33 @@ class _Retry(Exception):
     def __init__(self, transport: str, reason: str):
         super().__init__(reason)
         self.transport, self.reason = transport, reason
+
+
+#: the longest TP group identity
+MAX_GROUP = 256
+
+
+def _tp_group(config: Config, given: Optional[str]) -> str:
+    """This rank's TP group identity: the ranks of one engine instance share it,
+    and an encoder keeps a room to the ranks of the group that asked first.
+    ``tp_group=`` / ``Config.extra["tp_group"]`` / ``EMBRESUME_TP_GROUP``; by
+    default this host and process group (the ranks an engine spawns share it).
+    A secret value makes the group unforgeable by other processes (docs/security.md)."""
+    g = given if given is not None else config.extra.get("tp_group") or os.environ.get("EMBRESUME_TP_GROUP")
+    if g is None or g == "":
+        g = f"{node_id()}/pgid-{os.getpgid(0)}"
+    if not isinstance(g, str) or len(g) > MAX_GROUP:
+        raise InvalidArgument(f"tp_group must be a str of at most {MAX_GROUP} characters, got {g!r:.80}")
+    return g
+
+
+def _share_limit(config: Config, num_blocks: int) -> int:
+    share = config.extra.get("max_encoder_share")
+    if share is None:
+        return 0
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ConfigError(f"extra['max_encoder_share'] must be a fraction of the pool in (0, 1], got {share!r}")
+    return 0 if share >= 1 else max(1, int(share * num_blocks))
 
 
 def _check_address(address) -> str:
@@ -230,19 +270,27 @@ class LanguageEndpoint:
     Thread-safe; use as a context manager or call :meth:`close`.
     """
 
-    def __init__(self, config: Optional[Config] = None, *, tp_rank: int = 0, connect: bool = True):
+    def __init__(self, config: Optional[Config] = None, *, tp_rank: int = 0, connect: bool = True,
+                 tp_group: Optional[str] = None):
         self.config = config or Config()
         if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank <= 0xFFFF:
             raise InvalidArgument(f"tp_rank must be an int in [0, 65535], got {tp_rank!r}")
         self.tp_rank = tp_rank
+        self.tp_group = _tp_group(self.config, tp_group)
         self.session_id = f"lang-{uuid.uuid4().hex[:12]}-r{tp_rank}"
         c = self.config
         self.layout = BlockLayout(c.total_pool_blocks, c.block_size, c.hidden_size, c.dtype, c.aux_ints)
         self.allocator = BlockAllocator(self.layout.num_blocks, self.layout.block_size)
+        #: the most blocks one encoder's requests, quarantine and held blocks may
+        #: take (Config.extra["max_encoder_share"], a fraction of the pool); 0: no cap
+        self._share_limit = _share_limit(c, self.layout.num_blocks)
         self.arena = ResultArena(c.result_cache_bytes, c.block_size)
         self._lock = threading.RLock()
         self._reqs: dict = {}
         self._waiting: collections.deque = collections.deque()
+        self._draining = False          # _drain_waiting is running (it is not re-entrant)
+        self._capped = False            # the last _try_allocate was refused by the encoder's share
+        self._drain_held = False        # a link's rooms are being failed: drain once at the end
         self._encoders: dict[str, _Encoder] = {}
         self._exports: dict[int, dict] = {}          # id(transport instance) -> pool description
         self._nonces = itertools.count(1)
@@ -407,7 +455,7 @@ class LanguageEndpoint:
 
     def _hello(self, offered: list) -> dict:
         return {"phase": "hello", "device": str(self.pool.device), "layout": self.layout.to_dict(),
-                "offer": offered}
+                "offer": offered, "group": self.tp_group}
 
     def _handshake_unix(self, enc: _Encoder, exclude: list) -> _Link:
         """Same host: over the encoder's abstract Unix socket, whose owner's uid
@@ -617,11 +665,31 @@ class LanguageEndpoint:
         if self._waiting or not self._try_allocate(req, *self._first_tokens(req)):
             req.waiting_alloc = True
             self._waiting.append(req.room)
+            if self._share_limit and len(self._waiting) > 1:
+                # requests at the head may wait for their encoder's share, not
+                # for the pool: this one may be servable now
+                self._drain_waiting()
+
+    def _charged(self, enc: _Encoder) -> int:
+        """Blocks of the pool held for ``enc``: its requests', its quarantine, its held blocks."""
+        n = sum(len(r.blocks) for r in self._reqs.values() if r.enc is enc)
+        n += sum(len(b) for b in enc.quarantine.values())
+        return n + sum(len(b) for b in enc.held.values())
 
     def _try_allocate(self, req: _Request, tokens: int, min_tokens: int = 1) -> bool:
-        """Allocate up to ``tokens`` tokens (at least ``min_tokens``) and send INIT/RESUME."""
+        """Allocate up to ``tokens`` tokens (at least ``min_tokens``) and send INIT/RESUME.
+        False when the pool (or the encoder's share of it, ``_capped`` set) cannot."""
+        self._capped = False
         if self.config.max_chunk_tokens:
             tokens = min(tokens, self.config.max_chunk_tokens)
+        if self._share_limit:
+            bs = self.layout.block_size
+            left = (self._share_limit - self._charged(req.enc)) * bs
+            min_tokens = min(min_tokens, self._share_limit * bs)
+            if left < min(min_tokens, tokens):
+                self._capped = True
+                return False
+            tokens = min(tokens, left)
         blocks = self.allocator.allocate(tokens, req.room, min_tokens=min(min_tokens, tokens))
         if not blocks:
             return False
@@ -646,21 +714,40 @@ class LanguageEndpoint:
         return True
 
     def _drain_waiting(self) -> None:
-        """Serve queued allocations in FIFO order (resumes and inits alike)."""
-        while self._waiting:
-            room = self._waiting[0]
-            req = self._reqs.get(room)
-            if req is None or req.tracker.status.terminal or not req.waiting_alloc:
-                self._waiting.popleft()
-                continue
-            if req.chunks == 0:
-                ok = self._try_allocate(req, *self._first_tokens(req))
-            else:
-                ok = self._try_allocate(req, req.total_tokens - req.sent_tokens)
-            if not ok:
-                return
-            req.waiting_alloc = False
-            self._waiting.popleft()
+        """Serve queued allocations in FIFO order (resumes and inits alike).
+
+        Not re-entrant: an allocation that fails its request (the INIT cannot
+        go out) frees blocks and calls back here; that inner call only asks
+        the running loop to go on (it used to pop the deque under the outer
+        loop's feet).  While ``_drain_held`` is set (a link is being torn
+        down and its rooms failed one by one) nothing is drained."""
+        if self._draining or self._drain_held:
+            return
+        self._draining = True
+        waiting = self._waiting
+        capped: list = []
+        try:
+            while waiting:
+                room = waiting.popleft()
+                req = self._reqs.get(room)
+                if req is None or req.tracker.status.terminal or not req.waiting_alloc:
+                    continue
+                if req.chunks == 0:
+                    ok = self._try_allocate(req, *self._first_tokens(req))
+                else:
+                    ok = self._try_allocate(req, req.total_tokens - req.sent_tokens)
+                if not ok:
+                    if self._capped:
+                        # its encoder used its share of the pool: it waits for
+                        # that encoder, not in front of the others
+                        capped.append(room)
+                        continue
+                    waiting.appendleft(room)     # still first in line
+                    return
+                req.waiting_alloc = False
+        finally:
+            waiting.extendleft(reversed(capped))
+            self._draining = False
 
     def poll(self, room: P.Room) -> Status:
         """Non-blocking: never waits for the endpoint's lock or a copy."""
@@ -807,6 +894,7 @@ class LanguageEndpoint:
 
     def _release_quarantine(self, enc: _Encoder, room) -> None:
         blocks = enc.quarantine.pop(room, None)
+        enc.quarantined_at.pop(room, None)
         if blocks:
             self.allocator.free(blocks, room)
 
@@ -818,6 +906,7 @@ class LanguageEndpoint:
             return
         link.last_seen = time.monotonic()
         if isinstance(msg, P.Heartbeat):
+            self._noop(enc, link)
             return
         if isinstance(msg, (P.StatusMsg, P.Progress)):
             with self._lock:
@@ -833,7 +922,17 @@ class LanguageEndpoint:
         if isinstance(msg, P.Bye):
             self._link_lost(enc, link, f"encoder closed the connection: {msg.reason}", clean=True)
             return
-        log.warning("ignoring unexpected %s from the encoder at %s", type(msg).__name__, enc.address)
+        plog(logging.WARNING, "unexpected", "ignoring unexpected %s from the encoder at %s", type(msg).__name__,
+             enc.address)
+        self._noop(enc, link)
+
+    def _noop(self, enc: _Encoder, link: _Link) -> None:
+        """A frame that does nothing: within the link's no-op rate, or the link goes."""
+        if link.noop is None:
+            link.noop = noop_bucket(self.config.heartbeat_interval)
+        if not link.noop.take():
+            self.stats["noop_flood"] += 1
+            self._link_lost(enc, link, f"more than {link.noop.rate:.0f} no-op frames a second: disconnected")
 
     def _live_request(self, enc: _Encoder, room) -> Optional[_Request]:
         """The live request for ``room`` that was asked of ``enc`` (another
@@ -1054,6 +1153,7 @@ class LanguageEndpoint:
                 self.allocator.free(blocks, room)
         elif mode == "quarantine":
             enc.quarantine.setdefault(room, []).extend(blocks)
+            enc.quarantined_at.setdefault(room, time.monotonic())
         else:
             enc.held.setdefault(room, []).extend(blocks)
 
@@ -1109,12 +1209,20 @@ class LanguageEndpoint:
             if not self._closed:
                 (log.info if clean else log.error)("rank %d: encoder at %s %s", self.tp_rank, enc.address,
                                                     reason if clean else f"lost: {reason}")
-            for room in list(enc.quarantine):
-                self._release_quarantine(enc, room)
-            self._release_held(enc)
-            for req in list(self._reqs.values()):
-                if req.enc is enc and not req.tracker.status.terminal:
-                    self._fail(req, f"encoder lost ({enc.address}): {reason}", notify=False, peer_dead=True, cause="peer_lost")
+            # every room of this encoder fails with the reason (and only then are
+            # the freed blocks given to waiting requests: a waiting request of
+            # this encoder must not first be admitted and fail as 'unreachable')
+            self._drain_held = True
+            try:
+                for room in list(enc.quarantine):
+                    self._release_quarantine(enc, room)
+                self._release_held(enc)
+                for req in list(self._reqs.values()):
+                    if req.enc is enc and not req.tracker.status.terminal:
+                        self._fail(req, f"encoder lost ({enc.address}): {reason}", notify=False, peer_dead=True,
+                                   cause="peer_lost")
+            finally:
+                self._drain_held = False
             self._drain_waiting()
         # closed on a thread of its own: this may run on the link's reader thread,
         # which the close joins (and a ZeroMQ hub must not close under its own loop)
@@ -1139,7 +1247,15 @@ class LanguageEndpoint:
                 self._link_lost(enc, link, str(e))
                 continue
             silent = time.monotonic() - link.last_seen
-            if silent > c.peer_timeout and not link.busy:
+            stuck = self._stuck_quarantine(enc)
+            stalled = link.channel.stalled_for()
+            if stuck:
+                self._link_lost(enc, link, stuck)
+            elif stalled > c.peer_timeout:
+                self.stats["stalled_links"] += 1
+                self._link_lost(enc, link, f"stuck: its control ring made no room for {stalled:.1f}s (it does not "
+                                           f"read; peer_timeout {c.peer_timeout}s)")
+            elif silent > c.peer_timeout and not link.busy:
                 self._link_lost(enc, link, f"no message for {silent:.1f}s (peer_timeout {c.peer_timeout}s)")
             elif link.sock is not None and unix.closed_by_peer(link.sock):
                 self._link_lost(enc, link, f"the encoder's handshake socket closed (process {link.peer_pid} "
@@ -1158,6 +1274,25 @@ class LanguageEndpoint:
                     elif req.tracker.status is Status.WaitingForInput:
                         reason += " (the encoder never sent this room)"
                     self._fail(req, reason, notify=True, cause="timeout")
+
+    def _quarantine_timeout(self) -> float:
+        t = self.config.extra.get("quarantine_timeout")
+        return float(t) if t else QUARANTINE_TIMEOUT_FACTOR * self.config.peer_timeout
+
+    def _stuck_quarantine(self, enc: _Encoder) -> str:
+        """Why ``enc`` counts as stuck ('' when it does not): it left an abort
+        unacknowledged longer than the quarantine timeout."""
+        if not enc.quarantined_at:
+            return ""
+        limit = self._quarantine_timeout()
+        now = time.monotonic()
+        with self._lock:
+            for room, t in enc.quarantined_at.items():
+                if now - t > limit:
+                    self.stats["stuck_encoders"] += 1
+                    return (f"stuck: no acknowledgement of the abort of room {room!r} within {limit:.1f}s "
+                            f"(its blocks were quarantined; the connection is torn down to free them)")
+        return ""
 
     # ------------------------------------------------------------ teardown
     def close(self) -> None:

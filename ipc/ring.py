@@ -210,6 +210,46 @@ class ShmRing:
             self._put(_TAIL, tail + need)
             _ring(self._items)
 
+    def try_send(self, data: bytes) -> bool:
+        """Publish ``data`` if the ring has room for it now; False when it is full
+        (never waits).  Raises RingClosed, and ValueError for a message larger
+        than the ring."""
+        need = (4 + len(data) + 7) // 8 * 8
+        if need > self.capacity:
+            raise ValueError(f"message of {len(data)} bytes does not fit a ring of {self.capacity}")
+        with self._wlock:
+            if self._closed or self._get(_CLOSED):
+                raise RingClosed("ring is closed")
+            tail = self._get(_TAIL)
+            if self.capacity - (tail - self._get(_HEAD)) < need:
+                return False
+            p = tail % self.capacity
+            if p + 4 + len(data) <= self.capacity:
+                _U32.pack_into(self._mv, HEADER + p, len(data))
+                self._mv[HEADER + p + 4:HEADER + p + 4 + len(data)] = data
+            else:
+                self._copy_in(tail, _U32.pack(len(data)))
+                self._copy_in(tail + 4, data)
+            self._put(_TAIL, tail + need)
+            _ring(self._items)
+            return True
+
+    def wait_space(self, nbytes: int, timeout: float) -> None:
+        """Sleep until the reader consumed (its doorbell) or ``timeout`` seconds
+        passed, unless a message of ``nbytes`` fits already.  For the one thread
+        that writes what did not fit (:class:`~embresume.ipc.channel.RingChannel`'s
+        writer); it holds no lock while it sleeps."""
+        need = (4 + nbytes + 7) // 8 * 8
+        if self._closed:
+            return
+        try:
+            self._put(_WAITING, 1)
+            if self.capacity - (self._get(_TAIL) - self._get(_HEAD)) < need:
+                _wait(self._space, timeout)
+            self._put(_WAITING, 0)
+        except (ValueError, OSError):       # closed meanwhile
+            pass
+
     def close_writer(self) -> None:
         with self._wlock:
             if not self._closed:

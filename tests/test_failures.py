@@ -346,3 +346,35 @@ def test_small_first_chunk_is_written_by_the_sending_thread_big_one_by_the_worke
             r.release()
         assert seen[0] is threading.current_thread()
         assert seen[1] is not threading.current_thread() and seen[1].name.startswith("embresume-enc-")
+
+
+def test_send_tensors_checks_its_arguments_at_the_call():
+    """A numpy array, a 1-D or 3-D tensor, another dtype or width than the
+    Config's, and fill_ids / mrope_positions of the wrong shape or dtype all
+    raise InvalidArgument at the call, naming what is wrong; nothing is
+    registered, and a correct call afterwards is delivered."""
+    import numpy as np
+    import torch
+    from embresume.errors import InvalidArgument
+    cfg, data = _inproc(pool_blocks=16)
+    e, f, m, d = data.sample(1, 100)
+    cases = [
+        ((e.float().numpy(), f, m), "torch.Tensor"),
+        ((e, f.numpy(), m), "fill_ids must be a torch.Tensor"),
+        ((e[0], f, m), "2-D"),
+        ((e.unsqueeze(0), f, m), "2-D"),
+        ((e.to(torch.float16), f, m), "dtype"),
+        ((torch.zeros(100, HIDDEN * 2, dtype=e.dtype), f, m), "hidden_size"),
+        ((e, f[:50], m), "fill_ids"),
+        ((e, f.to(torch.int64), m), "fill_ids"),
+        ((e, f, m[:2]), "mrope_positions"),
+        ((e, f, m.T.contiguous()), "mrope_positions"),
+        ((e, f, np.zeros((3, 100), np.int32)), "numpy"),
+    ]
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        for args, words in cases:
+            with pytest.raises(InvalidArgument, match=words):
+                enc.send_tensors(1, *args, d)
+        assert not enc._rooms
+        enc.send_tensors(1, e, f, m, d)
+        assert data.verify(1, lang.recv(1, timeout=10))

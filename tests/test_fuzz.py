@@ -123,9 +123,9 @@ _LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) (\S+): (.*)$")
 
 
 # ---------------------------------------------------------------- the encoder child
-def _logged_encoder_child(log_path, config, cmd_q, res_q, data_spec):
+def _logged_encoder_child(log_path, config, cmd_q, res_q, data_spec, *_log_level):
     """harness._encoder_child with its stderr and its log (WARNING and up, with
-    levels) going to ``log_path``."""
+    levels) going to ``log_path`` (the harness's own log level is not used)."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(fd, 2)
     os.close(fd)
@@ -929,3 +929,292 @@ def test_fuzz_10000_frames_while_serving_a_legitimate_rank(tmp_path, monkeypatch
         while own_fds0 is not None and _own_fds() > own_fds0 and time.monotonic() < deadline3:
             time.sleep(0.05)
     assert _own_fds() <= own_fds0, f"this process has {_own_fds() - own_fds0} more fds open than before"
+
+
+# ---------------------------------------------------------------- the language side's room logic, stateful
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings, strategies as st  # noqa: E402
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
+
+from embresume.channel import Channel  # noqa: E402
+from embresume.errors import TransferFailed  # noqa: E402
+from embresume.kernels.cpu import scatter_chunk  # noqa: E402
+from embresume.planner import plan_chunk  # noqa: E402
+from embresume.source import TensorSource, aux_record  # noqa: E402
+
+SM_HIDDEN, SM_BLOCKS, SM_ROOMS, SM_ENCODERS = 64, 8, 5, 2
+
+
+class _FakeChannel(Channel):
+    """What the language side sends to a fake encoder, recorded (no I/O)."""
+
+    kind = "fake"
+
+    def __init__(self):
+        super().__init__()
+        self.sent: list = []
+        self.closed = False
+
+    def send_bytes(self, data: bytes) -> None:
+        if self.closed:
+            raise PeerError("fake link closed")
+        self.sent.append(P.decode(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class LanguageRooms(RuleBasedStateMachine):
+    """A LanguageEndpoint driven by hand, no encoder process: its links are
+    fake channels, and the rules play the encoders (write chunks into the pool
+    by the planner, with or without a PROGRESS first; fail rooms, with or
+    without FLAG_BLOCKS_UNSAFE; answer or ignore aborts; send a wrong STATUS),
+    the scheduler (requests with and without hints, aborts, collecting and
+    releasing results) and the monitor (timeouts, a stuck encoder, link loss,
+    reconnection), in any order.
+
+    After every step: each pool block is in exactly one place (the
+    allocator's free list, a request, a quarantine, the held blocks, a
+    zero-copy result's lease); no request is Success before all its tokens
+    landed, and then its result is bit-exact.  At the end, with the results
+    released and the endpoint closed, every block is free."""
+
+    EXTRA: dict = {}
+
+    def __init__(self):
+        super().__init__()
+        self.cfg = make_config("shm", hidden_size=SM_HIDDEN, pool_blocks=SM_BLOCKS, default_allocate_tokens=256,
+                               heartbeat_interval=500.0, peer_timeout=1000.0, request_timeout=10000.0,
+                               zero_copy=True, extra=dict(self.EXTRA))
+        self.data = SyntheticData(SM_HIDDEN, "bf16", 4 * SM_BLOCKS * BLOCK, seed=3)
+        self.lang = LanguageEndpoint(self.cfg, connect=False)
+        self.lang._start_connecting = lambda enc: None      # the rules bring links up
+        self.addrs = [f"tcp://127.0.0.1:{9 + i}" for i in range(SM_ENCODERS)]
+        self.encs = [self.lang._encoder(a) for a in self.addrs]
+        self.links = [None] * SM_ENCODERS
+        self.asked: dict = {}           # (encoder, room) -> the INIT/RESUME it has not answered
+        self.chunks: dict = {}          # (encoder, room) -> chunks written
+        self.aborted: list = [set() for _ in range(SM_ENCODERS)]
+        self.total: dict = {}
+        self.results: list = []
+
+    # -- helpers
+    def _pump(self) -> None:
+        """Read what the language side sent on each live link."""
+        for i, link in enumerate(self.links):
+            if link is None:
+                continue
+            sent, link.channel.sent = link.channel.sent, []
+            for m in sent:
+                if isinstance(m, (P.Init, P.Resume)):
+                    self.asked[(i, m.room)] = m
+                elif isinstance(m, P.Abort):
+                    self.asked.pop((i, m.room), None)
+                    self.aborted[i].add(m.room)
+
+    def _deliver(self, i: int, msg) -> None:
+        link = self.links[i]
+        if link is not None and self.encs[i].link is link:
+            self.lang._on_message(self.encs[i], msg)
+        self._pump()
+
+    def _up(self, i: int) -> None:
+        from embresume.language import _Link
+        lang, enc = self.lang, self.encs[i]
+        link = _Link(_FakeChannel(), None, "shm", 0, False, f"fake-{i}-{enc.connections}")
+        with lang._lock:
+            enc.link, enc.state, enc.reason, enc.transport = link, "up", "", "shm"
+            enc.connections += 1
+            enc.connected.set()
+            self.links[i] = link
+            self.asked = {k: v for k, v in self.asked.items() if k[0] != i}
+            self.aborted[i] = set()
+            pending, enc.pending = enc.pending, []
+            for room in pending:
+                req = lang._reqs.get(room)
+                if req is not None and req.enc is enc and req.tracker.status is Status.Bootstrapping:
+                    lang._admit(req)
+        self._pump()
+
+    # -- rules
+    @initialize()
+    def connect_all(self):
+        for i in range(SM_ENCODERS):
+            self._up(i)
+
+    @rule(room=st.integers(0, SM_ROOMS - 1), i=st.integers(0, SM_ENCODERS - 1),
+          tokens=st.integers(1, 3 * SM_BLOCKS * BLOCK), hint=st.booleans())
+    def request(self, room, i, tokens, hint):
+        lang = self.lang
+        if room in lang._reqs or any(room in e.quarantine or room in e.held for e in self.encs):
+            return
+        lang.request(room, encoder=self.addrs[i], expected_tokens=tokens if hint else None)
+        self.total[room] = tokens
+        self._pump()
+
+    @precondition(lambda self: self.asked)
+    @rule(data=st.data(), progress=st.booleans())
+    def encoder_writes_a_chunk(self, data, progress):
+        key = data.draw(st.sampled_from(sorted(self.asked, key=repr)))
+        i, room = key
+        m = self.asked.pop(key)
+        total = self.total[room]
+        sent = m.sent_tokens if isinstance(m, P.Resume) else 0
+        plan = plan_chunk(total, sent, m.allocated_tokens, BLOCK, m.dst_blocks)
+        e, f, mr, d = self.data.sample(room, total)
+        src = TensorSource(e, f, mr, d)
+        seq = self.chunks.get(key, 0) + 1
+        self.chunks[key] = seq
+        aux = torch_aux(total, d, self.cfg.aux_ints) if seq == 1 else None
+        nblocks = plan.src_block_end - plan.src_block_start
+        if progress and nblocks >= 2:
+            k = data.draw(st.integers(1, nblocks - 1))
+            scatter_chunk(self.lang.pool, plan.dst_blocks[:k], src, plan.src_block_start, k * BLOCK, aux)
+            self._deliver(i, P.Progress(room, seq, k * BLOCK))
+        scatter_chunk(self.lang.pool, plan.dst_blocks, src, plan.src_block_start, plan.tokens, aux)
+        status = Status.Transferring if plan.partial else Status.Success
+        self._deliver(i, P.StatusMsg(room, status, seq, plan.sent_tokens_after, plan.tokens, total))
+
+    @precondition(lambda self: self.asked)
+    @rule(data=st.data(), unsafe=st.booleans())
+    def encoder_fails_a_room(self, data, unsafe):
+        i, room = data.draw(st.sampled_from(sorted(self.asked, key=repr)))
+        self.asked.pop((i, room))
+        self._deliver(i, P.StatusMsg(room, Status.Failed, reason="encoder failed it",
+                                     flags=P.FLAG_BLOCKS_UNSAFE if unsafe else 0))
+
+    @precondition(lambda self: self.asked)
+    @rule(data=st.data())
+    def encoder_sends_a_wrong_status(self, data):
+        i, room = data.draw(st.sampled_from(sorted(self.asked, key=repr)))
+        self._deliver(i, P.StatusMsg(room, Status.Transferring, 99, 1, 1, 1))
+
+    @rule(i=st.integers(0, SM_ENCODERS - 1))
+    def encoder_acknowledges_aborts(self, i):
+        for room in sorted(self.aborted[i], key=repr):
+            self.aborted[i].discard(room)
+            self._deliver(i, P.StatusMsg(room, Status.Failed, reason="abort confirmed", flags=P.FLAG_ABORT_ACK))
+
+    @rule(room=st.integers(0, SM_ROOMS - 1))
+    def scheduler_aborts(self, room):
+        self.lang.abort(room, "scheduler gave up")
+        self._pump()
+
+    @rule(room=st.integers(0, SM_ROOMS - 1))
+    def request_times_out(self, room):
+        req = self.lang._reqs.get(room)
+        if req is not None:
+            req.deadline = 0.0
+        self.lang._monitor_once()
+        self._pump()
+
+    @rule(i=st.integers(0, SM_ENCODERS - 1))
+    def encoder_is_stuck_past_the_quarantine_timeout(self, i):
+        with self.lang._lock:
+            for room in self.encs[i].quarantined_at:
+                self.encs[i].quarantined_at[room] = -1e9
+        self.lang._monitor_once()
+        self._pump()
+
+    @rule(i=st.integers(0, SM_ENCODERS - 1))
+    def link_is_lost(self, i):
+        link = self.links[i]
+        if link is not None:
+            self.lang._link_lost(self.encs[i], link, "test: link lost")
+            self.links[i] = None
+
+    @rule(i=st.integers(0, SM_ENCODERS - 1))
+    def reconnect(self, i):
+        if self.links[i] is None:
+            self._up(i)
+
+    @rule(room=st.integers(0, SM_ROOMS - 1), keep=st.booleans())
+    def collect(self, room, keep):
+        req = self.lang._reqs.get(room)
+        if req is None or not req.tracker.status.terminal or req.copying:
+            return
+        if req.tracker.status is Status.Failed:
+            with pytest.raises(TransferFailed):
+                self.lang.result(room)
+            return
+        res = self.lang.result(room)
+        assert res.total_tokens == self.total[room]
+        assert self.data.verify(room, res)
+        if keep:
+            self.results.append(res)
+        else:
+            res.release()
+
+    @precondition(lambda self: self.results)
+    @rule(data=st.data())
+    def release_a_result(self, data):
+        res = self.results.pop(data.draw(st.integers(0, len(self.results) - 1)))
+        res.release()
+
+    # -- invariants
+    @invariant()
+    def every_block_has_exactly_one_owner(self):
+        lang = self.lang
+        with lang._lock:
+            parts = [list(lang.allocator._free)]
+            leases = {}
+            for req in lang._reqs.values():
+                parts.append(list(req.blocks))
+                if req.result is not None and req.result._lease is not None:
+                    leases[id(req.result)] = getattr(req.result._lease, "blocks", [])
+            for res in self.results:
+                if res._lease is not None:
+                    leases[id(res)] = getattr(res._lease, "blocks", [])
+            parts.extend(leases.values())
+            for e in self.encs:
+                parts.extend(list(b) for b in e.quarantine.values())
+                parts.extend(list(b) for b in e.held.values())
+            owned = sorted(b for p in parts for b in p)
+        assert owned == list(range(SM_BLOCKS)), owned
+
+    @invariant()
+    def no_encoder_holds_more_than_its_share(self):
+        lang = self.lang
+        if lang._share_limit:
+            with lang._lock:
+                assert all(lang._charged(e) <= lang._share_limit for e in self.encs)
+
+    @invariant()
+    def no_result_before_all_its_tokens_landed(self):
+        for room, req in list(self.lang._reqs.items()):
+            if req.tracker.status is Status.Success:
+                assert req.result is not None and req.result.total_tokens == self.total[room]
+                assert req.sent_tokens == self.total[room]
+            else:
+                assert req.result is None
+
+    def teardown(self):
+        try:
+            for res in self.results:
+                res.release()
+            for req in list(self.lang._reqs.values()):    # results nobody collected
+                if req.result is not None:
+                    req.result.release()
+            self.lang.close()
+            assert self.lang.allocator.free_blocks == SM_BLOCKS
+        finally:
+            self.lang.close()
+
+
+def torch_aux(total: int, delta: int, aux_ints: int):
+    import torch
+    return torch.from_numpy(aux_record(total, delta, aux_ints))
+
+
+class LanguageRoomsCapped(LanguageRooms):
+    """The same with each encoder capped at half of the pool (max_encoder_share)."""
+
+    EXTRA = {"max_encoder_share": 0.5}
+
+
+_SM_SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None, database=None,
+                        suppress_health_check=list(HealthCheck))
+TestLanguageRooms = LanguageRooms.TestCase
+TestLanguageRooms.settings = _SM_SETTINGS
+TestLanguageRoomsCapped = LanguageRoomsCapped.TestCase
+TestLanguageRoomsCapped.settings = _SM_SETTINGS
