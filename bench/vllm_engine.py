@@ -57,8 +57,10 @@ def _port() -> int:
 
 
 def _env() -> dict:
+    # unpinned: vLLM's CPU build would pin both instances' workers to the same core (see
+    # tests/test_vllm_engine.py)
     env = dict(os.environ, PYTHONPATH=str(ENGINE), VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+               TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
     return env
 
 

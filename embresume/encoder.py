@@ -307,6 +307,21 @@ class EncoderEndpoint:
         src = BlockSource(self.pool, list(src_blocks), total_tokens, int(mrope_delta))
         self._register(room, src, on_done, list(src_blocks) if free_blocks else None)
 
+    def withdraw(self, room: P.Room) -> bool:
+        """Take back an embedding registered with :meth:`send_tensors` or
+        :meth:`send` that no language rank has asked for yet: the endpoint
+        lets go of it now (its ``on_done`` sees ``Failed``) instead of at
+        ``request_timeout``.  Returns False, changing nothing, for a room that
+        is unknown, finished, or already asked for (that one runs to its end)."""
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is None or r.source is None or r.ranks:
+                return False
+            r.reason = "withdrawn by the encoder"
+            r.tracker.fail()
+            self._finish(r)
+            return True
+
     @staticmethod
     def _check_delta(delta) -> None:
         if isinstance(delta, bool) or not isinstance(delta, int) or not _INT32[0] <= delta <= _INT32[1]:

@@ -87,8 +87,12 @@ def _free_port() -> int:
 def _env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ENGINE_DIR)          # swap_connector for the swapped-payload run
+    # vLLM's CPU build pins each instance's worker process, every thread in it (embresume's
+    # too), to cores it picks alone: on 2 cores both instances land on core 0, where the
+    # consumer's worker spins while it waits, starving the producer's encoder threads.
+    # Unpinned, the kernel shares both cores (deployments give each instance its own cores)
     env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1")
+               VLLM_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
     return env
 
 

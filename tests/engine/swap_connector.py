@@ -20,7 +20,7 @@ class SwappingECConnector(EmbresumeECConnector):
         self._held_back = None
 
     def save_caches(self, encoder_cache, mm_hash, **kwargs) -> None:
-        if self._enc is None or mm_hash not in encoder_cache:
+        if not self._producing or mm_hash not in encoder_cache:
             return
         if self._held_back is None:
             self._held_back = (mm_hash, encoder_cache[mm_hash])
