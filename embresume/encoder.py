@@ -268,31 +268,25 @@ class EncoderEndpoint:
         before anything is registered."""
         P.check_room(room)
         self._check_delta(mrope_delta)
-        self._check_tensors(embeddings, fill_ids, mrope_positions)
-        self._register(room, TensorSource(embeddings, fill_ids, mrope_positions, int(mrope_delta)), on_done, None)
+        self._register(room, self._tensor_source(embeddings, fill_ids, mrope_positions, mrope_delta), on_done, None)
 
-    def _check_tensors(self, embeddings, fill_ids, mrope_positions) -> None:
-        """``send_tensors``'s arguments against the Config, at the call."""
-        c = self.config
+    def _tensor_source(self, embeddings, fill_ids, mrope_positions, mrope_delta) -> TensorSource:
+        """``send_tensors``'s arguments checked against the Config, at the call
+        (InvalidArgument); the shapes are read once, by TensorSource."""
         for name, t in (("embeddings", embeddings), ("fill_ids", fill_ids), ("mrope_positions", mrope_positions)):
             if not isinstance(t, torch.Tensor):
                 raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}"
                                       + (" (wrap it with torch.from_numpy)" if type(t).__module__ == "numpy" else ""))
-        if embeddings.dim() != 2:
-            raise InvalidArgument(f"embeddings must be 2-D [tokens, hidden_size], got shape {tuple(embeddings.shape)}")
-        T, width = embeddings.shape
-        if T < 1:
-            raise InvalidArgument("embeddings must have at least one token (row)")
-        if embeddings.dtype != c.dtype:
-            raise InvalidArgument(f"embeddings dtype is {embeddings.dtype}, the Config's dtype is {c.dtype}")
-        if width != c.hidden_size:
-            raise InvalidArgument(f"embeddings width is {width}, the Config's hidden_size is {c.hidden_size}")
-        if tuple(fill_ids.shape) != (T,) or fill_ids.dtype != torch.int32:
-            raise InvalidArgument(f"fill_ids must be int32 of shape ({T},), got {fill_ids.dtype} "
-                                  f"{tuple(fill_ids.shape)}")
-        if tuple(mrope_positions.shape) != (3, T) or mrope_positions.dtype != torch.int32:
-            raise InvalidArgument(f"mrope_positions must be int32 of shape (3, {T}), got {mrope_positions.dtype} "
-                                  f"{tuple(mrope_positions.shape)}")
+        try:
+            src = TensorSource(embeddings, fill_ids, mrope_positions, int(mrope_delta))
+        except ConfigError as e:
+            raise InvalidArgument(str(e)) from None
+        c = self.config
+        if src.dtype != c.dtype:
+            raise InvalidArgument(f"embeddings dtype is {src.dtype}, the Config's dtype is {c.dtype}")
+        if src.hidden != c.hidden_size:
+            raise InvalidArgument(f"embeddings width is {src.hidden}, the Config's hidden_size is {c.hidden_size}")
+        return src
 
     def send(self, room: P.Room, src_blocks: Sequence[int], total_tokens: int, mrope_delta: int = 0,
              on_done: Optional[Callable[[P.Room, Status], None]] = None, free_blocks: bool = True) -> None:

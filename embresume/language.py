@@ -224,12 +224,12 @@ MAX_GROUP = 256
 def _tp_group(config: Config, given: Optional[str]) -> str:
     """This rank's TP group identity: the ranks of one engine instance share it,
     and an encoder keeps a room to the ranks of the group that asked first.
-    ``tp_group=`` / ``Config.extra["tp_group"]`` / ``EMBRESUME_TP_GROUP``; by
-    default this host and process group (the ranks an engine spawns share it).
+    ``tp_group=`` / ``Config.extra["tp_group"]`` / ``EMBRESUME_TP_GROUP``.  The
+    default is no group (``""``): ranks that set none form one group together,
+    as before groups existed (a default derived from this process could differ
+    between the ranks of one engine, e.g. across hosts, and fail its rooms).
     A secret value makes the group unforgeable by other processes (docs/security.md)."""
-    g = given if given is not None else config.extra.get("tp_group") or os.environ.get("EMBRESUME_TP_GROUP")
-    if g is None or g == "":
-        g = f"{node_id()}/pgid-{os.getpgid(0)}"
+    g = given if given is not None else config.extra.get("tp_group") or os.environ.get("EMBRESUME_TP_GROUP") or ""
     if not isinstance(g, str) or len(g) > MAX_GROUP:
         raise InvalidArgument(f"tp_group must be a str of at most {MAX_GROUP} characters, got {g!r:.80}")
     return g

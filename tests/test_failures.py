@@ -361,8 +361,8 @@ def test_send_tensors_checks_its_arguments_at_the_call():
     cases = [
         ((e.float().numpy(), f, m), "torch.Tensor"),
         ((e, f.numpy(), m), "fill_ids must be a torch.Tensor"),
-        ((e[0], f, m), "2-D"),
-        ((e.unsqueeze(0), f, m), "2-D"),
+        ((e[0], f, m), r"embeddings must be \[T, hidden\]"),
+        ((e.unsqueeze(0), f, m), r"embeddings must be \[T, hidden\]"),
         ((e.to(torch.float16), f, m), "dtype"),
         ((torch.zeros(100, HIDDEN * 2, dtype=e.dtype), f, m), "hidden_size"),
         ((e, f[:50], m), "fill_ids"),
