@@ -191,7 +191,7 @@ def test_row2_a_stuck_encoder_cannot_keep_the_pool_in_quarantine():
     rooms' blocks wait for its acknowledgement at most the quarantine timeout
     (2 x peer_timeout), then the link is torn down and the blocks freed; a
     request to an honest encoder, waiting for those blocks, then succeeds."""
-    cfg = make_config("shm", pool_blocks=16, default_allocate_tokens=1024, peer_timeout=1.0, request_timeout=30.0)
+    cfg = make_config("shm", pool_blocks=16, default_allocate_tokens=1024, peer_timeout=2.0, request_timeout=30.0)
     data = SyntheticData(HIDDEN, "bf16", 4000, seed=2)
     honest_cfg = cfg.replace(encoder_endpoint=make_config("shm").encoder_endpoint)
     with EncoderEndpoint(cfg) as stuck, EncoderEndpoint(honest_cfg) as honest, \
@@ -217,7 +217,7 @@ def test_row3_a_rank_whose_ring_looks_full_does_not_stop_heartbeats_to_others():
     encoder's monitor never blocks on it: an honest rank keeps getting
     heartbeats (it would declare the encoder lost after peer_timeout), its
     room is delivered, and the stuck rank is torn down after peer_timeout."""
-    cfg = make_config("shm", peer_timeout=1.0, heartbeat_interval=0.1)
+    cfg = make_config("shm", peer_timeout=2.0, heartbeat_interval=0.1)
     data = SyntheticData(HIDDEN, "bf16", 4000, seed=3)
     with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
         raw = RawRank(enc, cfg, "raw-full", read=False)
@@ -241,7 +241,7 @@ def test_row4_an_encoder_that_stops_reading_never_blocks_request():
     ``request()`` still returns at once (it never waits for ring space under
     the endpoint's lock), another encoder's rooms are served meanwhile, and the
     stuck link is torn down after peer_timeout (its rooms fail, blocks back)."""
-    cfg = make_config("shm", pool_blocks=256, default_allocate_tokens=128, ring_bytes=4096, peer_timeout=1.0,
+    cfg = make_config("shm", pool_blocks=256, default_allocate_tokens=128, ring_bytes=4096, peer_timeout=2.0,
                       heartbeat_interval=0.1)
     data = SyntheticData(HIDDEN, "bf16", 4000, seed=4)
     honest_cfg = cfg.replace(encoder_endpoint=make_config("shm").encoder_endpoint)
