@@ -662,3 +662,21 @@ def test_worker_mode_names_a_transfer_again_until_a_worker_starts_it(producer, c
     done, failed = step_until(sched, ranks, [req], deadline_s=30)
     assert not failed and done["lm-rs"] == (["resend"], [])
     assert same_bits(ranks[0][1]["resend"], embedding("resend", 17))
+
+
+def test_items_the_producer_will_refuse_are_not_advertised():
+    """ec_transfer_params name the encoder only for items the producer will publish: one
+    over producer_max_bytes, or of another width than a fixed hidden_size, is left to the
+    consumer to encode (no consumer waits for an item that never comes)."""
+    cfg = vllm_config("ec_producer", dict(BASE_EXTRA, producer_max_bytes=100 * HIDDEN * 2))
+    cfg.ec_transfer_config.mm_encoder_output_widths = {"image": HIDDEN}
+    sched = EmbresumeECConnector(cfg, ECConnectorRole.SCHEDULER)
+    try:
+        _, params = sched.request_finished(make_request("enc-big", [("small", 100), ("big", 101)]))
+        assert params["small"][adapter.PARAM_KEY] and params["small"]["width"] == HIDDEN
+        assert adapter.PARAM_KEY not in params["big"] and "producer_max_bytes" in params["big"]["embresume_not_published"]
+        cfg.ec_transfer_config.mm_encoder_output_widths = {"image": 3 * HIDDEN}     # DeepStack, but fixed width
+        _, params = sched.request_finished(make_request("enc-wide", [("wide", 10)]))
+        assert adapter.PARAM_KEY not in params["wide"]
+    finally:
+        sched.shutdown()

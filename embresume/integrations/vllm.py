@@ -895,13 +895,22 @@ class EmbresumeECConnector(ECConnectorBase):
         except Exception:
             log.debug("placeholder metadata unavailable", exc_info=True)
         widths = dict(getattr(self._vllm_config.ec_transfer_config, "mm_encoder_output_widths", None) or {})
+        itemsize = torch.empty((), dtype=self._dtype).element_size()
         for index, feature in enumerate(request.mm_features):
             entry = items.setdefault(feature.identifier, {"modality": feature.modality, "item_indices": [index]})
-            width = int(self.config.hidden_size) if self._width_fixed else widths.get(feature.modality,
-                                                                                       self.config.hidden_size)
+            measured = widths.get(feature.modality)
+            width = int(self.config.hidden_size) if self._width_fixed or measured is None else int(measured)
+            num_embeds = int(request.get_num_encoder_embeds(index))
+            # the worker will refuse these: no consumer is sent to ask for them
+            if self._width_fixed and measured is not None and int(measured) != width:
+                entry["embresume_not_published"] = f"the encoder's output is {measured} wide, hidden_size is {width}"
+                continue
+            if num_embeds * width * itemsize > self._producer_max_bytes:
+                entry["embresume_not_published"] = "larger than producer_max_bytes"
+                continue
             entry[PARAM_KEY] = self._advertise
-            entry["num_embeds"] = int(request.get_num_encoder_embeds(index))
-            entry["width"] = int(width)
+            entry["num_embeds"] = num_embeds
+            entry["width"] = width
             entry["dtype"] = _dtype_name(self._dtype)
         return items
 
