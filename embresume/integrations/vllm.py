@@ -117,6 +117,10 @@ OWN_KEYS = {
                     "(default request_timeout + 30)",
 }
 
+#: the encoder's refusals of an INIT for a room another engine instance is being sent
+#: (the room is published again when that ends)
+_BUSY = ("belongs to another TP group", "room already", "more than required_dst_info_num")
+
 #: key of the encoder address in ec_transfer_params (per item, or at the top level)
 PARAM_KEY = "embresume_encoder"
 
@@ -726,6 +730,12 @@ class EmbresumeECConnector(ECConnectorBase):
                 reason = e.reason
             except EmbResumeError:
                 pass
+            if any(b in reason for b in _BUSY) and now < it.deadline:
+                # another engine instance is being sent this item right now: the producer
+                # publishes it again when that ends; wait a little, it is no failed attempt
+                it.state, it.retry_at, it.attempts = RETRY, now + 0.05, it.attempts - 1
+                it.reason = reason
+                return
             self._attempt_failed(it, f"from {it.encoder}: {reason}")
         elif now > it.deadline:
             self._give_up(it, f"not complete within load_timeout={self._load_timeout:g}s")
