@@ -505,10 +505,14 @@ def _progress(enabled: bool):
     if not enabled:
         import contextlib
         return contextlib.nullcontext(), (lambda total: None), (lambda desc: None), (lambda: None)
+    import shutil
+
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
     prog = Progress(SpinnerColumn(), TextColumn("[bold]bench[/] {task.description:<34}"), BarColumn(),
-                    MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+                    MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True, width=min(80, shutil.get_terminal_size((80, 24)).columns)),
+                    transient=True)
     task = prog.add_task("starting", total=None)
 
     def set_total(total: int) -> None:
@@ -681,7 +685,9 @@ def run(args: argparse.Namespace) -> int:
     os.replace(tmp, json_path)
     from rich.console import Console
     # the tables fit 80 columns (they fold below that); so does a pipe or a file
-    console = Console(highlight=False) if sys.stdout.isatty() else Console(width=80, highlight=False)
+    import shutil
+    width = min(80, shutil.get_terminal_size((80, 24)).columns) if sys.stdout.isatty() else 80
+    console = Console(width=width, highlight=False)
     render(data, console)
     from .bench_topology import format_fan_in, format_hints
     if data.get("latency"):
