@@ -114,9 +114,10 @@ def noop_bucket(heartbeat_interval: float) -> RateBucket:
 _ctx_lock = threading.Lock()
 #: frames a socket queues from its peers before it stops reading them
 RCV_HWM = 10000
-#: frames a ROUTER (the encoder) queues for one peer that does not read; past
-#: it the send fails and the peer is dropped (a refusal to a hello is dropped)
-ROUTER_SND_HWM = 10000
+#: frames a socket queues for one peer that does not read; past it the send
+#: fails and on_send_error drops the peer (a refusal to a hello is dropped)
+SND_HWM = 10000
+ROUTER_SND_HWM = SND_HWM
 
 
 def zmq_context() -> zmq.Context:
@@ -139,13 +140,12 @@ class ZmqHub:
         ctx = zmq_context()
         self.sock = ctx.socket(sock_type)
         self.sock.setsockopt(zmq.LINGER, 0)
-        # control messages are small and must never be dropped silently: a
-        # ROUTER (the encoder) reports unroutable identities and a full queue
-        # to one peer (ROUTER_SND_HWM: that peer does not read) to
-        # on_send_error, which drops the peer; a DEALER has no send limit.
+        # control messages are small and must never be dropped silently: an
+        # unroutable identity (ROUTER) and a full queue to one peer (SND_HWM:
+        # that peer does not read) go to on_send_error, which drops the peer.
         # Receiving, a high-water mark only pushes back on a flooding peer
         # (ZeroMQ stops reading its connection), it drops nothing.
-        self.sock.setsockopt(zmq.SNDHWM, ROUTER_SND_HWM if sock_type == zmq.ROUTER else 0)
+        self.sock.setsockopt(zmq.SNDHWM, SND_HWM)
         self.sock.setsockopt(zmq.RCVHWM, RCV_HWM)
         if max_frame:
             # a peer announcing a bigger frame is disconnected before it is buffered

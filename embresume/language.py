@@ -550,8 +550,15 @@ class LanguageEndpoint:
                     pass
 
         session = self._session()
+
+        def on_send_error(_ident: bytes, err: Exception) -> None:
+            lost = relay.get("lost")
+            if lost is not None:            # during the handshake the attempt times out on its own
+                lost(err)
+
         hub: Optional[ZmqHub] = ZmqHub(zmq.DEALER, connect=enc.address, on_frames=on_frames,
-                                       name=f"lang-r{self.tp_rank}", curve_keys=self._keys, max_frame=MAX_FRAME)
+                                       name=f"lang-r{self.tp_rank}", curve_keys=self._keys, max_frame=MAX_FRAME,
+                                       on_send_error=on_send_error)
         try:
             peer_host = select.endpoint_host(enc.address)
             offered = self._offer(peer_host, exclude)
@@ -571,6 +578,9 @@ class LanguageEndpoint:
             # any INIT goes out) only the encoder's heartbeats can arrive, and they
             # carry nothing to keep
             relay["channel"] = channel
+            # frames to it pile up (it does not read): the link goes, like a full ring
+            relay["lost"] = lambda err: self._link_lost(enc, link, f"stuck: control frames to it queue up ({err}); "
+                                                                   "it does not read")
             log.info("rank %d connected to %s via %s", self.tp_rank, enc.address, chosen)
             return link
         except BaseException:

@@ -468,3 +468,32 @@ def test_an_encoders_share_of_the_pool_can_be_capped():
         assert [lang.poll(r) for r in range(1, 6)].count(Status.Bootstrapping) == 4
         with pytest.raises(ValueError, match="max_encoder_share"):
             LanguageEndpoint(cfg.replace(extra={"max_encoder_share": 1.5}), connect=False)
+
+
+def test_row4_over_zeromq_the_queue_to_a_peer_that_does_not_read_is_bounded():
+    """Across hosts the control channel is ZeroMQ: frames to a peer that does
+    not read queue up to SND_HWM (plus what the kernel's socket buffers hold),
+    then the send fails and on_send_error is told (the endpoints drop that
+    peer: the rank's link is lost, the encoder's peer is dropped)."""
+    import zmq
+    from embresume.channel import SND_HWM, ZmqHub
+    from embresume.harness import free_port
+    ctx = zmq.Context.instance()
+    deaf = ctx.socket(zmq.ROUTER)
+    deaf.setsockopt(zmq.LINGER, 0)
+    deaf.setsockopt(zmq.RCVHWM, 10)
+    port = free_port()
+    deaf.bind(f"tcp://127.0.0.1:{port}")
+    errors = []
+    hub = ZmqHub(zmq.DEALER, connect=f"tcp://127.0.0.1:{port}", on_frames=lambda i, d: None, name="t",
+                 on_send_error=lambda ident, e: errors.append(e))
+    try:
+        frame = b"x" * 4096
+        for _ in range(4 * SND_HWM):                 # 160 MiB would be queued without the bound
+            hub.send(b"", frame)
+            if errors:
+                break
+        assert _wait_until(lambda: bool(errors), 10)
+    finally:
+        hub.close()
+        deaf.close()
