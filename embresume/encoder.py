@@ -49,7 +49,7 @@ from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, RateBucket, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
-from .config import Config
+from .config import as_config, Config
 from .errors import (BlockSizeMismatch, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
                      TransportUnavailable)
 from .node import node_id, pid_alive as _pid_alive
@@ -208,7 +208,7 @@ class EncoderEndpoint:
     """
 
     def __init__(self, config: Optional[Config] = None, *, pool_blocks: int = 0, bind: Optional[str] = None):
-        self.config = config or Config()
+        self.config = as_config(config, "EncoderEndpoint")
         c = self.config
         self.pool: Optional[BlockPool] = None
         self.allocator: Optional[BlockAllocator] = None

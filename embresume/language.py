@@ -60,7 +60,7 @@ from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
-from .config import Config
+from .config import as_config, Config
 from .errors import (AllocatorError, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
                      TransferFailed, UnknownRoom)
 from .kernels.cpu import pool_arrays
@@ -272,7 +272,7 @@ class LanguageEndpoint:
 
     def __init__(self, config: Optional[Config] = None, *, tp_rank: int = 0, connect: bool = True,
                  tp_group: Optional[str] = None):
-        self.config = config or Config()
+        self.config = as_config(config, "LanguageEndpoint")
         if isinstance(tp_rank, bool) or not isinstance(tp_rank, int) or not 0 <= tp_rank <= 0xFFFF:
             raise InvalidArgument(f"tp_rank must be an int in [0, 65535], got {tp_rank!r}")
         self.tp_rank = tp_rank

@@ -451,6 +451,10 @@ def test_tensor_parallel_consumer_every_rank_gets_a_copy(producer, consumer_part
             assert same_bits(cache[h], embedding(h, n))
     for h, _ in items:                                  # each rank holds its own copy
         assert ranks[0][1][h].data_ptr() != ranks[1][1][h].data_ptr()
+    if receive == "worker":
+        # the engine's ranks are one TP group, named after vLLM's engine id
+        groups = {worker._lang.tp_group for worker, _ in ranks}
+        assert len(groups) == 1 and groups.pop().startswith("vllm-")
     if receive == "scheduler":
         # written once per host: one transfer per item for both ranks
         assert sched._lang.stats["requests"] == 2 and sched.stats["items_received"] == 2

@@ -424,7 +424,7 @@ class EmbresumeECConnector(ECConnectorBase):
             from ..language import LanguageEndpoint
             from ._landing import LandingRegion
             self._region = LandingRegion(self._landing_bytes)
-            self._lang = LanguageEndpoint(self.config, tp_rank=0, connect=False)
+            self._lang = LanguageEndpoint(self.config, tp_rank=0, connect=False, tp_group=_group(ec))
             self._langs[int(self.config.hidden_size)] = self._lang
             log.info("embresume EC consumer: items land in %.0f MiB of shared memory for %d worker(s)",
                      self._region.size / 2**20, self._load_reports)
@@ -436,7 +436,10 @@ class EmbresumeECConnector(ECConnectorBase):
                 self._receiving = first_stage   # later pipeline stages never gather embeddings
                 if self._receiving and self._receive == "worker":
                     from ..language import LanguageEndpoint
-                    self._lang = LanguageEndpoint(self.config, tp_rank=self._tp_rank, connect=False)
+                    # the ranks of this engine are one TP group: another engine's rank can neither
+                    # join nor fail a room they asked for (vLLM gives every engine its own id)
+                    self._lang = LanguageEndpoint(self.config, tp_rank=self._tp_rank, connect=False,
+                                                  tp_group=_group(ec))
             self._producing = self.is_producer and self._tp_rank == 0 and first_stage
             if self._producing and self._width_fixed:
                 self._start_encoder(int(self.config.hidden_size))
@@ -673,7 +676,8 @@ class EmbresumeECConnector(ECConnectorBase):
             if len(self._langs) >= 4:
                 raise InvalidArgument(f"a fifth item width ({width}): this consumer receives at most 4")
             ep = self._langs[width] = LanguageEndpoint(dataclasses.replace(self.config, hidden_size=width),
-                                                       tp_rank=0, connect=False)
+                                                       tp_rank=0, connect=False,
+                                                       tp_group=_group(self._vllm_config.ec_transfer_config))
         return ep
 
     def _start(self, it: _Item) -> None:
@@ -1080,6 +1084,13 @@ class EmbresumeECConnector(ECConnectorBase):
         self._publisher = _Publisher(self._enc, self._producer_max_bytes, self.counters)
         log.info("embresume EC producer: encoder endpoint %s (advertised as %s), items %d wide",
                  self._enc.address, self._advertise, width)
+
+
+def _group(ec) -> Optional[str]:
+    """The TP-group identity of this engine's endpoints: vLLM's engine id, shared by its
+    scheduler and every worker (None: embresume's default, one group)."""
+    engine_id = getattr(ec, "engine_id", None)
+    return f"vllm-{engine_id}"[:64] if engine_id else None
 
 
 def _param_entry(request: "Request", mm_hash: str) -> Optional[dict]:
