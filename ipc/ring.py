@@ -200,15 +200,7 @@ class ShmRing:
                 if self.capacity - (tail - self._get(_HEAD)) < need:
                     _wait(self._space, min(left, 0.05))
                 self._put(_WAITING, 0)
-            p = tail % self.capacity
-            if p + 4 + len(data) <= self.capacity:   # the usual case: no wrap-around
-                _U32.pack_into(self._mv, HEADER + p, len(data))
-                self._mv[HEADER + p + 4:HEADER + p + 4 + len(data)] = data
-            else:
-                self._copy_in(tail, _U32.pack(len(data)))
-                self._copy_in(tail + 4, data)
-            self._put(_TAIL, tail + need)
-            _ring(self._items)
+            self._publish(tail, need, data)
 
     def try_send(self, data: bytes) -> bool:
         """Publish ``data`` if the ring has room for it now; False when it is full
@@ -223,16 +215,21 @@ class ShmRing:
             tail = self._get(_TAIL)
             if self.capacity - (tail - self._get(_HEAD)) < need:
                 return False
-            p = tail % self.capacity
-            if p + 4 + len(data) <= self.capacity:
-                _U32.pack_into(self._mv, HEADER + p, len(data))
-                self._mv[HEADER + p + 4:HEADER + p + 4 + len(data)] = data
-            else:
-                self._copy_in(tail, _U32.pack(len(data)))
-                self._copy_in(tail + 4, data)
-            self._put(_TAIL, tail + need)
-            _ring(self._items)
+            self._publish(tail, need, data)
             return True
+
+    def _publish(self, tail: int, need: int, data: bytes) -> None:
+        """Write one frame at ``tail`` (room checked, write lock held), move the
+        tail past it and ring the reader's doorbell."""
+        p = tail % self.capacity
+        if p + 4 + len(data) <= self.capacity:   # the usual case: no wrap-around
+            _U32.pack_into(self._mv, HEADER + p, len(data))
+            self._mv[HEADER + p + 4:HEADER + p + 4 + len(data)] = data
+        else:
+            self._copy_in(tail, _U32.pack(len(data)))
+            self._copy_in(tail + 4, data)
+        self._put(_TAIL, tail + need)
+        _ring(self._items)
 
     def wait_space(self, nbytes: int, timeout: float) -> None:
         """Sleep until the reader consumed (its doorbell) or ``timeout`` seconds

@@ -98,3 +98,40 @@ def make_config(transport="shm", **kw) -> Config:
     base["device"] = device_of(transport)
     base.update(kw)
     return Config(**base)
+
+
+# ---------------------------------------------------------------- shared helpers
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wait_until(pred, timeout: float = 10.0) -> bool:
+    """Poll ``pred`` every 20 ms for at most ``timeout`` seconds; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def layout_dict(cfg) -> dict:
+    """The pool layout a rank with ``cfg`` announces in its handshake."""
+    from embresume.blocks import BlockLayout
+    return BlockLayout(cfg.total_pool_blocks, cfg.block_size, cfg.hidden_size, cfg.dtype, cfg.aux_ints).to_dict()
+
+
+def cli_env() -> dict:
+    """The environment for a CLI subprocess: this checkout first on the path, 80 columns."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["COLUMNS"] = "80"
+    return env
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -17,19 +17,16 @@ import pytest
 from embresume import __version__, cli
 from embresume.procutil import children, pid_alive
 
+from conftest import cli_env, cmdline
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["COLUMNS"] = "80"
-    return env
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "embresume", *args], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), cwd=REPO)
+                          timeout=timeout, env=cli_env(), cwd=REPO)
 
 
 # ---------------------------------------------------------------- help, version
@@ -158,12 +155,6 @@ def test_mooncake_logs_are_quiet_by_default():
 
 
 # ---------------------------------------------------------------- no orphans
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_die_with_parent_unit():
@@ -177,7 +168,7 @@ def test_die_with_parent_unit():
         "assert c.stdout.readline().strip() == 'armed'\n"
         "print(c.pid, flush=True)\n"
         "time.sleep(60)\n")
-    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=_env(),
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, env=cli_env(),
                               cwd=REPO)
     child = None
     try:
@@ -199,7 +190,7 @@ def test_die_with_parent_unit():
 def test_die_with_parent_exits_if_parent_already_changed():
     code = ("from embresume.procutil import die_with_parent; import os; die_with_parent(os.getppid() + 1000000); "
             "print('still here')")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), cwd=REPO)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), cwd=REPO)
     assert r.returncode == 1 and "still here" not in r.stdout
 
 
@@ -213,7 +204,7 @@ def _harness_ready() -> bool:
                           "(the lead's change)")
 def test_kill_9_demo_leaves_no_orphans():
     demo = subprocess.Popen([sys.executable, "-m", "embresume", "demo", "-n", "1000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=REPO)
+                            stderr=subprocess.DEVNULL, text=True, env=cli_env(), cwd=REPO)
     kids: list[int] = []
     try:
         deadline = time.monotonic() + 90
@@ -221,8 +212,8 @@ def test_kill_9_demo_leaves_no_orphans():
             if line.startswith("encoder pid") or time.monotonic() > deadline:
                 break
         kids = children(demo.pid)
-        encoder = [k for k in kids if "resource_tracker" not in _cmdline(k)]
-        assert encoder, f"no encoder child found among {[(k, _cmdline(k)) for k in kids]}"
+        encoder = [k for k in kids if "resource_tracker" not in cmdline(k)]
+        assert encoder, f"no encoder child found among {[(k, cmdline(k)) for k in kids]}"
         os.kill(demo.pid, signal.SIGKILL)
         demo.wait(5)
         deadline = time.monotonic() + 2
@@ -232,7 +223,7 @@ def test_kill_9_demo_leaves_no_orphans():
         deadline = time.monotonic() + 5                  # the resource tracker follows when its pipe closes
         while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(pid_alive(k) for k in kids), [(k, _cmdline(k)) for k in kids if pid_alive(k)]
+        assert not any(pid_alive(k) for k in kids), [(k, cmdline(k)) for k in kids if pid_alive(k)]
     finally:
         if demo.poll() is None:
             demo.kill()

@@ -40,28 +40,19 @@ from embresume.language import LanguageEndpoint
 from embresume.node import pid_alive
 from embresume.synthetic import SyntheticData
 
-from conftest import fd_links, make_config
+from conftest import fd_links, layout_dict, make_config, wait_until
 
 HIDDEN = 256
 
 
-def _wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
-def _layout(cfg) -> dict:
-    return BlockLayout(cfg.total_pool_blocks, cfg.block_size, cfg.hidden_size, cfg.dtype, cfg.aux_ints).to_dict()
 
 
 def _raw_hello(enc: EncoderEndpoint, cfg, session: str = "raw", offer=("shm",)):
     """A hand-made same-host handshake up to the encoder's hello reply."""
     sock = unix.connect(enc.unix_name, 5.0)
-    hello = {"phase": "hello", "layout": _layout(cfg), "offer": list(offer)}
+    hello = {"phase": "hello", "layout": layout_dict(cfg), "offer": list(offer)}
     unix.send(sock, P.encode(P.Register(P.Role.LANGUAGE, session, "n", os.getpid(), 0, "", hello)))
     data, fds = unix.recv_blocking(sock, time.monotonic() + 5)
     unix.close_all(fds)
@@ -237,7 +228,7 @@ def test_no_peer_can_shrink_a_mapped_pool_or_ring():
                                   "unsealed ring", "pipe as doorbell", "missing fd"])
 def test_a_pool_or_ring_that_could_shrink_is_refused(what):
     cfg = make_config("shm")
-    layout = _layout(cfg)
+    layout = layout_dict(cfg)
     nbytes = BlockLayout.from_dict(layout).nbytes
     with EncoderEndpoint(cfg) as enc:
         sock, hello = _raw_hello(enc, cfg)
@@ -281,7 +272,7 @@ def test_a_pool_or_ring_that_could_shrink_is_refused(what):
             for r in rings:
                 r.close()
         # nothing of the refused peer stays mapped in the encoder, and it still serves
-        assert _wait_until(lambda: _memfds() == 0, 5), _memfds()
+        assert wait_until(lambda: _memfds() == 0, 5), _memfds()
         d = SyntheticData(HIDDEN, "bf16", 4000, seed=8)
         with LanguageEndpoint(cfg) as lang:
             enc.send_tensors(1, *d.sample(1, 2000))
@@ -354,7 +345,7 @@ def test_kill_9_during_start_up_leaves_nothing():
             assert not pid_alive(p.pid)
             assert not [n for n in os.listdir("/dev/shm") if n.startswith(("embr-", "sem.embr-"))]
             # the encoder notices at once (the handshake socket's EOF) and unmaps its pool
-            assert _wait_until(lambda: not enc.peers() and _memfds() == base, 10), (delay, enc.peers(), _memfds())
+            assert wait_until(lambda: not enc.peers() and _memfds() == base, 10), (delay, enc.peers(), _memfds())
 
 
 # ---------------------------------------------------------------- bounded input
@@ -387,7 +378,7 @@ def test_handshake_socket_bounds_packets_and_fds():
             data, _ = unix.recv_blocking(s, time.monotonic() + 5)
             assert isinstance(P.decode(data), P.Bye)
             s.close()
-        assert _wait_until(lambda: _my_fds() <= fds0, 5), (_my_fds(), fds0)
+        assert wait_until(lambda: _my_fds() <= fds0, 5), (_my_fds(), fds0)
         assert enc.stats["bad_handshakes"] >= 4 and enc.peers() == []
 
 
@@ -406,11 +397,11 @@ def test_half_open_connections_are_bounded_and_expire():
         try:
             for _ in range(MAX_PENDING_HANDSHAKES + 40):
                 socks.append(unix.connect(enc.unix_name, 5.0))
-            assert _wait_until(lambda: enc._unix.connections() <= MAX_PENDING_HANDSHAKES, 5)
+            assert wait_until(lambda: enc._unix.connections() <= MAX_PENDING_HANDSHAKES, 5)
             # a legitimate rank still gets in meanwhile
             with LanguageEndpoint(cfg.replace(handshake_timeout=10.0)) as lang:
                 assert lang.connected
-                assert _wait_until(lambda: enc._unix.connections() == 1, 10), enc._unix.connections()
+                assert wait_until(lambda: enc._unix.connections() == 1, 10), enc._unix.connections()
         finally:
             for s in socks:
                 s.close()
@@ -425,7 +416,7 @@ def test_another_session_cannot_disrupt_or_join_a_room():
     with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang, LanguageEndpoint(cfg) as other:
         for room in range(5):
             lang.request(room)
-            assert _wait_until(lambda: room in enc._rooms and len(enc._rooms[room].ranks) == 1, 10)
+            assert wait_until(lambda: room in enc._rooms and len(enc._rooms[room].ranks) == 1, 10)
             for required in (2, 1, 3):
                 other.request(room, required_dst_info_num=required)
                 assert other.wait(room, 10).name == "Failed"
@@ -440,13 +431,13 @@ def test_tensor_parallel_ranks_that_disagree_all_fail_at_once():
     cfg = make_config("shm")
     with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as r0, LanguageEndpoint(cfg, tp_rank=1) as r1:
         r0.request(7, required_dst_info_num=2)
-        assert _wait_until(lambda: 7 in enc._rooms, 10)
+        assert wait_until(lambda: 7 in enc._rooms, 10)
         r1.request(7, required_dst_info_num=3)
         t0 = time.monotonic()
         assert r0.wait(7, 10).name == "Failed" and r1.wait(7, 10).name == "Failed"
         assert time.monotonic() - t0 < 5                          # told, not timed out
         assert "disagree" in r0.failure_reason(7) and "disagree" in r1.failure_reason(7)
-        assert _wait_until(lambda: r0.allocator.free_blocks == r0.layout.num_blocks
+        assert wait_until(lambda: r0.allocator.free_blocks == r0.layout.num_blocks
                            and r1.allocator.free_blocks == r1.layout.num_blocks, 10)
 
 
@@ -465,7 +456,7 @@ def test_encoder_values_fail_at_the_call():
 
 def test_a_zombie_process_is_dead():
     p = subprocess.Popen(["true"])
-    assert _wait_until(lambda: open(f"/proc/{p.pid}/stat").read().split(") ")[1][0] == "Z", 5)
+    assert wait_until(lambda: open(f"/proc/{p.pid}/stat").read().split(") ")[1][0] == "Z", 5)
     try:
         assert not pid_alive(p.pid)                 # exited, not yet reaped
     finally:
@@ -504,7 +495,7 @@ def test_tcp_half_open_hellos_are_bounded_and_expire(monkeypatch):
     socks = []
     with EncoderEndpoint(cfg) as enc:
         try:
-            hello = {"phase": "hello", "layout": _layout(cfg), "offer": ["mooncake"]}
+            hello = {"phase": "hello", "layout": layout_dict(cfg), "offer": ["mooncake"]}
             for i in range(MAX_PENDING_HANDSHAKES + 60):
                 s = ctx.socket(zmq.DEALER)
                 s.setsockopt(zmq.LINGER, 0)
@@ -512,9 +503,9 @@ def test_tcp_half_open_hellos_are_bounded_and_expire(monkeypatch):
                 s.connect(enc.address)
                 s.send(P.encode(P.Register(P.Role.LANGUAGE, f"h{i}", "n", 1, 0, "", hello)))
                 socks.append(s)
-            assert _wait_until(lambda: len(enc._handshakes) >= 100, 20), len(enc._handshakes)
+            assert wait_until(lambda: len(enc._handshakes) >= 100, 20), len(enc._handshakes)
             assert len(enc._handshakes) <= MAX_PENDING_HANDSHAKES
-            assert _wait_until(lambda: len(enc._handshakes) == 0, 10), len(enc._handshakes)
+            assert wait_until(lambda: len(enc._handshakes) == 0, 10), len(enc._handshakes)
         finally:
             for s in socks:
                 s.close()
@@ -528,4 +519,4 @@ def test_first_frame_after_ready_is_never_a_heartbeat(n):
         for _ in range(n):
             with LanguageEndpoint(cfg) as lang:
                 assert lang.connected
-        assert _wait_until(lambda: enc.peers() == [], 10)
+        assert wait_until(lambda: enc.peers() == [], 10)

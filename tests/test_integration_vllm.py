@@ -569,8 +569,8 @@ def test_landing_region_evicts_unpinned_items_first():
     region = LandingRegion(64 * 1024)
     try:
         a = region.alloc("a", (16, 256), torch.float32)      # 16 KiB each
-        b = region.alloc("b", (16, 256), torch.float32)
-        c = region.alloc("c", (16, 256), torch.float32)
+        region.alloc("b", (16, 256), torch.float32)
+        region.alloc("c", (16, 256), torch.float32)
         region.tensor(a).fill_(1.0)
         region.pin("a")
         region.get("b")                                       # b used more recently than c

@@ -38,22 +38,13 @@ from embresume.language import LanguageEndpoint
 from embresume.status import Status
 from embresume.synthetic import SyntheticData
 
-from conftest import make_config
+from conftest import layout_dict, make_config, wait_until
 
 HIDDEN = 256
 
 
-def _wait_until(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
-def _layout(cfg) -> dict:
-    return BlockLayout(cfg.total_pool_blocks, cfg.block_size, cfg.hidden_size, cfg.dtype, cfg.aux_ints).to_dict()
 
 
 class RawRank:
@@ -69,7 +60,7 @@ class RawRank:
         self._stop = threading.Event()
         self._reader = None
         try:
-            layout = _layout(cfg)
+            layout = layout_dict(cfg)
             hello = {"phase": "hello", "layout": layout, "offer": ["shm"]}
             if group is not None:
                 hello["group"] = group
@@ -171,7 +162,7 @@ def test_row1_encoder_death_while_requests_wait_for_blocks(caplog):
             rooms = list(range(100, 108))
             for room in rooms:
                 lang.request(room)
-            assert _wait_until(lambda: sum(lang.poll(r) is Status.WaitingForInput for r in rooms) == 2, 10)
+            assert wait_until(lambda: sum(lang.poll(r) is Status.WaitingForInput for r in rooms) == 2, 10)
             assert sum(lang.poll(r) is Status.Bootstrapping for r in rooms) == 6
             enc.kill()
             t0 = time.monotonic()
@@ -199,7 +190,7 @@ def test_row2_a_stuck_encoder_cannot_keep_the_pool_in_quarantine():
         stuck._handle = lambda peer, msg: None          # alive (heartbeats), deaf to INIT and ABORT
         for room in (1, 2):
             lang.request(room, encoder=stuck.address)
-        assert _wait_until(lambda: lang.poll(1) is Status.WaitingForInput and lang.poll(2) is Status.WaitingForInput)
+        assert wait_until(lambda: lang.poll(1) is Status.WaitingForInput and lang.poll(2) is Status.WaitingForInput)
         assert lang.allocator.free_blocks == 0
         for room in (1, 2):
             lang.abort(room, "the scheduler gave up")
@@ -208,7 +199,7 @@ def test_row2_a_stuck_encoder_cannot_keep_the_pool_in_quarantine():
         assert lang.wait(3, 15) is Status.Success, (lang.poll(3).name, lang.failure_reason(3))
         assert data.verify(3, lang.result(3))
         assert lang.stats["stuck_encoders"] >= 1
-        assert _wait_until(lambda: lang.allocator.free_blocks == 16, 5)
+        assert wait_until(lambda: lang.allocator.free_blocks == 16, 5)
 
 
 # ---------------------------------------------------------------- row 3
@@ -229,7 +220,7 @@ def test_row3_a_rank_whose_ring_looks_full_does_not_stop_heartbeats_to_others():
             assert lang.wait(7, 10) is Status.Success, lang.failure_reason(7)
             assert data.verify(7, lang.result(7))
             assert lang.stats["reconnects"] == 0 and lang._encoder().connections == 1
-            assert _wait_until(lambda: "raw-full" not in [p["session_id"] for p in enc.peers()], 5)
+            assert wait_until(lambda: "raw-full" not in [p["session_id"] for p in enc.peers()], 5)
             assert enc.stats["stalled_links"] >= 1
         finally:
             raw.close()
@@ -266,7 +257,7 @@ def test_row4_an_encoder_that_stops_reading_never_blocks_request():
                     assert lang.wait(room, 10) is Status.Failed
                 # torn down by us (its ring made no room) or by it (our heartbeats never reached it)
                 assert "encoder lost" in lang.failure_reason(0), lang.failure_reason(0)
-                assert _wait_until(lambda: lang.allocator.free_blocks == 256, 5)
+                assert wait_until(lambda: lang.allocator.free_blocks == 256, 5)
         finally:
             release.set()
 
@@ -286,7 +277,7 @@ def test_row5_live_rooms_and_blocks_per_session_are_bounded():
         try:
             for i in range(n):
                 raw.send(_init("raw-many", f"flood-{i}", range(64), nonce=i + 1))
-            assert _wait_until(lambda: len(raw.failed()) >= n - 1, 20), len(raw.failed())
+            assert wait_until(lambda: len(raw.failed()) >= n - 1, 20), len(raw.failed())
             mine = [r for r in enc._rooms.values() if "raw-many" in r.ranks]
             assert len(mine) <= 1
             assert enc.stats["refused_bound"] >= n - 1
@@ -317,11 +308,11 @@ def test_row6_refusals_of_keyless_tcp_hellos_are_bounded():
         try:
             s.connect(enc.address)
             hello = P.encode(P.Register(P.Role.LANGUAGE, "flood", "n", 1, 0, "",
-                                        {"phase": "hello", "layout": _layout(cfg), "offer": ["shm"]}))
+                                        {"phase": "hello", "layout": layout_dict(cfg), "offer": ["shm"]}))
             t0 = time.monotonic()
             for _ in range(n):
                 s.send(hello)
-            assert _wait_until(lambda: enc.stats["refusals_sent"] + enc.stats["refusals_dropped"] >= n, 20), \
+            assert wait_until(lambda: enc.stats["refusals_sent"] + enc.stats["refusals_dropped"] >= n, 20), \
                 dict(enc.stats)
             took = time.monotonic() - t0
             assert enc.stats["refusals_sent"] <= E.REFUSAL_BURST + E.REFUSAL_RATE * (took + 1)
@@ -377,7 +368,7 @@ def test_row7_an_encoder_flooding_heartbeats_is_disconnected_by_the_rank():
             except Exception:
                 break
             time.sleep(0)
-        assert _wait_until(lambda: lang.stats["noop_flood"] >= 1, 5), dict(lang.stats)
+        assert wait_until(lambda: lang.stats["noop_flood"] >= 1, 5), dict(lang.stats)
         enc.send_tensors(2, *data.sample(2, 900))
         assert data.verify(2, lang.recv(2, timeout=15))
 
@@ -396,7 +387,7 @@ def test_row8_another_tp_group_cannot_fail_or_join_a_gathering_room(intruder_req
             LanguageEndpoint(group, tp_rank=1) as r1, \
             LanguageEndpoint(cfg.replace(extra={"tp_group": "engine-B"}), tp_rank=1) as intruder:
         r0.request(9, required_dst_info_num=2)
-        assert _wait_until(lambda: 9 in enc._rooms and len(enc._rooms[9].ranks) == 1)
+        assert wait_until(lambda: 9 in enc._rooms and len(enc._rooms[9].ranks) == 1)
         intruder.request(9, required_dst_info_num=intruder_required)
         assert intruder.wait(9, 5) is Status.Failed
         assert "TP group" in intruder.failure_reason(9), intruder.failure_reason(9)
@@ -405,13 +396,13 @@ def test_row8_another_tp_group_cannot_fail_or_join_a_gathering_room(intruder_req
         for r in (r0, r1):
             assert r.wait(9, 10) is Status.Success, r.failure_reason(9)
             assert data.verify(9, r.result(9))
-        assert _wait_until(lambda: intruder.allocator.free_blocks == intruder.layout.num_blocks, 5)
+        assert wait_until(lambda: intruder.allocator.free_blocks == intruder.layout.num_blocks, 5)
 
 
 # ---------------------------------------------------------------- row 9
 def test_row9_a_pool_sealed_with_shrink_only_is_refused():
     cfg = make_config("shm")
-    layout = _layout(cfg)
+    layout = layout_dict(cfg)
     nbytes = BlockLayout.from_dict(layout).nbytes
     with EncoderEndpoint(cfg) as enc:
         sock = unix.connect(enc.unix_name, 5.0)
@@ -457,7 +448,7 @@ def test_an_encoders_share_of_the_pool_can_be_capped():
         stuck._handle = lambda peer, msg: None          # alive, never answers
         for room in range(6):                            # 4 blocks each: two fit its share
             lang.request(room, encoder=stuck.address)
-        assert _wait_until(lambda: sum(lang.poll(r) is Status.WaitingForInput for r in range(6)) == 2)
+        assert wait_until(lambda: sum(lang.poll(r) is Status.WaitingForInput for r in range(6)) == 2)
         lang.abort(0, "gave up")                         # its blocks are quarantined: still its share
         assert lang.allocator.free_blocks == 8
         for i, room in enumerate(("h1", "h2", "h3")):
@@ -493,7 +484,7 @@ def test_row4_over_zeromq_the_queue_to_a_peer_that_does_not_read_is_bounded():
             hub.send(b"", frame)
             if errors:
                 break
-        assert _wait_until(lambda: bool(errors), 10)
+        assert wait_until(lambda: bool(errors), 10)
     finally:
         hub.close()
         deaf.close()

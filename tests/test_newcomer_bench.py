@@ -15,33 +15,25 @@ from rich.console import Console
 from embresume.bench import report
 from embresume.procutil import children, pid_alive
 
+from conftest import cli_env, cmdline
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return env
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def test_ctrl_c_during_bench_is_one_line_and_130(tmp_path):
     out = tmp_path / "out"
     p = subprocess.Popen([sys.executable, "-m", "embresume", "bench", "--tiny", "--out", str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO,
                          start_new_session=True)
     kids: list[int] = []
     try:
         deadline = time.monotonic() + 90            # the bench's own children are up: it is measuring
         while time.monotonic() < deadline and p.poll() is None:
-            kids = [k for k in children(p.pid) if "resource_tracker" not in _cmdline(k)]
+            kids = [k for k in children(p.pid) if "resource_tracker" not in cmdline(k)]
             if kids:
                 break
             time.sleep(0.1)
@@ -57,7 +49,7 @@ def test_ctrl_c_during_bench_is_one_line_and_130(tmp_path):
         deadline = time.monotonic() + 10
         while any(pid_alive(k) for k in kids) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(pid_alive(k) for k in kids), [_cmdline(k) for k in kids if pid_alive(k)]
+        assert not any(pid_alive(k) for k in kids), [cmdline(k) for k in kids if pid_alive(k)]
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
@@ -98,7 +90,7 @@ def test_report_fits_80_columns():
 def test_bench_size_too_big_for_memory_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "embresume", "bench", "--tiny", "--sizes", "100000000", "--paths",
                         "memcpy", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                       env=_env(), cwd=REPO)
+                       env=cli_env(), cwd=REPO)
     assert r.returncode == 2, r.stdout + r.stderr
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("embresume: error: --sizes 100000000") and "GiB" in err[0], r.stderr

@@ -17,14 +17,11 @@ import pytest
 
 from embresume.procutil import children, pid_alive
 
+from conftest import cli_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["COLUMNS"] = "80"
-    return env
 
 
 class Proc:
@@ -33,7 +30,7 @@ class Proc:
 
     def __init__(self, *args: str):
         self.p = subprocess.Popen([sys.executable, "-m", "embresume", *args], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, env=_env(), cwd=REPO, start_new_session=True)
+                                  stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO, start_new_session=True)
         self.lines: "queue.Queue[str | None]" = queue.Queue()
         self.out: list[str] = []
         self.err = ""
@@ -138,7 +135,7 @@ def test_demo_notices_its_encoder_died():
 @pytest.mark.parametrize("n", [1, 3])
 def test_tiny_demo_is_exact(n):
     r = subprocess.run([sys.executable, "-m", "embresume", "demo", "-n", str(n)], capture_output=True, text=True,
-                       timeout=120, env=_env(), cwd=REPO)
+                       timeout=120, env=cli_env(), cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.rstrip().splitlines()[-1].endswith(f"verified {n}/{n}: OK")
 

@@ -629,10 +629,7 @@ class EmbresumeECConnector(ECConnectorBase):
     def _ensure_landed(self, request: "Request", num_computed_tokens: int) -> bool:
         self._pump()
         ready = True
-        for index, feature in enumerate(request.mm_features):
-            pos = feature.mm_position
-            if pos.offset + pos.length <= num_computed_tokens:
-                continue
+        for index, feature in _uncomputed(request, num_computed_tokens):
             h = feature.identifier
             if h in self._local or h in self._region:
                 continue                       # in vLLM's encoder cache, or landed
@@ -803,10 +800,7 @@ class EmbresumeECConnector(ECConnectorBase):
     def _ensure_staged(self, request: "Request", num_computed_tokens: int) -> bool:
         self._expire()
         all_ready = True
-        for index, feature in enumerate(request.mm_features):
-            pos = feature.mm_position
-            if pos.offset + pos.length <= num_computed_tokens:
-                continue
+        for index, feature in _uncomputed(request, num_computed_tokens):
             h = feature.identifier
             if h in self._local:
                 continue                       # already in vLLM's encoder cache
@@ -889,10 +883,7 @@ class EmbresumeECConnector(ECConnectorBase):
 
     def _note_publish(self, request: "Request", num_computed_tokens: int) -> None:
         rid = request.request_id
-        for feature in request.mm_features:
-            pos = feature.mm_position
-            if pos.offset + pos.length <= num_computed_tokens:
-                continue
+        for _, feature in _uncomputed(request, num_computed_tokens):
             key = (rid, feature.identifier)
             if key not in self._published:
                 self._published.add(key)
@@ -1084,6 +1075,14 @@ class EmbresumeECConnector(ECConnectorBase):
         self._publisher = _Publisher(self._enc, self._producer_max_bytes, self.counters)
         log.info("embresume EC producer: encoder endpoint %s (advertised as %s), items %d wide",
                  self._enc.address, self._advertise, width)
+
+
+def _uncomputed(request: "Request", num_computed_tokens: int):
+    """(index, feature) of the request's items whose placeholders are not all computed yet."""
+    for index, feature in enumerate(request.mm_features):
+        pos = feature.mm_position
+        if pos.offset + pos.length > num_computed_tokens:
+            yield index, feature
 
 
 def _group(ec) -> Optional[str]:
