@@ -86,6 +86,9 @@ REFUSAL_RATE = 100.0
 REFUSAL_BURST = 200.0
 #: the longest TP group identity a rank may present
 MAX_GROUP = 256
+#: language sessions (ranks' connections) one encoder serves at once; each has its
+#: own worker and writer threads, rings and pool mapping: a hello past it is refused
+MAX_SESSIONS = 1024
 #: the largest control frame accepted from any peer (an INIT of 1M blocks, a handshake description)
 MAX_FRAME = max(P.MAX_BLOB, 4 << 20) + 64 * 1024
 _INT32 = (-(1 << 31), (1 << 31) - 1)
@@ -538,6 +541,10 @@ class EncoderEndpoint:
             group = msg.desc.get("group", "")
             if not isinstance(group, str) or len(group) > MAX_GROUP:
                 raise ProtocolError("desc.group", f"expected a TP group identity of at most {MAX_GROUP} characters")
+            if len(self._peers) >= MAX_SESSIONS:
+                self.stats["refused_sessions"] += 1
+                raise PeerError(f"this encoder already serves {len(self._peers)} sessions "
+                                f"(at most {MAX_SESSIONS})")
             chosen = select.choose(c, offered[:16], hs.same_host)
             while len(self._handshakes) >= MAX_PENDING_HANDSHAKES:   # the oldest half-open hello goes
                 self._handshakes.pop(next(iter(self._handshakes)))
@@ -593,12 +600,14 @@ class EncoderEndpoint:
         peer = _Peer(msg.session_id, msg.tp_rank, pid, transport, pool, channel, hs.same_host and pid > 0, hs.conn,
                      group=state.get("group", ""), heartbeat_interval=c.heartbeat_interval)
         with self._lock:
-            if self._closed or msg.session_id in self._peers:
+            if self._closed or msg.session_id in self._peers or len(self._peers) >= MAX_SESSIONS:
                 channel.close()
                 transport.close_peer(pool)
                 # a session id is bound to the connection that registered it
                 raise PeerError("encoder endpoint is closing" if self._closed
-                                else f"session {msg.session_id!r} is already connected")
+                                else f"session {msg.session_id!r} is already connected"
+                                if msg.session_id in self._peers else
+                                f"this encoder already serves {MAX_SESSIONS} sessions")
             # 'ready' goes out before the peer is visible to the monitor, so
             # the first frame the language side sees on this socket is 'ready',
             # never a heartbeat

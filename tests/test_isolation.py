@@ -30,6 +30,7 @@ import pytest
 from embresume import protocol as P
 from embresume.blocks import BlockLayout
 from embresume.encoder import EncoderEndpoint
+from embresume.errors import PeerError
 from embresume.harness import EncoderProcess
 from embresume.ipc import unix
 from embresume.ipc.ring import ShmRing
@@ -488,3 +489,23 @@ def test_row4_over_zeromq_the_queue_to_a_peer_that_does_not_read_is_bounded():
     finally:
         hub.close()
         deaf.close()
+
+
+# ---------------------------------------------------------------- sessions per encoder
+def test_sessions_per_encoder_are_bounded(monkeypatch):
+    """An encoder serves at most MAX_SESSIONS language sessions at once: one past it is
+    refused at its hello (a clear error on that rank), and the sessions it has keep
+    being served."""
+    import embresume.encoder as encoder_mod
+
+    monkeypatch.setattr(encoder_mod, "MAX_SESSIONS", 1)
+    cfg = make_config("shm")
+    data = SyntheticData(HIDDEN, "bf16", 4000, seed=11)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as first:
+        with pytest.raises(PeerError, match="sessions"):
+            LanguageEndpoint(cfg, tp_rank=1)
+        assert enc.stats["refused_sessions"] >= 1 and len(enc.peers()) == 1
+        first.request(5)
+        enc.send_tensors(5, *data.sample(5, 700))
+        assert first.wait(5, 10) is Status.Success, first.failure_reason(5)
+        assert data.verify(5, first.result(5))
