@@ -391,6 +391,10 @@ def test_two_processes_bit_exact(producer, consumer_parts, receive):
     st = (sched if receive == "scheduler" else ranks[0][0]).stats    # counted where it arrived
     assert st["items_received"] == 3 and st["bytes_received"] == sum(n for _, n in items) * HIDDEN * 2
     assert sched.stats["local_encodes"] == 0 and sched.stats["recomputes"] == 0
+    if receive == "scheduler":
+        # one-chunk items go from the pool straight into the landing region (zero-copy
+        # results, no merged copy in between), and the pool is whole again afterwards
+        assert lang.config.zero_copy and lang.allocator.free_blocks == lang.layout.num_blocks
 
 
 def test_transfers_progress_without_any_worker_step(producer, consumer_parts):
@@ -708,3 +712,14 @@ def test_two_instances_ask_for_one_item_at_once(producer, consumer_parts):
         assert not failed and done[f"lm-{name}"] == (["both"], []), name
         assert same_bits(ranks[0][1]["both"], embedding("both", 3000)), name
         assert sched.stats["recomputes"] == 0 and sched.stats["transfer_failures"] == 0, sched.stats
+
+
+def test_an_announced_width_is_bounded(consumer_parts):
+    """ec_transfer_params come with the request: a width out of [1, MAX_WIDTH] is not
+    believed (no pool of that width is made); the item is asked for at the configured width."""
+    sched, _ = consumer_parts({})
+    for bad in (10 ** 9, -3, "wide", None):
+        req = make_request("lm-bw", [("bw", 5)], params={"bw": {"width": bad}})
+        assert sched._item_width(req, "bw") == HIDDEN, bad
+    req = make_request("lm-ok", [("ok", 5)], params={"ok": {"width": 2 * HIDDEN}})
+    assert sched._item_width(req, "ok") == 2 * HIDDEN

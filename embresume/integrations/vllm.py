@@ -121,6 +121,11 @@ OWN_KEYS = {
 #: (the room is published again when that ends)
 _BUSY = ("belongs to another TP group", "room already", "more than required_dst_info_num")
 
+#: the widest item row a producer may announce, and how many widths (a receive pool each)
+#: one consumer takes
+MAX_WIDTH = 1 << 16
+MAX_WIDTHS = 4
+
 #: key of the encoder address in ec_transfer_params (per item, or at the top level)
 PARAM_KEY = "embresume_encoder"
 
@@ -421,11 +426,9 @@ class EmbresumeECConnector(ECConnectorBase):
         self._closed = False
         self._target = None
         if role == ECConnectorRole.SCHEDULER and self.is_consumer and self._receive == "scheduler":
-            from ..language import LanguageEndpoint
             from ._landing import LandingRegion
             self._region = LandingRegion(self._landing_bytes)
-            self._lang = LanguageEndpoint(self.config, tp_rank=0, connect=False, tp_group=_group(ec))
-            self._langs[int(self.config.hidden_size)] = self._lang
+            self._lang = self._endpoint_for(int(self.config.hidden_size))
             log.info("embresume EC consumer: items land in %.0f MiB of shared memory for %d worker(s)",
                      self._region.size / 2**20, self._load_reports)
         if role == ECConnectorRole.WORKER:
@@ -658,8 +661,11 @@ class EmbresumeECConnector(ECConnectorBase):
                 w = int(entry.get("width") or 0)
             except (TypeError, ValueError):
                 w = 0
-            if w > 0:
+            if 0 < w <= MAX_WIDTH:
                 return w
+            if w:
+                log.warning("embresume EC: %s announced %r wide, not in [1, %d]; receiving it at %d",
+                            h, entry.get("width"), MAX_WIDTH, self.config.hidden_size)
         return int(self.config.hidden_size)
 
     def _endpoint_for(self, width: int):
@@ -670,10 +676,15 @@ class EmbresumeECConnector(ECConnectorBase):
             import dataclasses
 
             from ..language import LanguageEndpoint
-            if len(self._langs) >= 4:
-                raise InvalidArgument(f"a fifth item width ({width}): this consumer receives at most 4")
-            ep = self._langs[width] = LanguageEndpoint(dataclasses.replace(self.config, hidden_size=width),
-                                                       tp_rank=0, connect=False,
+            if len(self._langs) >= MAX_WIDTHS:
+                raise InvalidArgument(f"item width {width} would be the {MAX_WIDTHS + 1}th: this consumer "
+                                      f"receives at most {MAX_WIDTHS} widths (a pool each)")
+            cfg = dataclasses.replace(self.config, hidden_size=width)
+            if "zero_copy" not in self._extra:
+                # an item that arrives in one chunk is copied into the landing region straight
+                # from the pool: no merged copy in between (one host copy per item)
+                cfg = dataclasses.replace(cfg, zero_copy=True)
+            ep = self._langs[width] = LanguageEndpoint(cfg, tp_rank=0, connect=False,
                                                        tp_group=_group(self._vllm_config.ec_transfer_config))
         return ep
 
