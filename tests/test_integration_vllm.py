@@ -310,7 +310,7 @@ def consumer_parts(request, receive):
     made = []
 
     def make(extra, tp=1):
-        cfg = vllm_config("ec_consumer", dict(BASE_EXTRA, receive=receive, landing_bytes="4MiB", **extra), tp=tp)
+        cfg = vllm_config("ec_consumer", {**BASE_EXTRA, "receive": receive, "landing_bytes": "4MiB", **extra}, tp=tp)
         sched = ECConnectorFactory.create_connector(cfg, ECConnectorRole.SCHEDULER)
         ranks = []
         for rank in range(tp):
@@ -723,3 +723,17 @@ def test_an_announced_width_is_bounded(consumer_parts):
         assert sched._item_width(req, "bw") == HIDDEN, bad
     req = make_request("lm-ok", [("ok", 5)], params={"ok": {"width": 2 * HIDDEN}})
     assert sched._item_width(req, "ok") == 2 * HIDDEN
+
+
+def test_an_item_larger_than_the_landing_region_fails_at_once(producer, consumer_parts):
+    """An item that can never fit the landing region is given up (recomputed, its pool
+    blocks back) instead of holding the receive pool while it waits for room."""
+    params = producer.encode("enc-xl", [("xl", 2000)])                # 2000 x 256 bf16 = 1000 KiB
+    sched, ranks = consumer_parts({"landing_bytes": "512KiB"})
+    if sched._region is None:
+        pytest.skip("receive='worker' has no landing region")
+    done, failed = step_until(sched, ranks, [make_request("lm-xl", [("xl", 2000)], params=params)],
+                              deadline_s=30)
+    assert not failed and done["lm-xl"] == ([], ["xl"])
+    assert sched.stats["transfer_failures"] == 1 and sched.stats["recomputes"] == 1
+    assert sched._lang.allocator.free_blocks == sched._lang.layout.num_blocks

@@ -785,6 +785,14 @@ class EmbresumeECConnector(ECConnectorBase):
             return
         e = self._region.alloc(it.mm_hash, tuple(emb.shape), self._dtype)
         if e is None:
+            nbytes = emb.numel() * emb.element_size()
+            if nbytes > self._region.size or time.monotonic() > it.deadline:
+                # never fits, or the items being loaded kept the room past load_timeout:
+                # give the result (and its pool blocks) back
+                it.result = None
+                res.release()
+                self._attempt_failed(it, f"{nbytes} bytes found no room in the landing region "
+                                         f"({self._region.size} bytes, landing_bytes)", final=True)
             return                  # the region is full of items being loaded: next poll
         self._region.tensor(e).copy_(emb)
         it.result = None
