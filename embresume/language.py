@@ -15,20 +15,29 @@ Lifecycle of one request (``room``) on a language rank::
     STATUS Success (last chunk)        Success   -> result(room) / recv(room)
     STATUS Failed / timeout / peer death           Failed    -> blocks freed, reason kept
 
+The endpoint is an I/O shell around :class:`~embresume.rooms.language.LanguageRooms`,
+the room state machine that does no I/O: the shell owns the encoder
+connections (handshakes, control channels, heartbeats, liveness), its threads
+and its lock, the pool memory and the copies out of it; it feeds the machine
+the events its links bring (STATUS, PROGRESS, a copy that finished, a lost
+link, the clock) and carries out the actions it returns (send INIT, RESUME or
+ABORT, copy these blocks, hand out this result, tear that link down).  Which
+block belongs to whom at each moment is the machine's ledger
+(docs/design.md, section 5).
+
 One endpoint owns ONE receive pool and ONE allocator, whatever the number of
 encoders: the pool is exported once per transport instance (shm: one segment
 each encoder maps; cuda_ipc: one handle; Mooncake: one registration) and every
 encoder connection gets the same description.  Each connection has its own
 control channel, heartbeats and liveness check; an encoder's death fails only
 the rooms requested from it, and the next request naming it reconnects
-(bounded backoff).  Which block belongs to whom at each moment, and the lock
-rule, are in docs/design.md ("Who owns a block").
+(bounded backoff).
 
 No call waits for an encoder (docs/design.md, section 8): control sends go
 into the link's ring or its bounded queue; an encoder whose ring stays full,
-that floods no-op frames or that leaves an abort unanswered for the quarantine
-timeout is torn down, and ``Config.extra["max_encoder_share"]`` caps what one
-encoder can hold of the pool.
+that floods no-op frames, or that leaves an abort unanswered (or blocks held
+after a failed write) for the quarantine timeout is torn down, and
+``Config.extra["max_encoder_share"]`` caps what one encoder can hold of the pool.
 
 The scheduler loop calls :meth:`LanguageEndpoint.poll` (non-blocking) and
 :meth:`LanguageEndpoint.result`; :meth:`LanguageEndpoint.recv` is the blocking
@@ -38,7 +47,6 @@ convenience.  All network and copy work runs on threads the endpoint owns.
 from __future__ import annotations
 
 import _thread
-import collections
 import itertools
 import logging
 import os
@@ -57,67 +65,35 @@ import zmq
 from . import auth, metrics
 from .logutil import RateLimitedLog
 from . import protocol as P
-from .blocks import BlockAllocator, BlockLayout, BlockPool
+from .blocks import BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import (AllocatorError, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
-                     TransferFailed, UnknownRoom)
+from .errors import ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError, UnknownRoom
 from .kernels.cpu import pool_arrays
 from .merge import EmbeddingResult, MergeBuffer, ResultArena
 from .node import node_id, pid_alive as _pid_alive
-from .planner import plan_chunk
-from .status import Status, StatusTracker
+from .rooms.language import (MAX_REQUEST_TOKENS, Complete, Connect, Copy, Discard, LanguageRooms, Notify, Req,
+                             Send, TearDown, ZeroCopy)
+from .status import Status
 from .transport import select
+
+__all__ = ["LanguageEndpoint", "MAX_REQUEST_TOKENS"]
 
 log = logging.getLogger("embresume.language")
 #: what the encoder causes (bad messages): a bounded number of lines
 plog = RateLimitedLog(log)
 
-#: sanity bound on a request's total tokens as read from aux (a corrupt or
-#: hostile aux record must not make us allocate terabytes); also the largest hint
-MAX_REQUEST_TOKENS = 1 << 24
 #: reconnect back-off after a failed connection attempt: doubles from BASE up to CAP
 BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 #: the largest control frame accepted from an encoder
 MAX_FRAME = 1 << 20
-#: a quarantined room waits for the encoder's abort acknowledgement at most
-#: this many peer_timeouts; then the encoder counts as stuck: its connection is
-#: torn down (its rooms fail, all it was parked for is freed, the next request
-#: naming it reconnects).  Config.extra["quarantine_timeout"] (seconds) overrides.
+#: a quarantined room waits for the encoder's abort acknowledgement (and blocks
+#: held after a failed write wait) at most this many peer_timeouts; then the
+#: encoder counts as stuck: its connection is torn down (its rooms fail, all
+#: that was parked for it is freed, the next request naming it reconnects).
+#: Config.extra["quarantine_timeout"] (seconds) overrides.
 QUARANTINE_TIMEOUT_FACTOR = 2.0
-
-
-class _Request:
-    """One request's state (a plain class with slots: one is made per request)."""
-
-    __slots__ = ("room", "required_dst_info_num", "deadline", "enc", "nonce", "hint", "t0", "tracker", "blocks",
-                 "sent_tokens", "total_tokens", "chunks", "merge", "aux", "result", "reason", "waiting_alloc",
-                 "copying", "landed", "release", "event")
-
-    def __init__(self, room: P.Room, required_dst_info_num: int, deadline: float, enc: "_Encoder",
-                 nonce: int = 0, hint: Optional[int] = None):
-        self.room = room
-        self.required_dst_info_num = required_dst_info_num
-        self.deadline = deadline
-        self.enc = enc
-        self.nonce = nonce
-        self.hint = hint
-        self.t0 = time.monotonic()
-        self.tracker = StatusTracker()
-        self.blocks: list = []
-        self.sent_tokens = 0
-        self.total_tokens = 0
-        self.chunks = 0
-        self.merge: Optional[MergeBuffer] = None
-        self.aux: Optional[torch.Tensor] = None
-        self.result: Optional[EmbeddingResult] = None
-        self.reason = ""
-        self.waiting_alloc = False
-        self.copying = False
-        self.landed = 0        # tokens of the current chunk already copied (pipelined chunks)
-        self.release = "free"
-        self.event = _Latch()
 
 
 class _Latch:
@@ -186,27 +162,30 @@ class _Link:
 
 
 class _Encoder:
-    """An encoder this endpoint talks to (by address), across reconnections.
+    """An encoder this endpoint talks to (by address), across reconnections:
+    its connection (the I/O side).  What its rooms hold (pending rooms,
+    quarantined and held blocks) is the machine's record ``rooms``."""
 
-    Blocks parked for it: ``quarantine`` (an ABORT went out; freed when the
-    encoder confirms or the connection goes) and ``held`` (a write into them
-    failed and may still land; freed when the connection goes)."""
-
-    def __init__(self, address: str):
+    def __init__(self, address: str, rooms):
         self.address = address
+        self.rooms = rooms                  # the machine's record of it (rooms.language.Enc)
         self.state = "idle"                 # idle | connecting | up | down
         self.link: Optional[_Link] = None
         self.transport = ""                 # of the last connection
-        self.pending: list = []             # rooms waiting for the connection
-        self.quarantine: dict = {}
-        self.quarantined_at: dict = {}      # room -> when its ABORT went out (QUARANTINE_TIMEOUT)
-        self.held: dict = {}
         self.failures = 0                   # failed attempts in a row (back-off)
         self.connections = 0                # successful ones
         self.retry_at = 0.0
         self.reason = ""
         self.connected = threading.Event()
         self.thread: Optional[threading.Thread] = None
+
+    @property
+    def quarantine(self) -> dict:
+        return self.rooms.quarantine
+
+    @property
+    def held(self) -> dict:
+        return self.rooms.held
 
 
 class _Retry(Exception):
@@ -242,6 +221,15 @@ def _share_limit(config: Config, num_blocks: int) -> int:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
         raise ConfigError(f"extra['max_encoder_share'] must be a fraction of the pool in (0, 1], got {share!r}")
     return 0 if share >= 1 else max(1, int(share * num_blocks))
+
+
+def _quarantine_timeout(config: Config) -> float:
+    t = config.extra.get("quarantine_timeout")
+    if t is None:
+        return QUARANTINE_TIMEOUT_FACTOR * config.peer_timeout
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+        raise ConfigError(f"extra['quarantine_timeout'] must be a number of seconds > 0, got {t!r}")
+    return float(t)
 
 
 def _check_address(address) -> str:
@@ -280,27 +268,20 @@ class LanguageEndpoint:
         self.session_id = f"lang-{uuid.uuid4().hex[:12]}-r{tp_rank}"
         c = self.config
         self.layout = BlockLayout(c.total_pool_blocks, c.block_size, c.hidden_size, c.dtype, c.aux_ints)
-        self.allocator = BlockAllocator(self.layout.num_blocks, self.layout.block_size)
         #: the most blocks one encoder's requests, quarantine and held blocks may
         #: take (Config.extra["max_encoder_share"], a fraction of the pool); 0: no cap
         self._share_limit = _share_limit(c, self.layout.num_blocks)
         self.arena = ResultArena(c.result_cache_bytes, c.block_size)
         self._lock = threading.RLock()
-        self._reqs: dict = {}
-        self._waiting: collections.deque = collections.deque()
-        self._draining = False          # _drain_waiting is running (it is not re-entrant)
-        self._capped = False            # the last _try_allocate was refused by the encoder's share
-        self._drain_held = False        # a link's rooms are being failed: drain once at the end
         self._encoders: dict[str, _Encoder] = {}
         self._exports: dict[int, dict] = {}          # id(transport instance) -> pool description
-        self._nonces = itertools.count(1)
         self._connections = itertools.count(1)
         self._closed = False
         self._stop = threading.Event()
-        self.stats = collections.Counter()
-        #: process-wide counters and histograms (embresume.metrics; Prometheus export there)
-        self.metrics = metrics.StandardMetrics(metrics.REGISTRY, role="language")
-        self.metrics.pool(0, self.layout.num_blocks)
+        #: this endpoint's counters; the same calls feed the process-wide metrics
+        #: (embresume.metrics.REGISTRY, Prometheus export there): one source
+        self.stats = metrics.EndpointStats("language")
+        self.stats.pool(0, self.layout.num_blocks)
         self._transports = select.TransportSet(c)
         self._keys = auth.keys_for(c)
         backing, device = select.create_pool_backing(c, self.layout.nbytes)
@@ -313,6 +294,15 @@ class LanguageEndpoint:
         self._fill_off = self.pool.fill_ids.storage_offset()
         #: the pool stayed on the host for a GPU model (no transport could export a GPU pool)
         self._move_results = self.pool.device.type != torch.device(c.device).type
+        #: the room state machine (no I/O): requests, resumes, timeouts, the block ledger
+        self._rooms = LanguageRooms(
+            num_blocks=self.layout.num_blocks, block_size=self.layout.block_size,
+            row_bytes=self.layout.emb_row_bytes, read_aux=self._read_aux, stats=self.stats,
+            default_allocate_tokens=c.default_allocate_tokens, max_chunk_tokens=c.max_chunk_tokens,
+            request_timeout=c.request_timeout, quarantine_timeout=_quarantine_timeout(c),
+            zero_copy=bool(c.zero_copy) and not self._move_results, share_limit=self._share_limit,
+            tp_rank=tp_rank)
+        self.allocator = self._rooms.allocator
         log.info("rank %d: receive pool of %d blocks x %d tokens, %.1f MiB on %s", tp_rank,
                  self.layout.num_blocks, self.layout.block_size, self.layout.nbytes / 2**20, device)
         self._monitor = threading.Thread(target=self._monitor_loop, name=f"embresume-lang-r{tp_rank}-monitor",
@@ -325,6 +315,56 @@ class LanguageEndpoint:
                 self.close()
                 raise
 
+    @property
+    def _reqs(self) -> dict:
+        """room -> the machine's request record (read by tests and tools)."""
+        return self._rooms.reqs
+
+    # ------------------------------------------------------------ the machine's actions
+    def _run(self, actions: list) -> list:
+        """(lock held) Carry out the machine's actions in order; returns the
+        :class:`Copy` jobs, which the caller runs outside the lock."""
+        copies = []
+        i = 0
+        while i < len(actions):
+            a = actions[i]
+            i += 1
+            t = type(a)
+            if t is Send:
+                enc = self._encoders.get(a.address)
+                link = enc.link if enc is not None else None
+                try:
+                    if link is None or not link.alive:
+                        raise PeerError(f"not connected ({(enc.reason if enc else '') or 'connection lost'})")
+                    link.channel.send(a.msg)
+                except PeerError as e:
+                    actions.extend(self._rooms.send_failed(a.address, a.msg, str(e)))
+            elif t is Notify:
+                req = a.req
+                if req.tracker.status is Status.Failed:
+                    log.warning("room %r failed: %s", req.room, req.reason)
+                if req.event is not None:
+                    req.event.set()
+            elif t is Copy:
+                copies.append(a)
+            elif t is ZeroCopy:
+                self._zero_copy_result(a)
+            elif t is Complete:
+                self._complete(a.req)
+            elif t is Discard:
+                if a.req.merge is not None:
+                    a.req.merge.discard()
+                    a.req.merge = None
+            elif t is Connect:
+                self._start_connecting(self._encoders[a.address])
+            elif t is TearDown:
+                enc = self._encoders.get(a.address)
+                if enc is not None and enc.link is not None:
+                    self._link_lost(enc, enc.link, a.reason)
+            else:  # pragma: no cover - a machine action this shell does not know is a bug
+                raise TypeError(f"unknown action {a!r}")
+        return copies
+
     # ------------------------------------------------------------ connections
     def _encoder(self, address: Optional[str] = None) -> _Encoder:
         """The record of ``address`` (default: config.encoder_endpoint), created on first use."""
@@ -332,7 +372,7 @@ class LanguageEndpoint:
         with self._lock:
             enc = self._encoders.get(address)
             if enc is None:
-                enc = self._encoders[address] = _Encoder(_check_address(address))
+                enc = self._encoders[address] = _Encoder(_check_address(address), self._rooms.enc(address))
             return enc
 
     def connect(self, encoder: Optional[str] = None, timeout: Optional[float] = None) -> None:
@@ -382,11 +422,7 @@ class LanguageEndpoint:
                 link.channel.start(lambda ch, m: self._on_message(enc, m),
                                    lambda ch, e: self._on_channel_error(enc, e),
                                    lambda ch: self._link_lost(enc, link, "control channel closed by the encoder"))
-                pending, enc.pending = enc.pending, []
-                for room in pending:
-                    req = self._reqs.get(room)
-                    if req is not None and req.enc is enc and req.tracker.status is Status.Bootstrapping:
-                        self._admit(req)
+                self._run(self._rooms.connected(enc.address, link.session_id))
                 return
             if link is not None:       # closed meanwhile
                 link.close()
@@ -398,11 +434,7 @@ class LanguageEndpoint:
                 "rank %d cannot connect to the encoder at %s: %s (retried on the next request for it, "
                 "with back-off up to %.1fs)", self.tp_rank, enc.address, reason, BACKOFF_CAP)
             enc.connected.set()
-            pending, enc.pending = enc.pending, []
-            for room in pending:
-                req = self._reqs.get(room)
-                if req is not None and req.enc is enc and not req.tracker.status.terminal:
-                    self._fail(req, f"cannot connect to the encoder at {enc.address}: {reason}", notify=False, cause="unreachable")
+            self._run(self._rooms.connect_failed(enc.address, reason))
 
     def _export(self, transport) -> dict:
         """The pool's description for ``transport`` (exported once per instance)."""
@@ -636,132 +668,15 @@ class LanguageEndpoint:
         with self._lock:
             if self._closed:
                 raise PeerError("endpoint is closed")
-            old = self._reqs.get(room)
-            if old is not None and not old.tracker.status.terminal:
-                raise InvalidArgument(f"room {room!r} is already in flight")
-            if old is not None and old.tracker.status is Status.Success:
-                raise InvalidArgument(f"room {room!r} has a result nobody collected: call result() first")
-            if old is not None and old.copying:
-                raise InvalidArgument(f"room {room!r} is still being released after a failure")
-            if any(room in e.quarantine or room in e.held for e in self._encoders.values()):
-                raise InvalidArgument(f"room {room!r} still waits for an encoder to confirm an abort")
-            req = _Request(room, n, time.monotonic() + self.config.request_timeout, enc,
-                           next(self._nonces), expected_tokens)
-            self._reqs[room] = req
-            self.stats["requests"] += 1
-            self.metrics.request_started()
-            if expected_tokens is not None:
-                self.stats["hinted"] += 1
-            if enc.state == "up":
-                self._admit(req)
-            else:
-                enc.pending.append(room)
-                self._start_connecting(enc)
+            actions = self._rooms.request(room, enc.address, n, expected_tokens, time.monotonic())
+            req = self._rooms.reqs[room]
+            req.event = _Latch()
+            self._run(actions)
             return req.tracker.status
-
-    def _first_tokens(self, req: _Request) -> tuple[int, int]:
-        """(tokens to ask for, the least worth taking) for a request's first chunk."""
-        if req.hint is None:
-            return self.config.default_allocate_tokens, 1
-        want = req.hint
-        cap = self.layout.num_blocks * self.layout.block_size
-        if self.config.max_chunk_tokens:
-            cap = min(cap, self.config.max_chunk_tokens)
-        # a hint is served whole (no resume) unless the pool or max_chunk_tokens cannot hold it
-        return want, min(want, cap)
-
-    def _admit(self, req: _Request) -> None:
-        """(lock held) The encoder is connected: allocate and send INIT, or queue."""
-        if self._waiting or not self._try_allocate(req, *self._first_tokens(req)):
-            req.waiting_alloc = True
-            self._waiting.append(req.room)
-            if self._share_limit and len(self._waiting) > 1:
-                # requests at the head may wait for their encoder's share, not
-                # for the pool: this one may be servable now
-                self._drain_waiting()
-
-    def _charged(self, enc: _Encoder) -> int:
-        """Blocks of the pool held for ``enc``: its requests', its quarantine, its held blocks."""
-        n = sum(len(r.blocks) for r in self._reqs.values() if r.enc is enc)
-        n += sum(len(b) for b in enc.quarantine.values())
-        return n + sum(len(b) for b in enc.held.values())
-
-    def _try_allocate(self, req: _Request, tokens: int, min_tokens: int = 1) -> bool:
-        """Allocate up to ``tokens`` tokens (at least ``min_tokens``) and send INIT/RESUME.
-        False when the pool (or the encoder's share of it, ``_capped`` set) cannot."""
-        self._capped = False
-        if self.config.max_chunk_tokens:
-            tokens = min(tokens, self.config.max_chunk_tokens)
-        if self._share_limit:
-            bs = self.layout.block_size
-            left = (self._share_limit - self._charged(req.enc)) * bs
-            min_tokens = min(min_tokens, self._share_limit * bs)
-            if left < min(min_tokens, tokens):
-                self._capped = True
-                return False
-            tokens = min(tokens, left)
-        blocks = self.allocator.allocate(tokens, req.room, min_tokens=min(min_tokens, tokens))
-        if not blocks:
-            return False
-        req.blocks = blocks
-        allocated = self.allocator.allocated_tokens(blocks)  # rule 2: what was really allocated
-        link = req.enc.link
-        try:
-            if link is None or not link.alive:
-                raise PeerError(f"not connected ({req.enc.reason or 'connection lost'})")
-            fields = dict(room=req.room, endpoint=req.enc.address, dst_port=self.tp_rank, session_id=link.session_id,
-                          dst_blocks=tuple(blocks), required_dst_info_num=req.required_dst_info_num,
-                          allocated_tokens=allocated, nonce=req.nonce)
-            msg = P.Init(**fields) if req.chunks == 0 else P.Resume(**fields, sent_tokens=req.sent_tokens)
-            link.channel.send(msg)
-        except PeerError as e:
-            self._fail(req, f"cannot reach the encoder at {req.enc.address}: {e}", notify=False, cause="unreachable")
-            return True
-        if req.chunks == 0:
-            req.tracker.set(Status.WaitingForInput)
-        else:
-            self.stats["resumes"] += 1
-        return True
-
-    def _drain_waiting(self) -> None:
-        """Serve queued allocations in FIFO order (resumes and inits alike).
-
-        Not re-entrant: an allocation that fails its request (the INIT cannot
-        go out) frees blocks and calls back here; that inner call only asks
-        the running loop to go on (it used to pop the deque under the outer
-        loop's feet).  While ``_drain_held`` is set (a link is being torn
-        down and its rooms failed one by one) nothing is drained."""
-        if self._draining or self._drain_held:
-            return
-        self._draining = True
-        waiting = self._waiting
-        capped: list = []
-        try:
-            while waiting:
-                room = waiting.popleft()
-                req = self._reqs.get(room)
-                if req is None or req.tracker.status.terminal or not req.waiting_alloc:
-                    continue
-                if req.chunks == 0:
-                    ok = self._try_allocate(req, *self._first_tokens(req))
-                else:
-                    ok = self._try_allocate(req, req.total_tokens - req.sent_tokens)
-                if not ok:
-                    if self._capped:
-                        # its encoder used its share of the pool: it waits for
-                        # that encoder, not in front of the others
-                        capped.append(room)
-                        continue
-                    waiting.appendleft(room)     # still first in line
-                    return
-                req.waiting_alloc = False
-        finally:
-            waiting.extendleft(reversed(capped))
-            self._draining = False
 
     def poll(self, room: P.Room) -> Status:
         """Non-blocking: never waits for the endpoint's lock or a copy."""
-        req = self._reqs.get(room)
+        req = self._rooms.reqs.get(room)
         if req is None:
             raise UnknownRoom(f"room {room!r} is not requested on this endpoint (or its result was collected)")
         return req.tracker.status
@@ -769,27 +684,16 @@ class LanguageEndpoint:
     def result(self, room: P.Room) -> EmbeddingResult:
         """Pop the merged result of a room that reached Success."""
         with self._lock:
-            req = self._reqs.get(room)
-            if req is None:
-                raise UnknownRoom(f"room {room!r} has no result here: never requested, or its result "
-                                  "was already collected")
-            if req.tracker.status is Status.Failed:
-                del self._reqs[room]
-                raise TransferFailed(room, req.reason)
-            if req.tracker.status is not Status.Success:
-                raise InvalidArgument(f"room {room!r} is {req.tracker.status.name}, not Success: "
-                                      "wait() or poll() first")
-            del self._reqs[room]
-            return req.result
+            return self._rooms.collect(room).result
 
     def failure_reason(self, room: P.Room) -> str:
         with self._lock:
-            req = self._reqs.get(room)
+            req = self._rooms.reqs.get(room)
             return req.reason if req else ""
 
     def history(self, room: P.Room) -> list[Status]:
         with self._lock:
-            req = self._reqs.get(room)
+            req = self._rooms.reqs.get(room)
             if req is None:
                 raise UnknownRoom(f"room {room!r} is not requested on this endpoint")
             return list(req.tracker.history)
@@ -797,7 +701,7 @@ class LanguageEndpoint:
     def wait(self, room: P.Room, timeout: Optional[float] = None) -> Status:
         """Block until ``room`` is terminal or ``timeout`` passed; returns its status."""
         with self._lock:
-            req = self._reqs.get(room)
+            req = self._rooms.reqs.get(room)
         if req is None:
             raise UnknownRoom(f"room {room!r} is not requested on this endpoint")
         req.event.wait(timeout)
@@ -811,7 +715,7 @@ class LanguageEndpoint:
         :class:`~embresume.errors.EmbResumeTimeout` (the room aborted) when
         ``timeout`` (default ``request_timeout``) ran out."""
         with self._lock:
-            req = self._reqs.get(room)
+            req = self._rooms.reqs.get(room)
             if req is not None and req.tracker.status is Status.Success:
                 return self.result(room)        # it arrived before we were asked
         if req is None or req.tracker.status is Status.Failed:
@@ -821,19 +725,16 @@ class LanguageEndpoint:
         if not st.terminal:
             self.abort(room, f"no result within {timeout}s")
             with self._lock:
-                req = self._reqs.get(room)
+                req = self._rooms.reqs.get(room)
                 if req is not None and req.tracker.status is Status.Failed:
-                    del self._reqs[room]
+                    del self._rooms.reqs[room]
                     raise EmbResumeTimeout(f"room {room!r}: no result within {timeout}s "
                                            f"(it was {st.name}; aborted)")
         return self.result(room)
 
     def abort(self, room: P.Room, reason: str = "aborted by the language side") -> None:
         with self._lock:
-            req = self._reqs.get(room)
-            if req is None or req.tracker.status.terminal:
-                return
-            self._fail(req, reason, notify=True, cause="aborted")
+            self._run(self._rooms.abort(room, reason))
 
     # single-encoder conveniences (the default encoder's connection)
     @property
@@ -855,58 +756,71 @@ class LanguageEndpoint:
     def encoders(self) -> list[dict]:
         """The encoders this endpoint knows, their state and transport."""
         with self._lock:
+            reqs = self._rooms.reqs.values()
             return [{"address": e.address, "state": e.state, "transport": e.link.transport if e.link else "",
-                     "rooms": sum(1 for r in self._reqs.values() if r.enc is e and not r.tracker.status.terminal),
+                     "rooms": sum(1 for r in reqs if r.enc is e.rooms and not r.tracker.status.terminal),
                      "reason": e.reason} for e in self._encoders.values()]
 
-    # ------------------------------------------------------------ failure
-    def _fail(self, req: _Request, reason: str, *, notify: bool, peer_dead: bool = False,
-              hold: bool = False, cause: str = "error") -> None:
-        """Mark Failed and release blocks.  When the encoder may still write
-        into the blocks (it was told to abort, not dead), they stay
-        quarantined until it confirms; a dead peer or torn-down connection
-        releases them at once."""
-        if not req.tracker.fail():
-            return
-        req.reason = reason
-        req.waiting_alloc = False
-        self.stats["failed"] += 1
-        self.metrics.request_failed(cause)
-        log.warning("room %r failed: %s", req.room, reason)
-        if req.merge is not None and not req.copying:
-            req.merge.discard()
-            req.merge = None
-        enc = req.enc
-        link = enc.link
-        alive = link is not None and link.alive and not peer_dead
-        mode = "hold" if hold and alive else "quarantine" if notify and alive else "free"
-        if req.copying:
-            # the reader thread is copying out of these blocks: it releases them
-            req.release = mode
-        elif req.blocks or mode == "quarantine":
-            # an ABORT goes out: the room stays quarantined (even without blocks)
-            # until the encoder's acknowledgement, so a retry never meets it
-            self._park(enc, req.room, req.blocks, mode)
-            req.blocks = []
-        if notify and alive:
-            try:
-                link.channel.send(P.Abort(req.room, reason[:1000]))
-            except PeerError:
-                self._release_quarantine(enc, req.room)
-        req.event.set()
-        self._drain_waiting()
+    # ------------------------------------------------------------ pool reads and copies
+    def _read_aux(self, block: int):
+        """(total tokens, aux record) from the aux of ``block`` (the machine's one look at pool memory)."""
+        if self._host_pool:
+            # numpy: one small copy instead of three torch ops (index, clone, cpu) and a scalar read
+            a = pool_arrays(self.pool)[3][block].copy()
+            return int(a[0]), torch.from_numpy(a)
+        aux = self.pool.aux[block].clone().cpu()
+        return int(aux[0]), aux
 
-    def _release_held(self, enc: _Encoder) -> None:
-        """The connection is torn down: nothing can land in held blocks any more."""
-        for room, blocks in list(enc.held.items()):
-            self.allocator.free(blocks, room)
-        enc.held.clear()
+    def _copy(self, job: Copy) -> Optional[str]:
+        """Copy a job's tokens out of its blocks into the merge buffer (outside
+        the lock); returns why it failed, or None."""
+        req = job.req
+        try:
+            if req.merge is None:
+                req.merge = MergeBuffer(req.total_tokens, self.layout.hidden, self.layout.dtype, self._pool_device,
+                                        req.aux, self.arena)
+            if job.tokens:
+                req.merge.add(self.pool, job.blocks, job.tokens)
+            if not self._host_pool:
+                # gather kernels are asynchronous: the blocks are freed (and may be
+                # written by the encoder for another request) only after they finished
+                torch.cuda.current_stream(self.pool.device).synchronize()
+        except Exception as e:  # pragma: no cover - a copy failing is a bug or a dead device
+            return f"{type(e).__name__}: {e}"
+        return None
 
-    def _release_quarantine(self, enc: _Encoder, room) -> None:
-        blocks = enc.quarantine.pop(room, None)
-        enc.quarantined_at.pop(room, None)
-        if blocks:
-            self.allocator.free(blocks, room)
+    def _complete(self, req: Req) -> None:
+        """(lock held) All tokens landed in the merge buffer: it becomes the result."""
+        res = req.merge.result(req.room, list(req.tracker.history), req.chunks)
+        if self._move_results:
+            res.embeddings, res.fill_ids, res.mrope_positions = (
+                t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))
+        req.result = res
+        req.merge = None
+
+    def _zero_copy_result(self, a: ZeroCopy) -> None:
+        """(lock held) A one-chunk request in consecutive blocks: its result is a
+        view of the pool (no gather copy); the blocks stay lent to it."""
+        req, tokens, blocks = a.req, a.tokens, a.blocks
+        bs = self.layout.block_size
+        need = len(blocks)
+        b0 = blocks[0]
+        pool, H = self.pool, self.layout.hidden
+        # one torch op per view (as_strided on the pool's own tensors: consecutive blocks are contiguous)
+        emb = pool.embeddings.as_strided((tokens, H), (H, 1), self._emb_off + b0 * bs * H)
+        fill = pool.fill_ids.as_strided((tokens,), (1,), self._fill_off + b0 * bs)
+        # mrope is [3, bs] per block: [3, T] needs this small copy (12 bytes a token)
+        if self._host_pool:
+            m = pool_arrays(pool)[2][b0:b0 + need].transpose(1, 0, 2).reshape(3, need * bs)[:, :tokens]
+            mrope = torch.from_numpy(np.ascontiguousarray(m))
+        else:
+            mrope = pool.mrope[b0:b0 + need].transpose(0, 1).reshape(3, need * bs)[:, :tokens].contiguous()
+        req.result = EmbeddingResult(req.room, emb, fill, mrope, req.aux, 1, list(req.tracker.history),
+                                     _PoolLease(self, a.lease))
+
+    def _release_pool_lease(self, lease: int) -> None:
+        with self._lock:
+            self._run(self._rooms.lease_returned(lease))
 
     # ------------------------------------------------------------ messages
     def _on_message(self, enc: _Encoder, msg: P.Message) -> None:
@@ -915,24 +829,31 @@ class LanguageEndpoint:
         if link is None:
             return
         link.last_seen = time.monotonic()
-        if isinstance(msg, P.Heartbeat):
-            self._noop(enc, link)
-            return
-        if isinstance(msg, (P.StatusMsg, P.Progress)):
+        t = type(msg)
+        if t is P.StatusMsg or t is P.Progress:
             with self._lock:
-                job = self._on_status(enc, msg) if isinstance(msg, P.StatusMsg) else self._on_progress(enc, msg)
-            if job is not None:
+                if enc.link is not link:
+                    return
+                acts = (self._rooms.status(enc.address, msg, time.monotonic()) if t is P.StatusMsg
+                        else self._rooms.progress(enc.address, msg))
+                jobs = self._run(acts)
+            for job in jobs:
                 link.busy = True  # the monitor does not count silence while we copy
                 try:
-                    self._copy(*job)  # outside the lock: poll() never waits for it
+                    err = self._copy(job)  # outside the lock: poll() never waits for it
                 finally:
                     link.busy = False
                     link.last_seen = time.monotonic()
+                with self._lock:
+                    self._run(self._rooms.copied(job.req, job.tokens, job.end, err, time.monotonic()))
             return
-        if isinstance(msg, P.Bye):
+        if t is P.Heartbeat:
+            self._noop(enc, link)
+            return
+        if t is P.Bye:
             self._link_lost(enc, link, f"encoder closed the connection: {msg.reason}", clean=True)
             return
-        plog(logging.WARNING, "unexpected", "ignoring unexpected %s from the encoder at %s", type(msg).__name__,
+        plog(logging.WARNING, "unexpected", "ignoring unexpected %s from the encoder at %s", t.__name__,
              enc.address)
         self._noop(enc, link)
 
@@ -944,262 +865,6 @@ class LanguageEndpoint:
             self.stats["noop_flood"] += 1
             self._link_lost(enc, link, f"more than {link.noop.rate:.0f} no-op frames a second: disconnected")
 
-    def _live_request(self, enc: _Encoder, room) -> Optional[_Request]:
-        """The live request for ``room`` that was asked of ``enc`` (another
-        encoder's messages never touch it)."""
-        req = self._reqs.get(room)
-        if req is None or req.enc is not enc or req.tracker.status.terminal:
-            return None
-        return req
-
-    def _on_status(self, enc: _Encoder, msg: P.StatusMsg):
-        room = msg.room
-        if room in enc.quarantine:
-            # the encoder's answer to our abort (or its own failure of the
-            # aborted attempt): nothing more will be written into those blocks
-            if msg.status is Status.Failed:
-                self._release_quarantine(enc, room)
-                self._drain_waiting()
-            return None
-        if msg.flags & P.FLAG_ABORT_ACK:
-            return None  # a late acknowledgement: it never fails a newer request for the room
-        req = self._live_request(enc, room)
-        if req is None:
-            log.debug("late status %s for room %r ignored", msg.status.name, room)
-            return None
-        if msg.status is Status.Failed:
-            if msg.flags & P.FLAG_BLOCKS_UNSAFE:
-                # a write into these blocks may still land: quarantined until teardown
-                self.stats["unsafe_blocks"] += len(req.blocks)
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True, cause="encoder")
-            else:
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, cause="encoder")
-            return None
-        if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.waiting_alloc:
-            self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}", notify=True, cause="bad_message")
-            return None
-        try:
-            return self._check_chunk(req, msg)
-        except (ValueError, ProtocolError, AllocatorError) as e:
-            self._fail(req, f"bad chunk: {e}", notify=True, cause="bad_message")
-        return None
-
-    def _on_progress(self, enc: _Encoder, msg: P.Progress):
-        """Part of the current chunk landed: copy it out while the rest is written."""
-        req = self._live_request(enc, msg.room)
-        if req is None or msg.room in enc.quarantine:
-            return None
-        try:
-            if not req.blocks or req.waiting_alloc or msg.seq != req.chunks + 1:
-                raise ProtocolError("seq", f"progress for chunk {msg.seq} while expecting {req.chunks + 1}")
-            bs = self.layout.block_size
-            self._ensure_total(req, 0)
-            tokens = self._plan(req).tokens
-            if msg.landed % bs or not req.landed < msg.landed < tokens:
-                raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
-                                              f"({req.landed}, {tokens})")
-        except (ValueError, ProtocolError, AllocatorError) as e:
-            self._fail(req, f"bad progress report: {e}", notify=True, cause="bad_message")
-            return None
-        if self._zero_copy_candidate(req, tokens):
-            return None  # the whole request arrives in this chunk: it will not be copied at all
-        req.copying = True
-        return req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None
-
-    def _ensure_total(self, req: _Request, status_total: int) -> None:
-        """On the first data of a request: read aux (rule 3: only the first
-        block of the first chunk carries it) and keep it for the whole request."""
-        if req.aux is not None:
-            return
-        if self._host_pool:
-            # numpy: one small copy instead of three torch ops (index, clone, cpu) and a scalar read
-            a = pool_arrays(self.pool)[3][req.blocks[0]].copy()
-            total = int(a[0])
-            aux = torch.from_numpy(a)
-        else:
-            aux = self.pool.aux[req.blocks[0]].clone().cpu()
-            total = int(aux[0])
-        if not 0 < total <= MAX_REQUEST_TOKENS:
-            raise ProtocolError("aux", f"total token count {total} is outside [1, {MAX_REQUEST_TOKENS}]")
-        if status_total and status_total != total:
-            raise ProtocolError("total_tokens", f"status says {status_total}, aux says {total}")
-        req.total_tokens = total
-        req.aux = aux
-
-    def _zero_copy_candidate(self, req: _Request, tokens: int) -> bool:
-        """The request completes in its first chunk, in consecutive blocks."""
-        if not self.config.zero_copy or req.chunks or req.landed or tokens != req.total_tokens:
-            return False
-        if self._move_results:
-            return False  # host-path fallback for a GPU model: results are moved, not viewed
-        need = -(-tokens // self.layout.block_size)
-        b0 = req.blocks[0]
-        return req.blocks[:need] == list(range(b0, b0 + need))
-
-    def _zero_copy(self, req: _Request, tokens: int) -> bool:
-        """Single-chunk request in consecutive blocks: hand out views of the pool
-        (no gather copy); the blocks stay with the result until it is released."""
-        if not self._zero_copy_candidate(req, tokens):
-            return False
-        bs = self.layout.block_size
-        need = -(-tokens // bs)
-        b0 = req.blocks[0]
-        pool, H = self.pool, self.layout.hidden
-        # one torch op per view (as_strided on the pool's own tensors: consecutive blocks are contiguous)
-        emb = pool.embeddings.as_strided((tokens, H), (H, 1), self._emb_off + b0 * bs * H)
-        fill = pool.fill_ids.as_strided((tokens,), (1,), self._fill_off + b0 * bs)
-        # mrope is [3, bs] per block: [3, T] needs this small copy (12 bytes a token)
-        if self._host_pool:
-            m = pool_arrays(pool)[2][b0:b0 + need].transpose(1, 0, 2).reshape(3, need * bs)[:, :tokens]
-            mrope = torch.from_numpy(np.ascontiguousarray(m))
-        else:
-            mrope = pool.mrope[b0:b0 + need].transpose(0, 1).reshape(3, need * bs)[:, :tokens].contiguous()
-        spare = req.blocks[need:]
-        wasted = self.allocator.allocated_tokens(req.blocks) - tokens
-        self.stats["wasted_tokens"] += wasted
-        if spare:
-            self.allocator.free(spare, req.room)
-        blocks, req.blocks = req.blocks[:need], []
-        req.chunks = 1
-        req.sent_tokens = tokens
-        self.stats["chunks"] += 1
-        self.stats["zero_copy"] += 1
-        self.stats["bytes"] += tokens * self.layout.emb_row_bytes
-        res = EmbeddingResult(req.room, emb, fill, mrope, req.aux, 1, req.tracker.history + [Status.Success],
-                              _PoolLease(self, req.room, blocks))
-        req.result = res
-        req.tracker.set(Status.Success)
-        self.stats["success"] += 1
-        self._record_success(req, tokens, wasted)
-        req.event.set()
-        self._drain_waiting()
-        return True
-
-    def _record_success(self, req: _Request, last_tokens: int, wasted: int) -> None:
-        m = self.metrics
-        m.chunk(last_tokens * (self.layout.emb_row_bytes + 16))
-        m.request_succeeded(resumes=req.chunks - 1, latency_s=time.monotonic() - req.t0, wasted_tokens=wasted)
-        m.pool(self.allocator.used_blocks, self.layout.num_blocks)
-
-    def _release_pool_lease(self, room, blocks: list) -> None:
-        with self._lock:
-            self.allocator.free(blocks, room)
-            self._drain_waiting()
-
-    def _plan(self, req: _Request):
-        """The chunk the encoder sends into ``req.blocks`` (:func:`~embresume.planner.plan_chunk`)."""
-        return plan_chunk(req.total_tokens, req.sent_tokens, self.allocator.allocated_tokens(req.blocks),
-                          self.layout.block_size, req.blocks)
-
-    def _check_chunk(self, req: _Request, msg: P.StatusMsg):
-        """Validate a chunk's STATUS (under the lock); returns the copy job."""
-        if msg.seq != req.chunks + 1:
-            raise ProtocolError("seq", f"expected chunk {req.chunks + 1}, got {msg.seq}")
-        self._ensure_total(req, msg.total_tokens)
-        if msg.total_tokens and msg.total_tokens != req.total_tokens:
-            raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux said {req.total_tokens}")
-        plan = self._plan(req)          # the encoder's decision, recomputed by the same function
-        tokens, complete = plan.tokens, not plan.partial
-        if msg.chunk_tokens != tokens:
-            raise ProtocolError("chunk_tokens", f"expected {tokens}, got {msg.chunk_tokens}")
-        if (msg.status is Status.Success) != complete:
-            raise ProtocolError("status", f"{msg.status.name} with {req.total_tokens - req.sent_tokens - tokens} "
-                                          "tokens left")
-        if msg.sent_tokens != req.sent_tokens + tokens:
-            raise ProtocolError("sent_tokens", f"expected {req.sent_tokens + tokens}, got {msg.sent_tokens}")
-        if complete and self._zero_copy(req, tokens):
-            return None
-        req.copying = True
-        bs = self.layout.block_size
-        return req, req.blocks[req.landed // bs:], tokens - req.landed, (tokens, complete)
-
-    def _copy(self, req: _Request, blocks: list, tokens: int, end) -> None:
-        """Copy ``tokens`` tokens out of ``blocks`` into the merge buffer; ``end``
-        is ``(chunk_tokens, complete)`` for a chunk's final status, None for progress."""
-        err = None
-        try:
-            if req.merge is None:
-                req.merge = MergeBuffer(req.total_tokens, self.layout.hidden, self.layout.dtype, self._pool_device,
-                                        req.aux, self.arena)
-            if tokens:
-                req.merge.add(self.pool, blocks, tokens)
-            if not self._host_pool:
-                # gather kernels are asynchronous: the blocks are freed (and may be
-                # written by the encoder for another request) only after they finished
-                torch.cuda.current_stream(self.pool.device).synchronize()
-        except Exception as e:  # pragma: no cover - a copy failing is a bug or a dead device
-            err = e
-        with self._lock:
-            req.copying = False
-            if req.tracker.status.terminal:
-                # failed (abort, timeout, peer loss) while we copied: release now
-                self._release_after_copy(req)
-                return
-            if err is not None:
-                self._fail(req, f"copying the chunk failed: {err}", notify=True, cause="copy")
-                return
-            req.landed += tokens
-            if end is not None:
-                req.landed = 0
-                self._chunk_done(req, *end)
-
-    def _release_after_copy(self, req: _Request) -> None:
-        if req.merge is not None:
-            req.merge.discard()
-            req.merge = None
-        blocks, req.blocks = req.blocks, []
-        link = req.enc.link
-        mode = req.release if link is not None and link.alive else "free"
-        if blocks or mode == "quarantine":
-            self._park(req.enc, req.room, blocks, mode)
-            self._drain_waiting()
-
-    def _park(self, enc: _Encoder, room, blocks: list, mode: str) -> None:
-        """Release a failed room's blocks: ``free`` now; ``quarantine`` until the
-        encoder confirms our abort; ``hold`` until the connection is torn down
-        (a failed write into them may still land)."""
-        if mode == "free":
-            if blocks:
-                self.allocator.free(blocks, room)
-        elif mode == "quarantine":
-            enc.quarantine.setdefault(room, []).extend(blocks)
-            enc.quarantined_at.setdefault(room, time.monotonic())
-        else:
-            enc.held.setdefault(room, []).extend(blocks)
-
-    def _chunk_done(self, req: _Request, tokens: int, complete: bool) -> None:
-        wasted = self.allocator.allocated_tokens(req.blocks) - tokens if complete else 0
-        self.stats["wasted_tokens"] += wasted
-        self.allocator.free(req.blocks, req.room)
-        req.blocks = []
-        req.sent_tokens += tokens
-        req.chunks += 1
-        req.deadline = time.monotonic() + self.config.request_timeout
-        self.stats["chunks"] += 1
-        self.stats["bytes"] += tokens * self.layout.emb_row_bytes
-        if complete:
-            res = req.merge.result(req.room, req.tracker.history + [Status.Success], req.chunks)
-            if self._move_results:
-                res.embeddings, res.fill_ids, res.mrope_positions = (
-                    t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))
-            req.result = res
-            req.merge = None
-            req.tracker.set(Status.Success)
-            self.stats["success"] += 1
-            self._record_success(req, tokens, wasted)
-            req.event.set()
-            self._drain_waiting()
-            return
-        self.metrics.chunk(tokens * (self.layout.emb_row_bytes + 16))
-        req.tracker.set(Status.Transferring)
-        # free first, then allocate the rest: a resume can always reuse its own
-        # blocks, and it never queues behind new requests (with TP ranks that
-        # would let two ranks wait on each other through the encoder's gate)
-        if not self._try_allocate(req, req.total_tokens - req.sent_tokens):
-            req.waiting_alloc = True
-            self._waiting.append(req.room)
-            self._drain_waiting()
-
     # ------------------------------------------------------------ liveness
     def _on_channel_error(self, enc: _Encoder, err: Exception) -> None:
         self.stats["bad_messages"] += 1
@@ -1207,8 +872,8 @@ class LanguageEndpoint:
              enc.address, err, self.stats["bad_messages"])
 
     def _link_lost(self, enc: _Encoder, link: _Link, reason: str, clean: bool = False) -> None:
-        """``link`` to ``enc`` is gone: fail its rooms, release what was parked
-        for it, close it.  The next request naming ``enc`` reconnects."""
+        """``link`` to ``enc`` is gone: the machine fails its rooms and frees what
+        was parked for it; the link is closed.  The next request naming ``enc`` reconnects."""
         with self._lock:
             if enc.link is not link or not link.alive:
                 return
@@ -1219,21 +884,7 @@ class LanguageEndpoint:
             if not self._closed:
                 (log.info if clean else log.error)("rank %d: encoder at %s %s", self.tp_rank, enc.address,
                                                     reason if clean else f"lost: {reason}")
-            # every room of this encoder fails with the reason (and only then are
-            # the freed blocks given to waiting requests: a waiting request of
-            # this encoder must not first be admitted and fail as 'unreachable')
-            self._drain_held = True
-            try:
-                for room in list(enc.quarantine):
-                    self._release_quarantine(enc, room)
-                self._release_held(enc)
-                for req in list(self._reqs.values()):
-                    if req.enc is enc and not req.tracker.status.terminal:
-                        self._fail(req, f"encoder lost ({enc.address}): {reason}", notify=False, peer_dead=True,
-                                   cause="peer_lost")
-            finally:
-                self._drain_held = False
-            self._drain_waiting()
+            self._run(self._rooms.link_lost(enc.address, reason))
         # closed on a thread of its own: this may run on the link's reader thread,
         # which the close joins (and a ZeroMQ hub must not close under its own loop)
         threading.Thread(target=_close_quietly, args=(link,), name="embresume-link-close", daemon=True).start()
@@ -1257,11 +908,8 @@ class LanguageEndpoint:
                 self._link_lost(enc, link, str(e))
                 continue
             silent = time.monotonic() - link.last_seen
-            stuck = self._stuck_quarantine(enc)
             stalled = link.channel.stalled_for()
-            if stuck:
-                self._link_lost(enc, link, stuck)
-            elif stalled > c.peer_timeout:
+            if stalled > c.peer_timeout:
                 self.stats["stalled_links"] += 1
                 self._link_lost(enc, link, f"stuck: its control ring made no room for {stalled:.1f}s (it does not "
                                            f"read; peer_timeout {c.peer_timeout}s)")
@@ -1272,37 +920,10 @@ class LanguageEndpoint:
                                 "exited or closed its endpoint)")
             elif link.pid_check and link.peer_pid and not _pid_alive(link.peer_pid):
                 self._link_lost(enc, link, f"encoder process {link.peer_pid} exited")
-        self.metrics.pool(self.allocator.used_blocks, self.layout.num_blocks)
-        now = time.monotonic()
         with self._lock:
-            for req in list(self._reqs.values()):
-                if not req.tracker.status.terminal and now > req.deadline:
-                    reason = f"timed out in {req.tracker.status.name} after {c.request_timeout}s without progress"
-                    if req.required_dst_info_num > 1 and req.tracker.status is Status.WaitingForInput:
-                        reason += (f" (required_dst_info_num={req.required_dst_info_num}: the encoder starts only "
-                                   f"when all {req.required_dst_info_num} tensor-parallel ranks requested the room)")
-                    elif req.tracker.status is Status.WaitingForInput:
-                        reason += " (the encoder never sent this room)"
-                    self._fail(req, reason, notify=True, cause="timeout")
-
-    def _quarantine_timeout(self) -> float:
-        t = self.config.extra.get("quarantine_timeout")
-        return float(t) if t else QUARANTINE_TIMEOUT_FACTOR * self.config.peer_timeout
-
-    def _stuck_quarantine(self, enc: _Encoder) -> str:
-        """Why ``enc`` counts as stuck ('' when it does not): it left an abort
-        unacknowledged longer than the quarantine timeout."""
-        if not enc.quarantined_at:
-            return ""
-        limit = self._quarantine_timeout()
-        now = time.monotonic()
-        with self._lock:
-            for room, t in enc.quarantined_at.items():
-                if now - t > limit:
-                    self.stats["stuck_encoders"] += 1
-                    return (f"stuck: no acknowledgement of the abort of room {room!r} within {limit:.1f}s "
-                            f"(its blocks were quarantined; the connection is torn down to free them)")
-        return ""
+            # timeouts, and encoders stuck on an abort or on held blocks (TearDown)
+            self._run(self._rooms.tick(time.monotonic()))
+        self.stats.pool(self.allocator.used_blocks, self.layout.num_blocks)
 
     # ------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -1314,9 +935,7 @@ class LanguageEndpoint:
         self._stop.set()
         links = []
         with self._lock:
-            for req in list(self._reqs.values()):
-                if not req.tracker.status.terminal:
-                    self._fail(req, "endpoint closed", notify=False, peer_dead=True, cause="closed")
+            self._run(self._rooms.close())
             for enc in encs:
                 if enc.link is not None and enc.link.alive:
                     links.append(enc.link)
@@ -1326,9 +945,6 @@ class LanguageEndpoint:
                         pass
                     enc.link.alive = False
                 enc.link, enc.state = None, "down"
-                for room in list(enc.quarantine):
-                    self._release_quarantine(enc, room)
-                self._release_held(enc)
         for enc in encs:
             t = enc.thread
             if t is not None and t is not threading.current_thread():
@@ -1358,13 +974,18 @@ class LanguageEndpoint:
 class _PoolLease:
     """Blocks of the receive pool lent to a zero-copy result until it is released."""
 
-    __slots__ = ("endpoint", "room", "blocks")
+    __slots__ = ("endpoint", "lease")
 
-    def __init__(self, endpoint: "LanguageEndpoint", room, blocks: list):
-        self.endpoint, self.room, self.blocks = endpoint, room, blocks
+    def __init__(self, endpoint: "LanguageEndpoint", lease: int):
+        self.endpoint, self.lease = endpoint, lease
+
+    @property
+    def blocks(self) -> list:
+        entry = self.endpoint._rooms.leases.get(self.lease)
+        return list(entry[1]) if entry else []
 
     def give_back(self) -> None:
-        self.endpoint._release_pool_lease(self.room, self.blocks)
+        self.endpoint._release_pool_lease(self.lease)
 
 
 def _close_quietly(link: _Link) -> None:

@@ -25,6 +25,7 @@ The endpoints record into :data:`REGISTRY` through :class:`StandardMetrics`::
 from __future__ import annotations
 
 import bisect
+import collections
 import math
 import threading
 from typing import Iterable, Optional, Sequence
@@ -416,6 +417,51 @@ class StandardMetrics:
         self.pool_used.set(used_blocks)
         if total_blocks is not None:
             self.pool_total.set(total_blocks)
+
+
+class EndpointStats(collections.Counter):
+    """An endpoint's counters: the one place its events are recorded.
+
+    ``endpoint.stats["resumes"]`` reads like a plain :class:`collections.Counter`
+    (``dict(endpoint.stats)`` is the endpoint's own totals).  The events that
+    have a process-wide series (requests, chunks and bytes, successes with
+    their latency, resumes and waste, failures by cause, pool use) are recorded
+    through the methods below, which update this counter *and*
+    :data:`REGISTRY` in the same call: there is no second counter to keep in
+    step.  Any other count is ``stats[name] += n`` (endpoint-only).
+    """
+
+    def __init__(self, role: str = "language", registry: Optional[Registry] = None):
+        super().__init__()
+        self.metrics = StandardMetrics(registry, role)
+
+    def __reduce__(self):           # pickles / copies as the plain counter it reads as
+        return collections.Counter, (dict(self),)
+
+    def request_started(self, hinted: bool = False) -> None:
+        self["requests"] += 1
+        if hinted:
+            self["hinted"] += 1
+        self.metrics.request_started()
+
+    def chunk(self, tokens: int, row_bytes: int) -> None:
+        """A chunk of ``tokens`` embedding rows of ``row_bytes`` landed / was written
+        (the registry's bytes also count fill_ids and mrope: 16 bytes a token)."""
+        self["chunks"] += 1
+        self["bytes"] += tokens * row_bytes
+        self.metrics.chunk(tokens * (row_bytes + 16))
+
+    def request_succeeded(self, *, resumes: int, latency_s: float, wasted_tokens: int = 0) -> None:
+        self["success"] += 1
+        self["wasted_tokens"] += wasted_tokens
+        self.metrics.request_succeeded(resumes=resumes, latency_s=latency_s, wasted_tokens=wasted_tokens)
+
+    def request_failed(self, cause: str) -> None:
+        self["failed"] += 1
+        self.metrics.request_failed(cause)
+
+    def pool(self, used_blocks: int, total_blocks: Optional[int] = None) -> None:
+        self.metrics.pool(used_blocks, total_blocks)
 
 
 # ---------------------------------------------------------------- Prometheus

@@ -1029,11 +1029,7 @@ class LanguageRooms(RuleBasedStateMachine):
             self.links[i] = link
             self.asked = {k: v for k, v in self.asked.items() if k[0] != i}
             self.aborted[i] = set()
-            pending, enc.pending = enc.pending, []
-            for room in pending:
-                req = lang._reqs.get(room)
-                if req is not None and req.enc is enc and req.tracker.status is Status.Bootstrapping:
-                    lang._admit(req)
+            lang._run(lang._rooms.connected(enc.address, link.session_id))
         self._pump()
 
     # -- rules
@@ -1109,10 +1105,11 @@ class LanguageRooms(RuleBasedStateMachine):
         self._pump()
 
     @rule(i=st.integers(0, SM_ENCODERS - 1))
-    def encoder_is_stuck_past_the_quarantine_timeout(self, i):
+    def encoder_is_stuck_past_the_quarantine_timeout(self, i):   # or its held blocks are
         with self.lang._lock:
-            for room in self.encs[i].quarantined_at:
-                self.encs[i].quarantined_at[room] = -1e9
+            for parked in (self.encs[i].rooms.quarantined_at, self.encs[i].rooms.held_at):
+                for room in parked:
+                    parked[room] = -1e9
         self.lang._monitor_once()
         self._pump()
 
@@ -1170,6 +1167,7 @@ class LanguageRooms(RuleBasedStateMachine):
                 parts.extend(list(b) for b in e.quarantine.values())
                 parts.extend(list(b) for b in e.held.values())
             owned = sorted(b for p in parts for b in p)
+            lang._rooms.check_ledger()          # the machine's own ledger agrees
         assert owned == list(range(SM_BLOCKS)), owned
 
     @invariant()
@@ -1177,7 +1175,7 @@ class LanguageRooms(RuleBasedStateMachine):
         lang = self.lang
         if lang._share_limit:
             with lang._lock:
-                assert all(lang._charged(e) <= lang._share_limit for e in self.encs)
+                assert all(lang._rooms.charged(e.rooms) <= lang._share_limit for e in self.encs)
 
     @invariant()
     def no_result_before_all_its_tokens_landed(self):

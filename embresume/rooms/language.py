@@ -1,0 +1,755 @@
+"""The language side's rooms: requests, resumes, timeouts and the block ledger, with no I/O.
+
+:class:`LanguageRooms` holds every request (room) of one
+:class:`~embresume.language.LanguageEndpoint` and every block of its receive
+pool.  The endpoint feeds it events and carries out the actions it returns::
+
+    event (a method call)                      actions it may return
+    ---------------------------------------    --------------------------------------------
+    request(room, address, ...)                Connect, Send(INIT), Notify
+    connected(address, session) / failed        Send(INIT) for the rooms that waited / Notify
+    status(address, StatusMsg)                 Copy, ZeroCopy, Complete, Send(RESUME/ABORT), Notify
+    progress(address, Progress)                Copy (part of a chunk, while the rest is written)
+    copied(req, tokens, end, error)            Complete, Send(RESUME), Notify
+    send_failed(address, msg)                  Notify (the room fails: unreachable)
+    abort(room) / tick(now) / link_lost(...)   Send(ABORT), Discard, Notify, TearDown
+    lease_returned(lease) / collect(room)      Send(INIT/RESUME) of rooms waiting for blocks
+
+The endpoint runs every action under its lock except :class:`Copy`, which
+it runs on the link's reader thread outside the lock (the request is marked
+``copying`` meanwhile and owns its blocks until :meth:`LanguageRooms.copied`).
+
+The block ledger (docs/design.md, section 5): every pool block has exactly
+one owner at each moment, and only this class moves blocks between owners::
+
+    allocator (free) --allocate--> request --chunk copied--> allocator
+                                      |--failed, encoder told to abort--> quarantine --its Failed / link gone--> allocator
+                                      |--encoder reported an unsafe write--> held --link gone--> allocator
+                                      |--one chunk, consecutive blocks--> lease --result released--> allocator
+                                      '--failed, encoder gone--> allocator
+
+A quarantined room or held block that waits longer than the quarantine
+timeout makes its encoder count as stuck: :class:`TearDown`, after which the
+endpoint reports :meth:`link_lost` and everything parked for it is freed.
+:meth:`ledger` lists the owners (the tests check it after every step).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .. import protocol as P
+from ..blocks import BlockAllocator
+from ..errors import AllocatorError, InvalidArgument, PeerError, ProtocolError, TransferFailed, UnknownRoom
+from ..metrics import EndpointStats
+from ..planner import plan_chunk
+from ..status import Status, StatusTracker
+
+#: sanity bound on a request's total tokens as read from aux (a corrupt or
+#: hostile aux record must not make us allocate terabytes); also the largest hint
+MAX_REQUEST_TOKENS = 1 << 24
+
+
+# ---------------------------------------------------------------- actions
+@dataclass(slots=True)
+class Connect:
+    """Start the handshake with the encoder at ``address`` (a no-op when under way)."""
+    address: str
+
+
+@dataclass(slots=True)
+class Send:
+    """Send ``msg`` on the link to ``address``; when it cannot go out, report
+    :meth:`LanguageRooms.send_failed`."""
+    address: str
+    msg: P.Message
+
+
+@dataclass(slots=True)
+class Copy:
+    """Copy ``tokens`` tokens out of ``blocks`` into the request's merge buffer,
+    outside the lock; then report :meth:`LanguageRooms.copied` with the same
+    ``tokens`` and ``end`` (``(chunk_tokens, complete)`` for a chunk's final
+    STATUS, None for a PROGRESS)."""
+    req: "Req"
+    blocks: list
+    tokens: int
+    end: Optional[tuple]
+
+
+@dataclass(slots=True)
+class ZeroCopy:
+    """Success without a copy: the result is a view of ``blocks`` (``tokens``
+    tokens), which stay lent to it under ``lease`` until it is released."""
+    req: "Req"
+    blocks: list
+    tokens: int
+    lease: int
+
+
+@dataclass(slots=True)
+class Complete:
+    """Success: the merge buffer holds all the tokens; make it the result."""
+    req: "Req"
+
+
+@dataclass(slots=True)
+class Discard:
+    """The request failed: drop its merge buffer."""
+    req: "Req"
+
+
+@dataclass(slots=True)
+class Notify:
+    """The request reached a terminal status: wake its waiters."""
+    req: "Req"
+
+
+@dataclass(slots=True)
+class TearDown:
+    """The encoder at ``address`` counts as stuck: tear its link down (then
+    report :meth:`LanguageRooms.link_lost`)."""
+    address: str
+    reason: str
+
+
+# ---------------------------------------------------------------- state
+class Req:
+    """One request's state.  ``merge``, ``result`` and ``event`` belong to the
+    endpoint (buffers and a latch); the machine only reads whether a result is
+    there."""
+
+    __slots__ = ("room", "required_dst_info_num", "deadline", "enc", "nonce", "hint", "t0", "tracker", "blocks",
+                 "sent_tokens", "total_tokens", "chunks", "aux", "reason", "cause", "waiting_alloc", "copying",
+                 "landed", "release", "merge", "result", "event")
+
+    def __init__(self, room: P.Room, required_dst_info_num: int, now: float, deadline: float, enc: "Enc",
+                 nonce: int, hint: Optional[int]):
+        self.room = room
+        self.required_dst_info_num = required_dst_info_num
+        self.deadline = deadline
+        self.enc = enc
+        self.nonce = nonce
+        self.hint = hint
+        self.t0 = now
+        self.tracker = StatusTracker()
+        self.blocks: list = []
+        self.sent_tokens = 0
+        self.total_tokens = 0
+        self.chunks = 0
+        self.aux = None
+        self.reason = ""
+        self.cause = ""
+        self.waiting_alloc = False
+        self.copying = False
+        self.landed = 0        # tokens of the current chunk already copied (pipelined chunks)
+        self.release = "free"  # where its blocks go when a copy running at its failure ends
+        self.merge = None
+        self.result = None
+        self.event = None
+
+
+class Enc:
+    """What the machine knows of one encoder (by address), across reconnections:
+    whether a link is up (and its session id), rooms waiting for it, and the
+    blocks parked for it (``quarantine``: an ABORT went out, freed at its
+    answer; ``held``: a failed write into them may still land, freed when the
+    link goes)."""
+
+    __slots__ = ("address", "up", "session", "pending", "quarantine", "quarantined_at", "held", "held_at")
+
+    def __init__(self, address: str):
+        self.address = address
+        self.up = False
+        self.session = ""
+        self.pending: list = []
+        self.quarantine: dict = {}
+        self.quarantined_at: dict = {}
+        self.held: dict = {}
+        self.held_at: dict = {}
+
+
+class LanguageRooms:
+    """The language side's room state machine (see the module docstring).
+
+    ``read_aux(block) -> (total_tokens, aux)`` reads the aux record of a
+    pool block (the first block of a request's first chunk carries it); the
+    only look at pool memory the machine needs, done by the endpoint."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, row_bytes: int, read_aux: Callable,
+                 stats: EndpointStats, default_allocate_tokens: int, max_chunk_tokens: int = 0,
+                 request_timeout: float = 60.0, quarantine_timeout: float = 60.0, zero_copy: bool = False,
+                 share_limit: int = 0, tp_rank: int = 0):
+        self.tp_rank = tp_rank
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.row_bytes = row_bytes
+        self.read_aux = read_aux
+        self.stats = stats
+        self.default_allocate_tokens = default_allocate_tokens
+        self.max_chunk_tokens = max_chunk_tokens
+        self.request_timeout = request_timeout
+        self.quarantine_timeout = quarantine_timeout
+        self.zero_copy = zero_copy
+        #: the most blocks one encoder's requests, quarantine and held blocks may take; 0: no cap
+        self.share_limit = share_limit
+        self.allocator = BlockAllocator(num_blocks, block_size)
+        self.reqs: dict = {}
+        self.encs: dict[str, Enc] = {}
+        self.leases: dict[int, tuple] = {}          # lease id -> (room, blocks)
+        self._lease_ids = 0
+        self._nonce = 0
+        self._waiting: collections.deque = collections.deque()
+        self._draining = False          # _drain_waiting is running (it is not re-entrant)
+        self._capped = False            # the last _try_allocate was refused by the encoder's share
+        self._drain_held = False        # a link's rooms are being failed: drain once at the end
+        self._out: list = []
+        self.closed = False
+
+    def _take(self) -> list:
+        out, self._out = self._out, []
+        return out
+
+    def enc(self, address: str) -> Enc:
+        e = self.encs.get(address)
+        if e is None:
+            e = self.encs[address] = Enc(address)
+        return e
+
+    # ------------------------------------------------------------ requests
+    def request(self, room: P.Room, address: str, required_dst_info_num: int, hint: Optional[int],
+                now: float) -> list:
+        """A new request for ``room`` from the encoder at ``address`` (arguments checked by the caller)."""
+        if self.closed:
+            raise PeerError("endpoint is closed")
+        old = self.reqs.get(room)
+        if old is not None and not old.tracker.status.terminal:
+            raise InvalidArgument(f"room {room!r} is already in flight")
+        if old is not None and old.tracker.status is Status.Success:
+            raise InvalidArgument(f"room {room!r} has a result nobody collected: call result() first")
+        if old is not None and old.copying:
+            raise InvalidArgument(f"room {room!r} is still being released after a failure")
+        if any(room in e.quarantine or room in e.held for e in self.encs.values()):
+            raise InvalidArgument(f"room {room!r} still waits for an encoder to confirm an abort")
+        enc = self.enc(address)
+        self._nonce += 1
+        req = Req(room, required_dst_info_num, now, now + self.request_timeout, enc, self._nonce, hint)
+        self.reqs[room] = req
+        self.stats.request_started(hinted=hint is not None)
+        if enc.up:
+            self._admit(req)
+        else:
+            enc.pending.append(room)
+            self._out.append(Connect(address))
+        return self._take()
+
+    def connected(self, address: str, session: str) -> list:
+        """A link to ``address`` is up: the rooms that waited for it are admitted."""
+        enc = self.enc(address)
+        enc.up, enc.session = True, session
+        pending, enc.pending = enc.pending, []
+        for room in pending:
+            req = self.reqs.get(room)
+            if req is not None and req.enc is enc and req.tracker.status is Status.Bootstrapping:
+                self._admit(req)
+        return self._take()
+
+    def connect_failed(self, address: str, reason: str) -> list:
+        """The handshake with ``address`` failed: the rooms that waited for it fail."""
+        enc = self.enc(address)
+        pending, enc.pending = enc.pending, []
+        for room in pending:
+            req = self.reqs.get(room)
+            if req is not None and req.enc is enc and not req.tracker.status.terminal:
+                self._fail(req, f"cannot connect to the encoder at {address}: {reason}", notify=False,
+                           cause="unreachable")
+        return self._take()
+
+    def _first_tokens(self, req: Req) -> tuple[int, int]:
+        """(tokens to ask for, the least worth taking) for a request's first chunk."""
+        if req.hint is None:
+            return self.default_allocate_tokens, 1
+        want = req.hint
+        cap = self.num_blocks * self.block_size
+        if self.max_chunk_tokens:
+            cap = min(cap, self.max_chunk_tokens)
+        # a hint is served whole (no resume) unless the pool or max_chunk_tokens cannot hold it
+        return want, min(want, cap)
+
+    def _admit(self, req: Req) -> None:
+        """The encoder is connected: allocate and send INIT, or queue."""
+        if self._waiting or not self._try_allocate(req, *self._first_tokens(req)):
+            req.waiting_alloc = True
+            self._waiting.append(req.room)
+            if self.share_limit and len(self._waiting) > 1:
+                # requests at the head may wait for their encoder's share, not
+                # for the pool: this one may be servable now
+                self._drain_waiting()
+
+    def charged(self, enc: Enc) -> int:
+        """Blocks of the pool held for ``enc``: its requests', its quarantine, its held blocks."""
+        n = sum(len(r.blocks) for r in self.reqs.values() if r.enc is enc)
+        n += sum(len(b) for b in enc.quarantine.values())
+        return n + sum(len(b) for b in enc.held.values())
+
+    def _try_allocate(self, req: Req, tokens: int, min_tokens: int = 1) -> bool:
+        """Allocate up to ``tokens`` tokens (at least ``min_tokens``) and send INIT/RESUME.
+        False when the pool (or the encoder's share of it, ``_capped`` set) cannot."""
+        self._capped = False
+        if self.max_chunk_tokens:
+            tokens = min(tokens, self.max_chunk_tokens)
+        if self.share_limit:
+            bs = self.block_size
+            left = (self.share_limit - self.charged(req.enc)) * bs
+            min_tokens = min(min_tokens, self.share_limit * bs)
+            if left < min(min_tokens, tokens):
+                self._capped = True
+                return False
+            tokens = min(tokens, left)
+        blocks = self.allocator.allocate(tokens, req.room, min_tokens=min(min_tokens, tokens))
+        if not blocks:
+            return False
+        req.blocks = blocks
+        allocated = self.allocator.allocated_tokens(blocks)  # rule 2: what was really allocated
+        enc = req.enc
+        if not enc.up:
+            self._fail(req, f"cannot reach the encoder at {enc.address}: not connected (connection lost)",
+                       notify=False, cause="unreachable")
+            return True
+        fields = dict(room=req.room, endpoint=enc.address, dst_port=self.tp_rank, session_id=enc.session,
+                      dst_blocks=tuple(blocks), required_dst_info_num=req.required_dst_info_num,
+                      allocated_tokens=allocated, nonce=req.nonce)
+        msg = P.Init(**fields) if req.chunks == 0 else P.Resume(**fields, sent_tokens=req.sent_tokens)
+        self._out.append(Send(enc.address, msg))
+        if req.chunks == 0:
+            req.tracker.set(Status.WaitingForInput)
+        else:
+            self.stats["resumes"] += 1
+        return True
+
+    def _drain_waiting(self) -> None:
+        """Serve queued allocations in FIFO order (resumes and inits alike).
+
+        Not re-entrant: an allocation that fails its request frees blocks and
+        calls back here; that inner call only lets the running loop go on.
+        While ``_drain_held`` is set (a link's rooms are being failed one by
+        one) nothing is drained."""
+        if self._draining or self._drain_held:
+            return
+        self._draining = True
+        waiting = self._waiting
+        capped: list = []
+        try:
+            while waiting:
+                room = waiting.popleft()
+                req = self.reqs.get(room)
+                if req is None or req.tracker.status.terminal or not req.waiting_alloc:
+                    continue
+                if req.chunks == 0:
+                    ok = self._try_allocate(req, *self._first_tokens(req))
+                else:
+                    ok = self._try_allocate(req, req.total_tokens - req.sent_tokens)
+                if not ok:
+                    if self._capped:
+                        # its encoder used its share of the pool: it waits for
+                        # that encoder, not in front of the others
+                        capped.append(room)
+                        continue
+                    waiting.appendleft(room)     # still first in line
+                    return
+                req.waiting_alloc = False
+        finally:
+            waiting.extendleft(reversed(capped))
+            self._draining = False
+
+    def collect(self, room: P.Room) -> Req:
+        """The scheduler takes a terminal request away (its result, or its
+        failure raised as :class:`TransferFailed`)."""
+        req = self.reqs.get(room)
+        if req is None:
+            raise UnknownRoom(f"room {room!r} has no result here: never requested, or its result "
+                              "was already collected")
+        if req.tracker.status is Status.Failed:
+            del self.reqs[room]
+            raise TransferFailed(room, req.reason)
+        if req.tracker.status is not Status.Success:
+            raise InvalidArgument(f"room {room!r} is {req.tracker.status.name}, not Success: wait() or poll() first")
+        del self.reqs[room]
+        return req
+
+    def abort(self, room: P.Room, reason: str) -> list:
+        req = self.reqs.get(room)
+        if req is not None and not req.tracker.status.terminal:
+            self._fail(req, reason, notify=True, cause="aborted")
+        return self._take()
+
+    def send_failed(self, address: str, msg: P.Message, reason: str) -> list:
+        """A Send could not go out (the link is gone or will not take it)."""
+        enc = self.enc(address)
+        if isinstance(msg, P.Abort):
+            self._release_quarantine(enc, msg.room)
+            self._drain_waiting()
+        elif isinstance(msg, (P.Init, P.Resume)):
+            req = self.reqs.get(msg.room)
+            if req is not None and req.enc is enc and req.nonce == msg.nonce and not req.tracker.status.terminal:
+                self._fail(req, f"cannot reach the encoder at {address}: {reason}", notify=False,
+                           cause="unreachable")
+        return self._take()
+
+    # ------------------------------------------------------------ failure
+    def _fail(self, req: Req, reason: str, *, notify: bool, peer_dead: bool = False, hold: bool = False,
+              cause: str = "error", now: Optional[float] = None) -> None:
+        """Mark Failed and release blocks.  When the encoder may still write
+        into the blocks (it was told to abort, not dead), they stay
+        quarantined until it confirms; a dead peer or torn-down link releases
+        them at once."""
+        if not req.tracker.fail():
+            return
+        req.reason, req.cause = reason, cause
+        req.waiting_alloc = False
+        self.stats.request_failed(cause)
+        if req.merge is not None and not req.copying:
+            self._out.append(Discard(req))
+        enc = req.enc
+        alive = enc.up and not peer_dead
+        mode = "hold" if hold and alive else "quarantine" if notify and alive else "free"
+        if req.copying:
+            # the reader thread is copying out of these blocks: it releases them (copied())
+            req.release = mode
+        elif req.blocks or mode == "quarantine":
+            # an ABORT goes out: the room stays quarantined (even without blocks)
+            # until the encoder's acknowledgement, so a retry never meets it
+            self._park(enc, req.room, req.blocks, mode, now)
+            req.blocks = []
+        if notify and alive:
+            self._out.append(Send(enc.address, P.Abort(req.room, reason[:1000])))
+        self._out.append(Notify(req))
+        self._drain_waiting()
+
+    def _park(self, enc: Enc, room, blocks: list, mode: str, now: Optional[float]) -> None:
+        """Release a failed room's blocks: ``free`` now; ``quarantine`` until the
+        encoder confirms our abort; ``hold`` until the link is torn down (a
+        failed write into them may still land).  ``now`` None: the next tick
+        starts the clock."""
+        if mode == "free":
+            if blocks:
+                self.allocator.free(blocks, room)
+        elif mode == "quarantine":
+            enc.quarantine.setdefault(room, []).extend(blocks)
+            enc.quarantined_at.setdefault(room, now)
+        else:
+            enc.held.setdefault(room, []).extend(blocks)
+            enc.held_at.setdefault(room, now)
+
+    def _release_quarantine(self, enc: Enc, room) -> None:
+        blocks = enc.quarantine.pop(room, None)
+        enc.quarantined_at.pop(room, None)
+        if blocks:
+            self.allocator.free(blocks, room)
+
+    def _release_parked(self, enc: Enc) -> None:
+        """The link to ``enc`` is gone: nothing can land in its parked blocks any more."""
+        for room in list(enc.quarantine):
+            self._release_quarantine(enc, room)
+        for room, blocks in enc.held.items():
+            self.allocator.free(blocks, room)
+        enc.held.clear()
+        enc.held_at.clear()
+
+    # ------------------------------------------------------------ messages
+    def _live(self, enc: Enc, room) -> Optional[Req]:
+        """The live request for ``room`` that was asked of ``enc`` (another
+        encoder's messages never touch it)."""
+        req = self.reqs.get(room)
+        if req is None or req.enc is not enc or req.tracker.status.terminal:
+            return None
+        return req
+
+    def status(self, address: str, msg: P.StatusMsg, now: float) -> list:
+        """A STATUS from the encoder at ``address``."""
+        enc = self.encs.get(address)
+        if enc is None or not enc.up:
+            return []
+        room = msg.room
+        if room in enc.quarantine:
+            # the encoder's answer to our abort (or its own failure of the
+            # aborted attempt): nothing more will be written into those blocks
+            if msg.status is Status.Failed:
+                self._release_quarantine(enc, room)
+                self._drain_waiting()
+            return self._take()
+        if msg.flags & P.FLAG_ABORT_ACK:
+            return []  # a late acknowledgement: it never fails a newer request for the room
+        req = self._live(enc, room)
+        if req is None:
+            self.stats["late_status"] += 1
+            return []
+        if msg.status is Status.Failed:
+            if msg.flags & P.FLAG_BLOCKS_UNSAFE:
+                # a write into these blocks may still land: held until the link goes
+                self.stats["unsafe_blocks"] += len(req.blocks)
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True, cause="encoder")
+            else:
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, cause="encoder")
+            return self._take()
+        if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.waiting_alloc \
+                or req.copying:
+            self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}",
+                       notify=True, cause="bad_message")
+            return self._take()
+        try:
+            self._check_chunk(req, msg, now)
+        except (ValueError, ProtocolError, AllocatorError) as e:
+            self._fail(req, f"bad chunk: {e}", notify=True, cause="bad_message")
+        return self._take()
+
+    def progress(self, address: str, msg: P.Progress) -> list:
+        """Part of the current chunk landed: copy it out while the rest is written."""
+        enc = self.encs.get(address)
+        if enc is None or not enc.up:
+            return []
+        req = self._live(enc, msg.room)
+        if req is None or msg.room in enc.quarantine:
+            return []
+        try:
+            if not req.blocks or req.waiting_alloc or req.copying or msg.seq != req.chunks + 1:
+                raise ProtocolError("seq", f"progress for chunk {msg.seq} while expecting {req.chunks + 1}")
+            bs = self.block_size
+            self._ensure_total(req, 0)
+            tokens = self._plan(req).tokens
+            if msg.landed % bs or not req.landed < msg.landed < tokens:
+                raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
+                                              f"({req.landed}, {tokens})")
+        except (ValueError, ProtocolError, AllocatorError) as e:
+            self._fail(req, f"bad progress report: {e}", notify=True, cause="bad_message")
+            return self._take()
+        if self._zero_copy_candidate(req, tokens):
+            return []  # the whole request arrives in this chunk: it will not be copied at all
+        req.copying = True
+        return [Copy(req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None)]
+
+    def _ensure_total(self, req: Req, status_total: int) -> None:
+        """On the first data of a request: read aux (rule 3: only the first
+        block of the first chunk carries it) and keep it for the whole request."""
+        if req.aux is not None:
+            return
+        total, aux = self.read_aux(req.blocks[0])
+        if not 0 < total <= MAX_REQUEST_TOKENS:
+            raise ProtocolError("aux", f"total token count {total} is outside [1, {MAX_REQUEST_TOKENS}]")
+        if status_total and status_total != total:
+            raise ProtocolError("total_tokens", f"status says {status_total}, aux says {total}")
+        req.total_tokens = total
+        req.aux = aux
+
+    def _plan(self, req: Req):
+        """The chunk the encoder sends into ``req.blocks`` (:func:`~embresume.planner.plan_chunk`)."""
+        return plan_chunk(req.total_tokens, req.sent_tokens, self.allocator.allocated_tokens(req.blocks),
+                          self.block_size, req.blocks)
+
+    def _zero_copy_candidate(self, req: Req, tokens: int) -> bool:
+        """The request completes in its first chunk, in consecutive blocks."""
+        if not self.zero_copy or req.chunks or req.landed or tokens != req.total_tokens:
+            return False
+        need = -(-tokens // self.block_size)
+        b0 = req.blocks[0]
+        return req.blocks[:need] == list(range(b0, b0 + need))
+
+    def _check_chunk(self, req: Req, msg: P.StatusMsg, now: float) -> None:
+        """Validate a chunk's STATUS; queue its copy (or its zero-copy success)."""
+        if msg.seq != req.chunks + 1:
+            raise ProtocolError("seq", f"expected chunk {req.chunks + 1}, got {msg.seq}")
+        self._ensure_total(req, msg.total_tokens)
+        if msg.total_tokens and msg.total_tokens != req.total_tokens:
+            raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux said {req.total_tokens}")
+        plan = self._plan(req)          # the encoder's decision, recomputed by the same function
+        tokens, complete = plan.tokens, not plan.partial
+        if msg.chunk_tokens != tokens:
+            raise ProtocolError("chunk_tokens", f"expected {tokens}, got {msg.chunk_tokens}")
+        if (msg.status is Status.Success) != complete:
+            raise ProtocolError("status", f"{msg.status.name} with {req.total_tokens - req.sent_tokens - tokens} "
+                                          "tokens left")
+        if msg.sent_tokens != req.sent_tokens + tokens:
+            raise ProtocolError("sent_tokens", f"expected {req.sent_tokens + tokens}, got {msg.sent_tokens}")
+        if complete and self._zero_copy_candidate(req, tokens):
+            self._zero_copy(req, tokens, now)
+            return
+        req.copying = True
+        bs = self.block_size
+        self._out.append(Copy(req, req.blocks[req.landed // bs:], tokens - req.landed, (tokens, complete)))
+
+    def _zero_copy(self, req: Req, tokens: int, now: float) -> None:
+        """Single-chunk request in consecutive blocks: the result is a view of
+        the pool; the blocks move to a lease until the result is released."""
+        need = -(-tokens // self.block_size)
+        spare = req.blocks[need:]
+        wasted = self.allocator.allocated_tokens(req.blocks) - tokens
+        if spare:
+            self.allocator.free(spare, req.room)
+        blocks, req.blocks = req.blocks[:need], []
+        self._lease_ids += 1
+        self.leases[self._lease_ids] = (req.room, blocks)
+        req.chunks = 1
+        req.sent_tokens = tokens
+        self.stats["zero_copy"] += 1
+        self._out.append(ZeroCopy(req, blocks, tokens, self._lease_ids))
+        self._succeed(req, tokens, wasted, now)
+
+    def _succeed(self, req: Req, last_tokens: int, wasted: int, now: float) -> None:
+        req.tracker.set(Status.Success)
+        self.stats.chunk(last_tokens, self.row_bytes)
+        self.stats.request_succeeded(resumes=req.chunks - 1, latency_s=now - req.t0, wasted_tokens=wasted)
+        self.stats.pool(self.allocator.used_blocks)
+        self._out.append(Notify(req))
+        self._drain_waiting()
+
+    def lease_returned(self, lease: int) -> list:
+        """A zero-copy result was released: its blocks go back to the allocator."""
+        entry = self.leases.pop(lease, None)
+        if entry is not None:
+            self.allocator.free(entry[1], entry[0])
+            self._drain_waiting()
+        return self._take()
+
+    def copied(self, req: Req, tokens: int, end: Optional[tuple], error: Optional[str], now: float) -> list:
+        """A :class:`Copy` finished (``error``: why it failed)."""
+        req.copying = False
+        if req.tracker.status.terminal:
+            # failed (abort, timeout, peer loss) while we copied: release now
+            if req.merge is not None:
+                self._out.append(Discard(req))
+            blocks, req.blocks = req.blocks, []
+            mode = req.release if req.enc.up else "free"
+            if blocks or mode == "quarantine":
+                self._park(req.enc, req.room, blocks, mode, now)
+                self._drain_waiting()
+            return self._take()
+        if error is not None:
+            self._fail(req, f"copying the chunk failed: {error}", notify=True, cause="copy", now=now)
+            return self._take()
+        req.landed += tokens
+        if end is not None:
+            req.landed = 0
+            self._chunk_done(req, *end, now=now)
+        return self._take()
+
+    def _chunk_done(self, req: Req, tokens: int, complete: bool, now: float) -> None:
+        wasted = self.allocator.allocated_tokens(req.blocks) - tokens if complete else 0
+        self.allocator.free(req.blocks, req.room)
+        req.blocks = []
+        req.sent_tokens += tokens
+        req.chunks += 1
+        req.deadline = now + self.request_timeout
+        if complete:
+            self._out.append(Complete(req))
+            self._succeed(req, tokens, wasted, now)
+            return
+        self.stats.chunk(tokens, self.row_bytes)
+        req.tracker.set(Status.Transferring)
+        # free first, then allocate the rest: a resume can always reuse its own
+        # blocks, and it never queues behind new requests (with TP ranks that
+        # would let two ranks wait on each other through the encoder's gate)
+        if not self._try_allocate(req, req.total_tokens - req.sent_tokens):
+            req.waiting_alloc = True
+            self._waiting.append(req.room)
+            self._drain_waiting()
+
+    # ------------------------------------------------------------ liveness
+    def link_lost(self, address: str, reason: str) -> list:
+        """The link to ``address`` is gone: fail its rooms, free what was parked for it."""
+        enc = self.encs.get(address)
+        if enc is None:
+            return []
+        enc.up, enc.session = False, ""
+        # every room of this encoder fails with the reason, and only then are the
+        # freed blocks given to waiting requests (a waiting request of this
+        # encoder must not first be admitted and fail as 'unreachable')
+        self._drain_held = True
+        try:
+            self._release_parked(enc)
+            for req in list(self.reqs.values()):
+                if req.enc is enc and not req.tracker.status.terminal:
+                    self._fail(req, f"encoder lost ({address}): {reason}", notify=False, peer_dead=True,
+                               cause="peer_lost")
+        finally:
+            self._drain_held = False
+        self._drain_waiting()
+        return self._take()
+
+    def tick(self, now: float) -> list:
+        """The clock: requests past their deadline fail (and are aborted); an
+        encoder that left an abort unanswered, or blocks held, longer than the
+        quarantine timeout is torn down."""
+        for req in list(self.reqs.values()):
+            if not req.tracker.status.terminal and now > req.deadline:
+                st = req.tracker.status
+                reason = f"timed out in {st.name} after {self.request_timeout}s without progress"
+                if req.required_dst_info_num > 1 and st is Status.WaitingForInput:
+                    reason += (f" (required_dst_info_num={req.required_dst_info_num}: the encoder starts only "
+                               f"when all {req.required_dst_info_num} tensor-parallel ranks requested the room)")
+                elif st is Status.WaitingForInput:
+                    reason += " (the encoder never sent this room)"
+                self._fail(req, reason, notify=True, cause="timeout", now=now)
+        limit = self.quarantine_timeout
+        for enc in self.encs.values():
+            if not enc.up:
+                continue
+            why = self._overdue(enc.quarantined_at, now, limit)
+            if why is not None:
+                self.stats["stuck_encoders"] += 1
+                self._out.append(TearDown(enc.address, (
+                    f"stuck: no acknowledgement of the abort of room {why!r} within {limit:.1f}s (its blocks were "
+                    "quarantined; the connection is torn down to free them)")))
+                continue
+            why = self._overdue(enc.held_at, now, limit)
+            if why is not None:
+                self.stats["held_teardowns"] += 1
+                self._out.append(TearDown(enc.address, (
+                    f"blocks of room {why!r} held for {limit:.1f}s after a failed write into them (the connection "
+                    "is torn down so that nothing can land in them any more, and they are freed)")))
+        return self._take()
+
+    @staticmethod
+    def _overdue(since: dict, now: float, limit: float):
+        for room, t in since.items():
+            if t is None:
+                since[room] = now       # parked without a clock (a message, not a tick): starts now
+            elif now - t > limit:
+                return room
+        return None
+
+    def close(self) -> list:
+        """The endpoint closes: every live request fails, everything parked is freed."""
+        self.closed = True
+        for req in list(self.reqs.values()):
+            if not req.tracker.status.terminal:
+                self._fail(req, "endpoint closed", notify=False, peer_dead=True, cause="closed")
+        for enc in self.encs.values():
+            enc.up = False
+            self._release_parked(enc)
+        return self._take()
+
+    # ------------------------------------------------------------ the ledger
+    def ledger(self) -> dict:
+        """Every block's owner: ``{"free": [...], "request": {room: [...]},
+        "quarantine": {(address, room): [...]}, "held": {...}, "lease": {id: [...]}}``.
+        A request that is copying owns its blocks until :meth:`copied`."""
+        return {"free": list(self.allocator._free),
+                "request": {r.room: list(r.blocks) for r in self.reqs.values() if r.blocks},
+                "quarantine": {(e.address, room): list(b) for e in self.encs.values()
+                               for room, b in e.quarantine.items() if b},
+                "held": {(e.address, room): list(b) for e in self.encs.values() for room, b in e.held.items() if b},
+                "lease": {k: list(v[1]) for k, v in self.leases.items()}}
+
+    def check_ledger(self) -> None:
+        """Raise AssertionError unless every block has exactly one owner."""
+        led = self.ledger()
+        owned = list(led["free"])
+        for kind in ("request", "quarantine", "held", "lease"):
+            for blocks in led[kind].values():
+                owned.extend(blocks)
+        if sorted(owned) != list(range(self.num_blocks)):
+            dup = sorted(b for b, n in collections.Counter(owned).items() if n > 1)
+            lost = sorted(set(range(self.num_blocks)) - set(owned))
+            raise AssertionError(f"block ledger broken: owned twice {dup[:20]}, owned by nobody {lost[:20]}")
