@@ -8,15 +8,19 @@ values (skipped with a bound child, see :meth:`Metric.labels`), one
 :func:`export_prometheus` (an HTTP endpoint for Prometheus, needs
 ``prometheus_client``).
 
-The endpoints record into :data:`REGISTRY` through :class:`StandardMetrics`::
+Each endpoint records its events once, into its :class:`EndpointStats`
+(``endpoint.stats``, a Counter of that endpoint's own totals), whose methods
+also update the process-wide :data:`REGISTRY` through :class:`StandardMetrics`
+in the same call, so the two never drift apart::
 
     from embresume import metrics
-    m = metrics.StandardMetrics(metrics.REGISTRY, role="language")
-    m.request_started()                 # a request is issued
-    m.chunk(nbytes)                     # a chunk landed (language) / was written (encoder)
-    m.request_succeeded(resumes=1, latency_s=0.004, wasted_tokens=384)
-    m.request_failed("peer_dead")       # cause: a short fixed word, never free text
-    m.pool(used_blocks, total_blocks)   # after an allocation or a free
+    s = metrics.EndpointStats(role="language")
+    s.request_started()                 # a request is issued
+    s.chunk(tokens, row_bytes)          # a chunk landed (language) / was written (encoder)
+    s.request_succeeded(resumes=1, latency_s=0.004, wasted_tokens=384)
+    s.request_failed("peer_dead")       # cause: a short fixed word, never free text
+    s.pool(used_blocks, total_blocks)   # after an allocation or a free
+    s["resumes"] += 1                   # a count of this endpoint only
 
     metrics.REGISTRY.snapshot()["requests_total"]["values"]
     server, port = metrics.export_prometheus(metrics.REGISTRY, port=9400)
