@@ -393,3 +393,102 @@ def test_unmarked_parts_still_take_the_zeromq_path(waiting):
     push(w.embedding_port, part, emb.contiguous().view(torch.uint8).numpy().tobytes())
     assert tick_until_done([w]) == [receiver.WaitingMMRequestStatus.SUCCESS]
     assert same_bits(proc.embeddings[Modality.IMAGE], emb)
+
+
+# ------------------------------------------------------------------ TP group of an instance
+def test_tp_group_override_from_the_environment_and_the_options(waiting, monkeypatch):
+    """extra['tp_group'] in the options, or EMBRESUME_TP_GROUP, names the group instead."""
+    monkeypatch.setenv(plugin.GROUP_ENV, "group-from-env")
+    assert plugin.language_endpoint(0, HIDDEN, DTYPE).tp_group == "group-from-env"
+    plugin.close_language_endpoints()
+    monkeypatch.setenv(plugin.OPTIONS_ENV, json.dumps(dict(OPTIONS, extra={"tp_group": "group-from-options"})))
+    assert plugin.language_endpoint(0, HIDDEN, DTYPE).tp_group == "group-from-options"
+    plugin.close_language_endpoints()
+
+
+def rank_main(dist_port: int, world: int, rank: int, rid: str, results) -> None:
+    """One scheduler rank of one SGLang instance: its own process in the
+    instance's torch.distributed WORLD (gloo, as SGLang's scheduler initializes
+    it before receiving), receiving ``rid`` through the plugin's real
+    WaitingZmqRequest subclass."""
+    import datetime
+    import signal
+    import torch.distributed as dist
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        os.environ[plugin.OPTIONS_ENV] = json.dumps(OPTIONS)
+        os.environ.pop(plugin.GROUP_ENV, None)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{dist_port}", world_size=world, rank=rank,
+                                timeout=datetime.timedelta(seconds=90))
+        plugin.current_tp_rank = lambda: rank      # SGLang's runtime context is not published here
+        req = TokenizedGenerateReqInput(
+            rid=rid, input_text=None, input_ids=[1, 2, 3], input_embeds=None, mm_inputs=None,
+            token_type_ids=None, sampling_params=SamplingParams(), return_logprob=False, logprob_start_len=-1,
+            top_logprobs_num=0, token_ids_logprob=None, stream=False)
+        proc = ProcessorStandIn()
+        w = plugin.waiting_class()(rid=rid, recv_req=req, mm_processor=proc, encoder_urls=["http://127.0.0.1:1"],
+                                   model_type="qwen2_vl", host_name="127.0.0.1", receive_count=world,
+                                   zmq_context=zmq.Context())
+        results.put(("port", (rid, rank, w.embedding_port)))
+        status = tick_until_done([w], timeout=120)
+        got = proc.embeddings[Modality.IMAGE] if proc.embeddings else None
+        ep = plugin._lang_endpoints[rank]
+        results.put(("done", (rid, rank, int(status[0]), w.error_msg,
+                              got is not None and same_bits(got, expected(rid, [40, 9])),
+                              ep.tp_group, plugin.instance_group())))
+        w.release_resources()
+        w.close_recv_socket()
+        plugin.close_language_endpoints()
+        dist.destroy_process_group()
+    except BaseException as e:  # pragma: no cover - reported to the parent
+        import traceback
+        results.put(("error", f"rank {rank} of {rid}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
+def test_tp_group_is_shared_by_the_ranks_of_an_instance_and_differs_between_instances(encoder):
+    """Two instances of two scheduler ranks each (four processes, one gloo WORLD
+    per instance): every rank's endpoint carries its instance's group, the same
+    on both ranks and not the other instance's; both instances receive their
+    request through the encoder (which keeps a room to one group's ranks)."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    rids = ["req-inst-a", "req-inst-b"]
+    procs = [ctx.Process(target=rank_main, args=(port, 2, rank, rid, results), daemon=True)
+             for rid, port in zip(rids, (free_port(), free_port())) for rank in (0, 1)]
+    for p in procs:
+        p.start()
+
+    def get(kind, n, timeout):
+        out, deadline = [], time.monotonic() + timeout
+        while len(out) < n:
+            try:
+                k, v = results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"rank processes silent ({[p.exitcode for p in procs]})") from None
+            assert k != "error", v
+            assert k == kind, (k, v)
+            out.append(v)
+        return out
+
+    try:
+        ports: dict = {}
+        for rid, rank, port in get("port", 4, 240):
+            ports.setdefault(rid, {})[rank] = port
+        for rid in rids:
+            encoder.cmds.put(("send", rid, [40, 9], [f"127.0.0.1:{ports[rid][r]}" for r in (0, 1)]))
+        done = {(rid, rank): rest for rid, rank, *rest in get("done", 4, 180)}
+        for rid in rids:
+            assert encoder.get(60) == ("sent", [[None, None], [None, None]])
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    ok = int(receiver.WaitingMMRequestStatus.SUCCESS)
+    for key, (status, error, bits, group, instance) in done.items():
+        assert status == ok and bits, (key, error)
+        assert group == instance and group.startswith("sglang-") and len(group) > 20, (key, group)
+    a, b = (done[(rids[0], 0)][3], done[(rids[1], 0)][3])
+    assert done[(rids[0], 1)][3] == a and done[(rids[1], 1)][3] == b
+    assert a != b

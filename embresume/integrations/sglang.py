@@ -27,6 +27,17 @@ replaces only the payload:
   transfer fails that request through SGLang's own FAIL status (all-reduced
   over the TP group, then aborted with the reason) — never the scheduler.
 
+TP group: the scheduler ranks of one language instance share one TP group
+identity (``LanguageEndpoint(tp_group=...)``; an encoder keeps a room to the
+group that asked first).  :func:`instance_group` makes it: the first rank of
+the instance to need it writes a random id into the store of the instance's
+``torch.distributed`` WORLD (``compare_set`` on the default process group's
+store: the rendezvous every rank of one server joins, on every node;
+ordinary ``--dp-size`` replicas have WORLDs of their own), every other rank
+reads that id back.  ``extra["tp_group"]`` in the options, or
+``EMBRESUME_TP_GROUP``, overrides it (the same value on every rank of an
+instance and a different one per instance).
+
 Enable with ``EMBRESUME_SGLANG=1`` in the environment of the encoder and the
 language instances (the plugin is inert otherwise); options come from the JSON
 object in ``EMBRESUME_SGLANG_OPTIONS`` (keys: :data:`OWN_KEYS` and every
@@ -55,6 +66,8 @@ import json
 import logging
 import os
 import threading
+import uuid
+from typing import Optional
 
 import torch
 
@@ -259,16 +272,75 @@ def current_tp_rank() -> int:
         return 0
 
 
+#: the key, in the store of the instance's torch.distributed WORLD, under which
+#: the instance's TP group identity is agreed
+GROUP_STORE_KEY = "embresume/sglang/tp_group"
+GROUP_ENV = "EMBRESUME_TP_GROUP"
+_group_lock = threading.Lock()
+_group_cache: dict = {}
+
+
+def instance_group() -> Optional[str]:
+    """The TP group identity of this SGLang server instance: identical on every
+    scheduler rank of the instance (every node of it too), different for every
+    other instance.  Agreed once per process through the store of the
+    instance's ``torch.distributed`` WORLD (SGLang's scheduler initializes it
+    before it receives anything): the first rank writes ``sglang-<uuid4>``
+    there with ``compare_set``, the others read it.  Without an initialized
+    WORLD: a process of a TP size 1 instance is the instance (a uuid of its
+    own); otherwise None (embresume's default group, with a warning)."""
+    with _group_lock:
+        if "group" not in _group_cache:
+            _group_cache["group"] = _derive_group()
+        return _group_cache["group"]
+
+
+def _derive_group() -> Optional[str]:
+    mine = f"sglang-{uuid.uuid4().hex}"
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            from torch.distributed.distributed_c10d import _get_default_store
+            got = _get_default_store().compare_set(GROUP_STORE_KEY, "", mine)
+            got = got.decode() if isinstance(got, (bytes, bytearray)) else str(got)
+            if got:
+                return got
+    except Exception as e:
+        log.warning("embresume: no TP group identity from the torch.distributed store (%s)", describe(e))
+    try:
+        from sglang.srt.runtime_context import get_parallel
+        if int(get_parallel().tp_size) == 1:
+            return mine
+    except Exception:
+        pass
+    log.warning("embresume: this SGLang scheduler has no TP group identity (torch.distributed is not "
+                "initialized): its ranks use embresume's default group; set extra['tp_group'] in %s "
+                "or %s (the same on every rank of the instance) to give them one", OPTIONS_ENV, GROUP_ENV)
+    return None
+
+
+def _group_overridden(cfg) -> bool:
+    """An explicit group in the options' extra or the environment wins
+    (LanguageEndpoint resolves it when given tp_group=None)."""
+    return bool(cfg.extra.get("tp_group") or os.environ.get(GROUP_ENV))
+
+
 def language_endpoint(tp_rank: int, width: int, dtype: torch.dtype):
     """This process's LanguageEndpoint for ``tp_rank`` (created on the first
-    part with the part's width and dtype unless the options set them)."""
+    part with the part's width and dtype unless the options set them), in the
+    instance's TP group (:func:`instance_group`, unless the options'
+    ``extra["tp_group"]`` or ``EMBRESUME_TP_GROUP`` name one)."""
     with _lang_lock:
         ep = _lang_endpoints.get(tp_rank)
         if ep is None:
             opts = {k: v for k, v in options().items() if k not in OWN_KEYS}
             cfg = build_config(opts, hidden_size=width, dtype=dtype, what=OPTIONS_ENV)
+            group = None if _group_overridden(cfg) else instance_group()
             from ..language import LanguageEndpoint
-            ep = _lang_endpoints[tp_rank] = LanguageEndpoint(cfg, tp_rank=tp_rank, connect=False)
+            ep = _lang_endpoints[tp_rank] = LanguageEndpoint(cfg, tp_rank=tp_rank, connect=False, tp_group=group)
+            log.info("embresume SGLang rank %d: TP group %s", tp_rank,   # the value may be a secret
+                     "from the options" if group is None and ep.tp_group else
+                     "of this instance" if ep.tp_group else "none (embresume's default)")
         return ep
 
 
