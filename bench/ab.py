@@ -267,7 +267,7 @@ def figures(data: dict) -> dict:
     for b in lat.get("baselines") or []:
         name = str(b.get("name", ""))
         for prefix, key in (("shm ring ping-pong", "ring ping-pong"), ("ZeroMQ round trip", "ZeroMQ RTT"),
-                            ("Python thread hop", "thread hop")):
+                            ("raw Mooncake write", "raw Mooncake write"), ("Python thread hop", "thread hop")):
             if name.startswith(prefix) and b.get("p50_us"):
                 f[f"1-token shm / {key}"] = _div(f.get("1-token shm p50 us"), b["p50_us"])
     samples = [s for s in data.get("samples") or [] if s.get("path") in ("shm", "shm-zc") and s.get("p50_s")]
