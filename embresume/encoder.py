@@ -30,32 +30,33 @@ room's ranks all belong to the TP group of its first INIT.
 
 from __future__ import annotations
 
-import collections
-import dataclasses
+import functools
 import logging
 import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
 import zmq
 
-from . import auth, metrics
+from . import auth
 from .logutil import RateLimitedLog, clip
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, RateBucket, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import (BlockSizeMismatch, ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
+from .errors import (ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
                      TransportUnavailable)
 from .node import node_id, pid_alive as _pid_alive
-from .planner import ChunkPlan, check_block_size, plan_chunk
+from .metrics import EndpointStats
+from .planner import ChunkPlan
+from .rooms.encoder import (FINISHED_MEMORY, MAX_LIVE_BLOCKS_PER_SESSION, MAX_LIVE_ROOMS_PER_SESSION,  # noqa: F401
+                            Done, EncoderRooms, Post, Reject, Room, Send, Session, Write)
 from .source import BlockSource, TensorSource, aux_record
-from .status import Status, StatusTracker
+from .status import Status
 from .transport import select
 from .transport.base import PeerPool, Transport
 
@@ -63,7 +64,6 @@ log = logging.getLogger("embresume.encoder")
 #: what peers cause (bad frames, rejected rooms, refusals): a bounded number of lines
 plog = RateLimitedLog(log)
 
-FINISHED_MEMORY = 65536
 #: a chunk up to this many embedding bytes is written by the thread that
 #: registered it (send/send_tensors) when its INIT is already here
 INLINE_WRITE_BYTES = 256 << 10
@@ -73,12 +73,8 @@ PIPELINE_PIECES = 4
 MIN_PIECE_BYTES = 2 << 20
 #: hellos whose pool description has not come yet
 MAX_PENDING_HANDSHAKES = 256
-#: per language session (one rank's connection): rooms it is a rank of, and
-#: destination blocks it has asked to be written and not yet been answered
-#: for (at most its pool's blocks: an honest rank cannot have more).  An INIT
-#: past either bound is refused to that rank alone (STATUS Failed).
-MAX_LIVE_ROOMS_PER_SESSION = 16384
-MAX_LIVE_BLOCKS_PER_SESSION = 1 << 20
+#: FINISHED_MEMORY, MAX_LIVE_ROOMS_PER_SESSION, MAX_LIVE_BLOCKS_PER_SESSION:
+#: the room machine's (embresume.rooms.encoder), imported above
 #: refusals (a Bye) to tcp peers that are not registered (a keyless hello, an
 #: undecodable frame): at most REFUSAL_RATE a second after a burst of
 #: REFUSAL_BURST, for the whole endpoint; the rest are dropped and counted
@@ -104,9 +100,8 @@ class _Peer:
         #: the TP group (engine instance) this rank says it belongs to: a room's
         #: ranks are all of one group
         self.group = group
-        #: live rooms it is a rank of, blocks of its pool it asked for and awaits
-        self.live_rooms = 0
-        self.live_blocks = 0
+        #: the room machine's view of this session (its group, layout, live counts)
+        self.sess = Session(session_id, group, pool.layout, self, tp_rank)
         self.noop = noop_bucket(heartbeat_interval)
         #: the Unix-socket connection of a same-host peer (its EOF: the peer is gone)
         self.conn = conn
@@ -132,37 +127,6 @@ class _Peer:
                 job()
             except Exception:
                 log.exception("peer job failed")
-
-
-@dataclass
-class _Rank:
-    peer: _Peer
-    nonce: int = 0
-    dst_blocks: tuple = ()
-    allocated_tokens: int = 0
-    sent_tokens: int = 0
-    chunks: int = 0
-    pending: bool = False
-    in_flight: bool = False
-    done: bool = False
-    unsafe: bool = False
-    failed_msg: Optional[P.StatusMsg] = None
-    counted: int = 0            # dst blocks counted in peer.live_blocks (asked for, not yet answered)
-
-
-@dataclass
-class _Room:
-    room: P.Room
-    deadline: float
-    tracker: StatusTracker = field(default_factory=StatusTracker)
-    source: object = None
-    required: int = 0
-    ranks: dict = field(default_factory=dict)
-    on_done: Optional[Callable[[P.Room, Status], None]] = None
-    own_blocks: Optional[list] = None
-    reason: str = ""
-    t0: float = field(default_factory=time.monotonic)
-    group: Optional[str] = None     # the TP group of its ranks (set by the first INIT)
 
 
 def _reply(transport: str, desc: dict) -> P.Register:
@@ -222,10 +186,14 @@ class EncoderEndpoint:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)      # a room became terminal
         self._tls = threading.local()
-        self._rooms: dict[P.Room, _Room] = {}
-        self._finished: "collections.OrderedDict[P.Room, Status]" = collections.OrderedDict()
-        #: (session, room, nonce) of INITs whose room finished: a replay is a duplicate
-        self._finished_inits: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+        #: counters of this endpoint; the events that have a process-wide series
+        #: (embresume.metrics.REGISTRY, Prometheus export there) are recorded in both at once
+        self.stats = EndpointStats(role="encoder")
+        self.metrics = self.stats.metrics
+        #: the rooms, their ranks and the per-session bounds (no I/O: this shell carries out its actions)
+        self._m = EncoderRooms(stats=self.stats, request_timeout=c.request_timeout)
+        if self.allocator is not None:
+            self.stats.pool(0, pool_blocks)
         self._peers: dict[str, _Peer] = {}
         self._zmq_peers: dict[bytes, _Peer] = {}
         self._handshakes: dict[bytes, dict] = {}
@@ -233,9 +201,6 @@ class EncoderEndpoint:
         self._transports = select.TransportSet(self.config)
         self._closed = False
         self._stop = threading.Event()
-        self.stats = collections.Counter()
-        #: process-wide counters and histograms (embresume.metrics)
-        self.metrics = metrics.StandardMetrics(metrics.REGISTRY, role="encoder")
         address = bind or c.encoder_endpoint
         keys = auth.keys_for(c)
         if keys is None and not auth.is_loopback(address):
@@ -259,6 +224,15 @@ class EncoderEndpoint:
                               f"use another port") from None
         self._monitor = threading.Thread(target=self._monitor_loop, name="embresume-enc-monitor", daemon=True)
         self._monitor.start()
+
+    @property
+    def _rooms(self) -> "dict[P.Room, Room]":
+        """The live rooms (the machine's table): room -> Room, its ``ranks`` by session id."""
+        return self._m.rooms
+
+    @property
+    def _finished(self):
+        return self._m.finished
 
     # ------------------------------------------------------------ public API
     def send_tensors(self, room: P.Room, embeddings: torch.Tensor, fill_ids: torch.Tensor,
@@ -311,12 +285,10 @@ class EncoderEndpoint:
         ``request_timeout``.  Returns False, changing nothing, for a room that
         is unknown, finished, or already asked for (that one runs to its end)."""
         with self._lock:
-            r = self._rooms.get(room)
-            if r is None or r.source is None or r.ranks:
+            acts = self._m.withdraw(room)
+            if acts is None:
                 return False
-            r.reason = "withdrawn by the encoder"
-            r.tracker.fail()
-            self._finish(r)
+            self._run(acts)
             return True
 
     @staticmethod
@@ -363,7 +335,9 @@ class EncoderEndpoint:
         """Blocks of the local pool for an embedding of ``tokens`` tokens."""
         if self.allocator is None:
             raise ConfigError("this encoder has no local pool")
-        return self.allocator.allocate(tokens, room)
+        blocks = self.allocator.allocate(tokens, room)
+        self.stats.pool(self.allocator.used_blocks)
+        return blocks
 
     def poll(self, room: P.Room) -> Status:
         with self._lock:
@@ -410,19 +384,7 @@ class EncoderEndpoint:
         with self._lock:
             if self._closed:
                 raise PeerError("endpoint is closed")
-            r = self._rooms.get(room)
-            if r is None:
-                r = _Room(room, time.monotonic() + self.config.request_timeout)
-                self._rooms[room] = r
-                self._finished.pop(room, None)
-            elif r.source is not None:
-                raise InvalidArgument(f"room {room!r} already has an embedding in flight")
-            r.source, r.on_done, r.own_blocks = src, on_done, own_blocks
-            r.deadline = time.monotonic() + self.config.request_timeout
-            r.t0 = time.monotonic()
-            self.stats["sends"] += 1
-            self.metrics.request_started()
-            self._maybe_start(r)
+            self._run(self._m.register(room, src, time.monotonic(), on_done, own_blocks))
 
     # ------------------------------------------------------------ handshake
     def _on_frames(self, ident: bytes, data: bytes) -> None:
@@ -668,12 +630,13 @@ class EncoderEndpoint:
     def _handle(self, peer: _Peer, msg: P.Message) -> None:
         if not peer.alive:
             return
-        if isinstance(msg, P.Init):
-            self._on_init(peer, msg)
-        elif isinstance(msg, P.Resume):
-            self._on_resume(peer, msg)
-        elif isinstance(msg, P.Abort):
-            self._on_abort(peer, msg)
+        t = type(msg)
+        if t is P.Init:
+            self._run(self._m.init(peer.sess, msg, time.monotonic()))
+        elif t is P.Resume:
+            self._run(self._m.resume(peer.sess, msg, time.monotonic()))
+        elif t is P.Abort:
+            self._run(self._m.abort(peer.sess, msg))
         elif isinstance(msg, P.Bye):
             self._peer_lost(peer, f"language rank said bye: {msg.reason}", clean=True)
         else:
@@ -687,151 +650,72 @@ class EncoderEndpoint:
         self._peer_lost(peer, f"more than {peer.noop.rate:.0f} no-op frames a second (heartbeats or messages an "
                               "encoder never expects): disconnected")
 
-    def _validate_dst(self, peer: _Peer, msg) -> None:
-        if msg.session_id != peer.session_id:
-            raise ProtocolError("session_id", f"{msg.session_id!r} on the channel of {peer.session_id!r}")
-        nb = peer.pool.layout.num_blocks
-        if max(msg.dst_blocks) >= nb:
-            bad = next(b for b in msg.dst_blocks if b >= nb)
-            raise ProtocolError("dst_blocks", f"block {bad} out of range [0, {nb})")
-        check_block_size(msg.allocated_tokens, msg.dst_blocks, peer.pool.layout.block_size)
+    # ------------------------------------------------------------ the machine's actions
+    def _run(self, acts: list, defer: bool = False) -> Optional[list]:
+        """Carry out the machine's actions, in order, under the lock.  A
+        :class:`Send` is returned (with ``defer``, to the writing thread that
+        sends it once the lock is released) or else queued like a Post."""
+        sends = None
+        for a in acts:
+            t = type(a)
+            if t is Write:
+                self._start_write(a)
+            elif t is Send:
+                if defer:
+                    if sends is None:
+                        sends = [a]
+                    else:
+                        sends.append(a)
+                else:
+                    self._post(a.session.peer, a.msg)
+            elif t is Post:
+                self._post(a.session.peer, a.msg)
+            elif t is Done:
+                self._done(a.room)
+            elif t is Reject:
+                plog(logging.WARNING, "rejected", "room %r from %s rejected: %s", a.room, a.session.id, a.reason)
+                if a.msg is not None:
+                    self._post(a.session.peer, a.msg)
+            else:   # pragma: no cover - a machine action this shell does not know
+                raise AssertionError(f"unknown action {a!r}")
+        return sends
 
-    def _reject(self, peer: _Peer, room: int, reason: str) -> None:
-        """Fail one room for one rank that sent something invalid."""
-        self.stats["rejected"] += 1
-        plog(logging.WARNING, "rejected", "room %r from %s rejected: %s", room, peer.session_id, reason)
-        r = self._rooms.get(room)
-        if r is not None and peer.session_id in r.ranks:
-            self._fail_room(r, reason)
+    def _send_all(self, sends: list) -> None:
+        """Send the machine's :class:`Send` actions, outside the lock, on this (the writing) thread."""
+        for a in sends:
+            peer = a.session.peer
+            try:
+                peer.channel.send(a.msg)
+            except PeerError as e:
+                self._peer_lost(peer, str(e))
+
+    def _start_write(self, a: Write) -> None:
+        peer = a.rank.session.peer
+        job = functools.partial(self._write, a)
+        if self._here(peer, a.plan):
+            self._tls.jobs.append(job)      # run by this thread once the lock is released
         else:
-            self._post(peer, P.StatusMsg(room, Status.Failed, reason=reason[:1000]))
+            peer.jobs.put(job)
 
-    def _on_init(self, peer: _Peer, msg: P.Init) -> None:
-        r = self._rooms.get(msg.room)
-        if r is None and (peer.session_id, msg.room, msg.nonce) in self._finished_inits:
-            self.stats["duplicates"] += 1  # rule 4: a replay of an INIT whose room finished
-            return
-        if r is not None:
-            k = r.ranks.get(peer.session_id)
-            if k is not None:
-                if k.nonce == msg.nonce:
-                    self.stats["duplicates"] += 1  # rule 4
-                    return
-                self._reject(peer, msg.room, "a new request for a room this rank is still receiving")
-                return
-            if r.ranks and r.group != peer.group:
-                # the room belongs to the TP group of its first rank: another
-                # group is told, whatever it claims, and the room is left alone
-                self.stats["other_group"] += 1
-                self._reject(peer, msg.room, "the room belongs to another TP group (another engine instance's "
-                                             "ranks asked for it first)")
-                return
-            if r.tracker.status in (Status.Transferring, Status.Success):
-                self._reject(peer, msg.room, f"room already {r.tracker.status.name} to its "
-                                             f"{r.required} rank(s)")
-                return
-        try:
-            self._validate_dst(peer, msg)
-        except (ProtocolError, BlockSizeMismatch) as e:
-            self._reject(peer, msg.room, str(e))
-            return
-        bound = min(peer.pool.layout.num_blocks, MAX_LIVE_BLOCKS_PER_SESSION)
-        if peer.live_rooms >= MAX_LIVE_ROOMS_PER_SESSION or peer.live_blocks + len(msg.dst_blocks) > bound:
-            self.stats["refused_bound"] += 1
-            self._reject(peer, msg.room, f"this rank already has {peer.live_rooms} rooms and {peer.live_blocks} "
-                                         f"blocks in flight (bounds: {MAX_LIVE_ROOMS_PER_SESSION} rooms, {bound} "
-                                         "blocks)")
-            return
-        if r is None:
-            r = _Room(msg.room, time.monotonic() + self.config.request_timeout)
-            self._rooms[msg.room] = r
-            self._finished.pop(msg.room, None)
-        if r.required and len(r.ranks) >= r.required:
-            # the room's ranks are complete: another session is told, the room is left alone
-            self._reject(peer, msg.room, f"more than required_dst_info_num={r.required} ranks")
-            return
-        if r.required and r.required != msg.required_dst_info_num:
-            # still gathering its ranks: they disagree, so every one of them is told now
-            reason = (f"ranks disagree on required_dst_info_num ({r.required} vs "
-                      f"{msg.required_dst_info_num})")
-            self._reject(peer, msg.room, reason)
-            self._fail_room(r, reason)
-            return
-        r.required = msg.required_dst_info_num
-        r.group = peer.group
-        k = r.ranks[peer.session_id] = _Rank(peer, msg.nonce, msg.dst_blocks, msg.allocated_tokens, pending=True)
-        peer.live_rooms += 1
-        self._count(k)
-        r.deadline = time.monotonic() + self.config.request_timeout
-        if len(r.ranks) == r.required and r.tracker.status is Status.Bootstrapping:
-            r.tracker.set(Status.WaitingForInput)
-        self._maybe_start(r)
-
-    def _on_resume(self, peer: _Peer, msg: P.Resume) -> None:
-        r = self._rooms.get(msg.room)
-        rank = r.ranks.get(peer.session_id) if r is not None else None
-        if rank is None or r.source is None or rank.nonce != msg.nonce:
-            self._reject(peer, msg.room, "resume for a room this encoder does not hold")
-            return
-        try:
-            self._validate_dst(peer, msg)
-        except (ProtocolError, BlockSizeMismatch) as e:
-            self._fail_room(r, str(e), cause="bad_message")
-            return
-        if rank.done or rank.pending or rank.in_flight:
-            self.stats["duplicates"] += 1
-            return
-        if msg.sent_tokens != rank.sent_tokens:
-            self._fail_room(r, f"resume with sent_tokens={msg.sent_tokens}, encoder sent {rank.sent_tokens}", cause="bad_message")
-            return
-        rank.dst_blocks, rank.allocated_tokens, rank.pending = msg.dst_blocks, msg.allocated_tokens, True
-        self._count(rank)
-        r.deadline = time.monotonic() + self.config.request_timeout
-        self._maybe_start(r)
-
-    def _on_abort(self, peer: _Peer, msg: P.Abort) -> None:
-        r = self._rooms.get(msg.room)
-        if r is not None and peer.session_id in r.ranks:
-            self._fail_room(r, f"aborted by rank {peer.tp_rank}: {msg.reason}", ack_peer=peer, cause="aborted")
-        else:
-            # nothing of ours in flight: confirm at once so the rank frees its blocks
-            self._post(peer, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed",
-                                         flags=P.FLAG_ABORT_ACK))
+    def _done(self, r: Room) -> None:
+        """A room is terminal (and out of the table): wake waiters, free its blocks, tell the application."""
+        self._cond.notify_all()
+        if r.cause:
+            plog(logging.WARNING, "room_failed", "room %r failed: %s", r.room, r.reason)
+        if r.own_blocks and self.allocator is not None:
+            self.allocator.free(r.own_blocks, r.room)
+            self.stats.pool(self.allocator.used_blocks)
+        if r.on_done is not None:
+            try:
+                r.on_done(r.room, r.tracker.status)
+            except Exception:
+                log.exception("on_done callback failed")
 
     # ------------------------------------------------------------ transfers
-    def _maybe_start(self, r: _Room) -> None:
-        if r.source is None or not r.required or len(r.ranks) < r.required:
-            return
-        if r.tracker.status.terminal:
-            return
-        active = [k for k in r.ranks.values() if not k.done]
-        if not active or not all(k.pending for k in active):
-            return  # rule 5: a round starts when every rank asked for it
-        src = r.source
-        for k in active:
-            layout = k.peer.pool.layout
-            if src.hidden != layout.hidden or src.dtype != layout.dtype:
-                self._fail_room(r, f"embedding is {src.hidden} x {src.dtype}, rank pool is "
-                                   f"{layout.hidden} x {layout.dtype}")
-                return
-            try:
-                plan = plan_chunk(src.total_tokens, k.sent_tokens, k.allocated_tokens, layout.block_size,
-                                  k.dst_blocks)
-            except (ProtocolError, BlockSizeMismatch) as e:
-                self._fail_room(r, str(e), cause="bad_message")
-                return
-            k.pending, k.in_flight = False, True
-            aux = aux_record(src.total_tokens, src.mrope_delta, layout.aux_ints) if k.chunks == 0 else None
-            job = (lambda k=k, plan=plan, aux=aux: self._write(r, k, src, plan, aux))
-            if self._here(k, plan):
-                self._tls.jobs.append(job)      # run by this thread once the lock is released
-            else:
-                k.peer.jobs.put(job)
-
-    def _here(self, k: _Rank, plan: ChunkPlan) -> bool:
-        """Whether the calling thread writes the chunk itself: ``k``'s own ring
-        reader always (it has nothing else to do), an application thread in
-        ``send``/``send_tensors`` when the chunk is small and goes to a
+    def _here(self, peer: _Peer, plan: ChunkPlan) -> bool:
+        """Whether the calling thread writes the chunk itself: the rank's own
+        ring reader always (it has nothing else to do), an application thread
+        in ``send``/``send_tensors`` when the chunk is small and goes to a
         same-host peer (a memory copy: it returns a little later instead of
         paying a thread hand-off; a network write to a stalled peer could hold
         the caller, so those stay on the worker); anything else goes to the
@@ -839,107 +723,48 @@ class EncoderEndpoint:
         t = self._tls
         if getattr(t, "jobs", None) is None:
             return False
-        if t.peer is k.peer:
+        if t.peer is peer:
             return True
-        return (t.peer is None and k.peer.channel.dedicated
-                and plan.tokens * k.peer.pool.layout.emb_row_bytes <= INLINE_WRITE_BYTES)
+        return (t.peer is None and peer.channel.dedicated
+                and plan.tokens * peer.sess.row_bytes <= INLINE_WRITE_BYTES)
 
-    def _write(self, r: _Room, k: _Rank, src, plan: ChunkPlan, aux) -> None:
-        """Runs on the rank's worker thread (or, same-host, its reader thread).
+    def _write(self, a: Write) -> None:
+        """Runs on the rank's worker thread (or, same-host, its reader thread,
+        or the thread of ``send`` for a small first chunk).
 
-        While ``k.in_flight`` is set, a failure of the room does not post the
-        rank's Failed status: this method posts it once the write is over, so
-        the receiver never frees blocks that are still being written."""
+        While the rank is in flight, a failure of the room does not post the
+        rank's Failed status: the machine hands it back (a Send) once the
+        write is over, so the receiver never frees blocks still being written."""
+        r, k, plan, src = a.room, a.rank, a.plan, a.source
+        peer = k.session.peer
         if r.tracker.status.terminal:
-            self._end_in_flight(r, k)
+            with self._lock:
+                sends = self._run(self._m.write_skipped(r, k), True)
+            if sends:
+                self._send_all(sends)
             return
         try:
-            pieces = self._pieces(k.peer, plan)
+            aux = aux_record(src.total_tokens, src.mrope_delta, peer.pool.layout.aux_ints) if a.first else None
+            pieces = self._pieces(peer, plan)
             for i, piece in enumerate(pieces):
                 if r.tracker.status.terminal:
-                    break  # failed meanwhile: Failed is posted below, after the write
-                k.peer.transport.write_chunk(k.peer.pool, src, piece, aux if i == 0 else None)
+                    break  # failed meanwhile: its Failed is sent below, after the write
+                peer.transport.write_chunk(peer.pool, src, piece, aux if i == 0 else None)
                 if i + 1 < len(pieces):
                     landed = piece.sent_tokens_after - (plan.sent_tokens_after - plan.tokens)
-                    k.peer.channel.send(P.Progress(r.room, k.chunks + 1, landed))
+                    peer.channel.send(P.Progress(r.room, k.chunks + 1, landed))
         except Exception as e:
             with self._lock:
                 # the failed write may still land: this rank must keep its blocks
                 # away from other requests until the connection is torn down
-                k.unsafe = True
-                self._fail_room(r, f"transfer to rank {k.peer.tp_rank} failed: {e}", cause="transfer")
-            self._end_in_flight(r, k)
+                sends = self._run(self._m.write_failed(r, k, f"transfer to rank {peer.tp_rank} failed: {e}"), True)
+            if sends:
+                self._send_all(sends)
             return
         with self._lock:
-            if r.tracker.status.terminal:
-                msg = None              # failed while we wrote: post Failed below
-            else:
-                msg = self._chunk_written(r, k, src, plan)
-        if msg is None:
-            self._end_in_flight(r, k)
-            return
-        try:
-            k.peer.channel.send(msg)  # posted only after the data landed
-        except PeerError as e:
-            self._peer_lost(k.peer, str(e))
-
-    @staticmethod
-    def _count(k: _Rank) -> None:
-        """``k``'s destination blocks are asked for (INIT/RESUME): count them
-        against its session's bound until they are answered."""
-        if not k.counted:
-            k.counted = len(k.dst_blocks)
-            k.peer.live_blocks += k.counted
-
-    @staticmethod
-    def _uncount(k: _Rank) -> None:
-        """``k``'s blocks are answered (its chunk's STATUS, or Failed, is about
-        to go out): the rank may reuse them."""
-        if k.counted:
-            k.peer.live_blocks -= k.counted
-            k.counted = 0
-
-    def _chunk_written(self, r: _Room, k: _Rank, src, plan: ChunkPlan) -> P.StatusMsg:
-        """Book-keeping once a chunk landed (under the lock); returns its STATUS."""
-        k.in_flight = False
-        self._uncount(k)
-        k.sent_tokens = plan.sent_tokens_after
-        k.chunks += 1
-        k.done = not plan.partial
-        r.deadline = time.monotonic() + self.config.request_timeout
-        self.stats["chunks"] += 1
-        self.stats["bytes"] += plan.tokens * k.peer.pool.layout.emb_row_bytes
-        self.metrics.chunk(plan.tokens * (k.peer.pool.layout.emb_row_bytes + 16))
-        status = Status.Transferring if plan.partial else Status.Success
-        msg = P.StatusMsg(r.room, status, k.chunks, k.sent_tokens, plan.tokens, src.total_tokens)
-        if plan.partial:
-            if r.tracker.status is not Status.Transferring:
-                r.tracker.set(Status.Transferring)
-        elif all(x.done for x in r.ranks.values()):
-            r.tracker.set(Status.Success)
-            self.metrics.request_succeeded(resumes=max(x.chunks for x in r.ranks.values()) - 1,
-                                           latency_s=time.monotonic() - r.t0)
-            self._finish(r)
-        else:
-            # this rank is done: ranks that already asked for their next
-            # chunk were waiting for it (rule 5 gate)
-            self._maybe_start(r)
-        return msg
-
-    def _end_in_flight(self, r: _Room, k: _Rank) -> None:
-        """The write is over; if the room failed meanwhile, post its Failed now."""
-        with self._lock:
-            k.in_flight = False
-            self._uncount(k)
-            msg = k.failed_msg
-            k.failed_msg = None
-        if msg is not None:
-            if k.unsafe:
-                msg = dataclasses.replace(msg, flags=msg.flags | P.FLAG_BLOCKS_UNSAFE)
-            try:
-                k.peer.channel.send(msg)
-            except PeerError:
-                pass
+            sends = self._run(self._m.written(r, k, plan, time.monotonic()), True)
+        if sends:
+            self._send_all(sends)     # the chunk's STATUS: posted only after the data landed
 
     def _pieces(self, peer: _Peer, plan: ChunkPlan) -> list[ChunkPlan]:
         """Split a chunk into pieces for pipelined delivery: at most
@@ -971,46 +796,6 @@ class EncoderEndpoint:
                 pass
         peer.jobs.put(job)
 
-    def _fail_room(self, r: _Room, reason: str, ack_peer: Optional[_Peer] = None, cause: str = "error") -> None:
-        if not r.tracker.fail():
-            return
-        r.reason = reason
-        self.stats["failed"] += 1
-        self.metrics.request_failed(cause)
-        plog(logging.WARNING, "room_failed", "room %r failed: %s", r.room, reason)
-        for k in r.ranks.values():
-            if k.peer.alive:
-                flags = (P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0) | (P.FLAG_ABORT_ACK if k.peer is ack_peer else 0)
-                msg = P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens, reason=reason[:1000],
-                                  flags=flags)
-                if k.in_flight:
-                    k.failed_msg = msg      # posted by _write once the write is over
-                else:
-                    self._post(k.peer, msg)
-        self._finish(r)
-
-    def _finish(self, r: _Room) -> None:
-        self._rooms.pop(r.room, None)
-        self._finished[r.room] = r.tracker.status
-        while len(self._finished) > FINISHED_MEMORY:
-            self._finished.popitem(last=False)
-        for k in r.ranks.values():
-            self._finished_inits[(k.peer.session_id, r.room, k.nonce)] = None
-            k.peer.live_rooms -= 1
-            if not k.in_flight:         # an in-flight write's blocks are answered once it is over
-                self._uncount(k)
-        while len(self._finished_inits) > FINISHED_MEMORY:
-            self._finished_inits.popitem(last=False)
-        self._cond.notify_all()
-        if r.own_blocks and self.allocator is not None:
-            self.allocator.free(r.own_blocks, r.room)
-        r.source = None
-        if r.on_done is not None:
-            try:
-                r.on_done(r.room, r.tracker.status)
-            except Exception:
-                log.exception("on_done callback failed")
-
     # ------------------------------------------------------------ liveness
     def _peer_lost(self, peer: _Peer, reason: str, clean: bool = False) -> None:
         with self._lock:
@@ -1027,9 +812,7 @@ class EncoderEndpoint:
         for ident, p in list(self._zmq_peers.items()):
             if p is peer:
                 del self._zmq_peers[ident]
-        for r in list(self._rooms.values()):
-            if peer.session_id in r.ranks:
-                self._fail_room(r, f"language rank {peer.tp_rank} lost: {reason}", cause="peer_lost")
+        self._run(self._m.peer_lost(peer.sess, reason))
         peer.jobs.put(lambda: self._close_peer(peer))
         peer.jobs.put(None)
 
@@ -1081,9 +864,7 @@ class EncoderEndpoint:
             if now - hs["t"] > c.handshake_timeout:
                 self._handshakes.pop(ident, None)
         with self._lock:
-            for r in list(self._rooms.values()):
-                if now > r.deadline:
-                    self._fail_room(r, f"timed out in {r.tracker.status.name} after {c.request_timeout}s", cause="timeout")
+            self._run(self._m.tick(now))
 
     # ------------------------------------------------------------ teardown
     def close(self) -> None:
@@ -1091,8 +872,7 @@ class EncoderEndpoint:
             if self._closed:
                 return
             self._closed = True
-            for r in list(self._rooms.values()):
-                self._fail_room(r, "encoder endpoint closed", cause="closed")
+            self._run(self._m.close())
             peers = list(self._peers.values())
         self._stop.set()
         self._monitor.join(timeout=2)

@@ -1,0 +1,525 @@
+"""The encoder side's rooms: registered embeddings, the ranks' requests, rounds, bounds and timeouts, with no I/O.
+
+:class:`EncoderRooms` holds every room of one
+:class:`~embresume.encoder.EncoderEndpoint`: the embedding registered for
+it (its *source*), the ranks (language sessions) that asked for it and how
+far each one is.  The endpoint feeds it events and carries out the actions
+it returns, in order::
+
+    event (a method call)                          actions it may return
+    -------------------------------------------    ----------------------------------------
+    register(room, source, now, ...)  (send)       Write
+    withdraw(room)                                 Done
+    init(session, INIT, now)                       Write, Reject, Post (Failed), Done
+    resume(session, RESUME, now)                   Write, Reject, Post (Failed), Done
+    abort(session, ABORT)                          Post (Failed, FLAG_ABORT_ACK), Done
+    written(room, rank, plan, now)                 Send (its STATUS), Write (next round), Post, Done
+    write_failed(room, rank, reason)               Send (Failed, FLAG_BLOCKS_UNSAFE), Post, Done
+    write_skipped(room, rank)                      Send (a Failed deferred while it was in flight)
+    peer_lost(session, reason) / tick(now)/close   Post (Failed), Done
+
+The endpoint runs every action under its lock except :class:`Send`, which
+the thread that did the write sends once the lock is released (a STATUS goes
+out only after its chunk landed, and a rank's Failed only after its in-flight
+write is over: rules 7 of docs/design.md).  A :class:`Write` is carried out
+outside the lock too (on the rank's worker or reader thread); the rank is
+marked ``in_flight`` until the endpoint reports :meth:`EncoderRooms.written`,
+:meth:`~EncoderRooms.write_failed` or :meth:`~EncoderRooms.write_skipped`.
+
+The rules of docs/design.md section 4 live here: a room keeps its source
+until it ends (1), ``allocated_tokens == len(dst_blocks) * block_size`` (2),
+aux goes with a rank's first chunk only (3: ``Write.first``), duplicate and
+replayed INITs are ignored while a new nonce is a new use of the key (4), a
+round starts when every rank still receiving asked for it (5), every index a
+peer sends is checked (6).  So do the per-session bounds of section 8 (live
+rooms and unanswered destination blocks of each :class:`Session`) and the
+rule that a room's ranks all belong to the TP group of its first INIT.
+
+Counts are recorded once, in the endpoint's
+:class:`~embresume.metrics.EndpointStats`.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .. import protocol as P
+from ..errors import BlockSizeMismatch, InvalidArgument, ProtocolError
+from ..metrics import EndpointStats
+from ..planner import ChunkPlan, check_block_size, plan_chunk
+from ..status import Status, StatusTracker
+
+#: finished rooms (their final status, for wait/poll) and finished INITs
+#: (session, room, nonce: a replay is a duplicate) remembered
+FINISHED_MEMORY = 65536
+#: per language session (one rank's connection): rooms it is a rank of, and
+#: destination blocks it has asked to be written and not yet been answered
+#: for (at most its pool's blocks: an honest rank cannot have more).  An INIT
+#: past either bound is refused to that rank alone (STATUS Failed).
+MAX_LIVE_ROOMS_PER_SESSION = 16384
+MAX_LIVE_BLOCKS_PER_SESSION = 1 << 20
+
+_TERMINAL = (Status.Success, Status.Failed)
+_SUCCESS, _FAILED, _TRANSFERRING = Status.Success, Status.Failed, Status.Transferring
+
+
+# ---------------------------------------------------------------- actions
+@dataclass(slots=True)
+class Write:
+    """Write ``plan`` of ``source`` (``room``'s) into ``rank``'s blocks (with
+    the aux record when ``first``), outside the lock; then report
+    :meth:`EncoderRooms.written` (or ``write_failed`` / ``write_skipped``)."""
+    room: "Room"
+    rank: "Rank"
+    plan: ChunkPlan
+    first: bool
+    source: object
+
+
+@dataclass(slots=True)
+class Send:
+    """Send ``msg`` to ``session`` from the writing thread, after the lock is
+    released (a chunk's STATUS, or the Failed of a rank whose write is over)."""
+    session: "Session"
+    msg: P.StatusMsg
+
+
+@dataclass(slots=True)
+class Post:
+    """Queue ``msg`` to ``session`` behind that session's in-flight writes."""
+    session: "Session"
+    msg: P.StatusMsg
+
+
+@dataclass(slots=True)
+class Reject:
+    """``session`` sent something refused for ``room`` (counted in
+    ``stats["rejected"]``): log it, and post ``msg`` (a Failed to that session
+    alone) unless None (the room itself failed: its ranks are told by Posts)."""
+    session: "Session"
+    room: P.Room
+    reason: str
+    msg: Optional[P.StatusMsg]
+
+
+@dataclass(slots=True)
+class Done:
+    """``room`` is terminal and left the table: wake its waiters, free its own
+    blocks, call its ``on_done`` (a failure with a ``cause`` is logged)."""
+    room: "Room"
+
+
+# ---------------------------------------------------------------- state
+class Session:
+    """One language rank's connection as the machine sees it: its TP group,
+    its pool's layout (a :class:`~embresume.blocks.BlockLayout`) and its live
+    counts.  ``peer`` is the endpoint's object for it (opaque here)."""
+
+    __slots__ = ("id", "tp_rank", "group", "layout", "row_bytes", "live_rooms", "live_blocks", "alive", "peer")
+
+    def __init__(self, session_id: str, group: str, layout, peer=None, tp_rank: int = 0):
+        self.id = session_id
+        self.tp_rank = tp_rank
+        self.group = group
+        self.layout = layout
+        self.row_bytes = layout.emb_row_bytes
+        #: live rooms it is a rank of, blocks of its pool it asked for and awaits
+        self.live_rooms = 0
+        self.live_blocks = 0
+        self.alive = True
+        self.peer = peer
+
+    def __repr__(self) -> str:
+        return f"Session({self.id!r})"
+
+
+class Rank:
+    """One session's part in a room."""
+
+    __slots__ = ("session", "nonce", "dst_blocks", "allocated_tokens", "sent_tokens", "chunks", "pending",
+                 "in_flight", "done", "unsafe", "failed_msg", "counted")
+
+    def __init__(self, session: Session, nonce: int, dst_blocks: tuple, allocated_tokens: int):
+        self.session = session
+        self.nonce = nonce
+        self.dst_blocks = dst_blocks
+        self.allocated_tokens = allocated_tokens
+        self.sent_tokens = 0
+        self.chunks = 0
+        self.pending = True         # asked for its next chunk
+        self.in_flight = False      # a Write of it is out
+        self.done = False
+        self.unsafe = False         # a write into its blocks failed and may still land
+        self.failed_msg: Optional[P.StatusMsg] = None   # sent once its in-flight write is over
+        self.counted = 0            # dst blocks counted in session.live_blocks (asked for, not yet answered)
+
+    @property
+    def peer(self):
+        return self.session.peer
+
+
+class Room:
+    """One room: its source (once registered), its ranks by session id."""
+
+    __slots__ = ("room", "deadline", "tracker", "source", "required", "ranks", "on_done", "own_blocks",
+                 "reason", "cause", "t0", "group")
+
+    def __init__(self, room: P.Room, now: float, deadline: float):
+        self.room = room
+        self.deadline = deadline
+        self.tracker = StatusTracker()
+        self.source = None
+        self.required = 0
+        self.ranks: dict[str, Rank] = {}
+        self.on_done: Optional[Callable] = None
+        self.own_blocks: Optional[list] = None
+        self.reason = ""
+        self.cause = ""
+        self.t0 = now
+        self.group: Optional[str] = None     # the TP group of its ranks (set by the first INIT)
+
+    @property
+    def status(self) -> Status:
+        return self.tracker.status
+
+
+class EncoderRooms:
+    """The encoder side's room state machine (see the module docstring).
+
+    Sources are duck-typed: ``total_tokens``, ``hidden``, ``dtype`` and
+    ``mrope_delta`` are read, nothing else."""
+
+    def __init__(self, *, stats: EndpointStats, request_timeout: float = 60.0):
+        self.stats = stats
+        self.request_timeout = request_timeout
+        self.rooms: dict[P.Room, Room] = {}
+        #: final statuses of finished rooms (for wait / poll)
+        self.finished: "collections.OrderedDict[P.Room, Status]" = collections.OrderedDict()
+        #: (session, room, nonce) of INITs whose room finished: a replay is a duplicate
+        self.finished_inits: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+
+    # ------------------------------------------------------------ the application
+    def register(self, room: P.Room, source, now: float, on_done: Optional[Callable] = None,
+                 own_blocks: Optional[list] = None) -> list:
+        """An embedding for ``room`` (send / send_tensors).  Raises
+        InvalidArgument, changing nothing, when one is already in flight."""
+        r = self.rooms.get(room)
+        if r is None:
+            r = self.rooms[room] = Room(room, now, now + self.request_timeout)
+            self.finished.pop(room, None)
+        elif r.source is not None:
+            raise InvalidArgument(f"room {room!r} already has an embedding in flight")
+        r.source, r.on_done, r.own_blocks = source, on_done, own_blocks
+        r.deadline = now + self.request_timeout
+        r.t0 = now
+        self.stats["sends"] += 1
+        self.stats.request_started()
+        out: list = []
+        self._maybe_start(r, out)
+        return out
+
+    def withdraw(self, room: P.Room) -> Optional[list]:
+        """Take back a registered embedding no rank asked for yet: its actions,
+        or None (nothing changed) for a room unknown, finished or asked for."""
+        r = self.rooms.get(room)
+        if r is None or r.source is None or r.ranks:
+            return None
+        r.reason = "withdrawn by the encoder"
+        r.tracker.fail()
+        out: list = []
+        self._finish(r, out)
+        return out
+
+    # ------------------------------------------------------------ the ranks
+    def init(self, s: Session, msg: P.Init, now: float) -> list:
+        out: list = []
+        r = self.rooms.get(msg.room)
+        if r is None and (s.id, msg.room, msg.nonce) in self.finished_inits:
+            self.stats["duplicates"] += 1  # rule 4: a replay of an INIT whose room finished
+            return out
+        if r is not None:
+            k = r.ranks.get(s.id)
+            if k is not None:
+                if k.nonce == msg.nonce:
+                    self.stats["duplicates"] += 1  # rule 4
+                    return out
+                self._reject(s, msg.room, "a new request for a room this rank is still receiving", out)
+                return out
+            if r.ranks and r.group != s.group:
+                # the room belongs to the TP group of its first rank: another
+                # group is told, whatever it claims, and the room is left alone
+                self.stats["other_group"] += 1
+                self._reject(s, msg.room, "the room belongs to another TP group (another engine instance's "
+                                          "ranks asked for it first)", out)
+                return out
+            if r.tracker.status in (Status.Transferring, Status.Success):
+                self._reject(s, msg.room, f"room already {r.tracker.status.name} to its {r.required} rank(s)", out)
+                return out
+        try:
+            self._validate_dst(s, msg)
+        except (ProtocolError, BlockSizeMismatch) as e:
+            self._reject(s, msg.room, str(e), out)
+            return out
+        bound = min(s.layout.num_blocks, MAX_LIVE_BLOCKS_PER_SESSION)
+        if s.live_rooms >= MAX_LIVE_ROOMS_PER_SESSION or s.live_blocks + len(msg.dst_blocks) > bound:
+            self.stats["refused_bound"] += 1
+            self._reject(s, msg.room, f"this rank already has {s.live_rooms} rooms and {s.live_blocks} "
+                                      f"blocks in flight (bounds: {MAX_LIVE_ROOMS_PER_SESSION} rooms, {bound} "
+                                      "blocks)", out)
+            return out
+        if r is None:
+            r = self.rooms[msg.room] = Room(msg.room, now, now + self.request_timeout)
+            self.finished.pop(msg.room, None)
+        if r.required and len(r.ranks) >= r.required:
+            # the room's ranks are complete: another session is told, the room is left alone
+            self._reject(s, msg.room, f"more than required_dst_info_num={r.required} ranks", out)
+            return out
+        if r.required and r.required != msg.required_dst_info_num:
+            # still gathering its ranks: they disagree, so every one of them is told now
+            reason = f"ranks disagree on required_dst_info_num ({r.required} vs {msg.required_dst_info_num})"
+            self._reject(s, msg.room, reason, out)
+            self._fail(r, reason, out)
+            return out
+        r.required = msg.required_dst_info_num
+        r.group = s.group
+        k = r.ranks[s.id] = Rank(s, msg.nonce, msg.dst_blocks, msg.allocated_tokens)
+        s.live_rooms += 1
+        self._count(k)
+        r.deadline = now + self.request_timeout
+        if len(r.ranks) == r.required and r.tracker.status is Status.Bootstrapping:
+            r.tracker.set(Status.WaitingForInput)
+        self._maybe_start(r, out)
+        return out
+
+    def resume(self, s: Session, msg: P.Resume, now: float) -> list:
+        out: list = []
+        r = self.rooms.get(msg.room)
+        k = r.ranks.get(s.id) if r is not None else None
+        if k is None or r.source is None or k.nonce != msg.nonce:
+            self._reject(s, msg.room, "resume for a room this encoder does not hold", out)
+            return out
+        try:
+            self._validate_dst(s, msg)
+        except (ProtocolError, BlockSizeMismatch) as e:
+            self._fail(r, str(e), out, cause="bad_message")
+            return out
+        if k.done or k.pending or k.in_flight:
+            self.stats["duplicates"] += 1
+            return out
+        if msg.sent_tokens != k.sent_tokens:
+            self._fail(r, f"resume with sent_tokens={msg.sent_tokens}, encoder sent {k.sent_tokens}", out,
+                       cause="bad_message")
+            return out
+        k.dst_blocks, k.allocated_tokens, k.pending = msg.dst_blocks, msg.allocated_tokens, True
+        self._count(k)
+        r.deadline = now + self.request_timeout
+        self._maybe_start(r, out)
+        return out
+
+    def abort(self, s: Session, msg: P.Abort) -> list:
+        out: list = []
+        r = self.rooms.get(msg.room)
+        if r is not None and s.id in r.ranks:
+            self._fail(r, f"aborted by rank {s.tp_rank}: {msg.reason}", out, ack=s, cause="aborted")
+        else:
+            # nothing of ours in flight: confirm at once so the rank frees its blocks
+            out.append(Post(s, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed",
+                                           flags=P.FLAG_ABORT_ACK)))
+        return out
+
+    def reject(self, s: Session, room: P.Room, reason: str) -> list:
+        """``s`` sent something invalid for ``room`` that the endpoint found
+        (not a message the machine reads): fail that room for it."""
+        out: list = []
+        self._reject(s, room, reason, out)
+        return out
+
+    # ------------------------------------------------------------ writes
+    def written(self, r: Room, k: Rank, plan: ChunkPlan, now: float) -> list:
+        """``plan`` of ``r`` landed in ``k``'s blocks."""
+        out: list = []
+        if r.tracker.status in _TERMINAL:
+            self._end_in_flight(k, out)      # failed while we wrote: post Failed now
+            return out
+        k.in_flight = False
+        self._uncount(k)
+        k.sent_tokens = plan.sent_tokens_after
+        k.chunks += 1
+        partial = plan.partial
+        k.done = not partial
+        r.deadline = now + self.request_timeout
+        src = r.source
+        self.stats.chunk(plan.tokens, k.session.row_bytes)
+        msg = P.StatusMsg(r.room, _TRANSFERRING if partial else _SUCCESS, k.chunks, k.sent_tokens, plan.tokens,
+                          src.total_tokens)
+        if partial:
+            if r.tracker.status is not _TRANSFERRING:
+                r.tracker.set(_TRANSFERRING)
+        elif all(x.done for x in r.ranks.values()):
+            r.tracker.set(_SUCCESS)
+            self.stats.request_succeeded(resumes=max(x.chunks for x in r.ranks.values()) - 1,
+                                         latency_s=now - r.t0)
+            self._finish(r, out)
+        else:
+            # this rank is done: ranks that already asked for their next
+            # chunk were waiting for it (rule 5 gate)
+            self._maybe_start(r, out)
+        out.append(Send(k.session, msg))
+        return out
+
+    def write_failed(self, r: Room, k: Rank, reason: str) -> list:
+        """The write for ``k`` failed: it may still land, so ``k``'s blocks are
+        unsafe until the connection is torn down."""
+        out: list = []
+        k.unsafe = True
+        self._fail(r, reason, out, cause="transfer")
+        self._end_in_flight(k, out)
+        return out
+
+    def write_skipped(self, r: Room, k: Rank) -> list:
+        """The endpoint did not start (or cut short) ``k``'s write: the room was terminal."""
+        out: list = []
+        self._end_in_flight(k, out)
+        return out
+
+    # ------------------------------------------------------------ liveness and time
+    def peer_lost(self, s: Session, reason: str) -> list:
+        """``s``'s connection is gone: its rooms fail (the other ranks are told)."""
+        out: list = []
+        if not s.alive:
+            return out
+        s.alive = False
+        sid = s.id
+        reason = f"language rank {s.tp_rank} lost: {reason}"
+        for r in list(self.rooms.values()):
+            k = r.ranks.get(sid)
+            if k is not None and k.session is s:
+                self._fail(r, reason, out, cause="peer_lost")
+        return out
+
+    def tick(self, now: float) -> list:
+        out: list = []
+        for r in list(self.rooms.values()):
+            if now > r.deadline:
+                self._fail(r, f"timed out in {r.tracker.status.name} after {self.request_timeout}s", out,
+                           cause="timeout")
+        return out
+
+    def close(self) -> list:
+        out: list = []
+        for r in list(self.rooms.values()):
+            self._fail(r, "encoder endpoint closed", out, cause="closed")
+        return out
+
+    # ------------------------------------------------------------ queries
+    def status(self, room: P.Room) -> Optional[Status]:
+        r = self.rooms.get(room)
+        if r is not None:
+            return r.tracker.status
+        return self.finished.get(room)
+
+    # ------------------------------------------------------------ internals
+    @staticmethod
+    def _validate_dst(s: Session, msg) -> None:
+        if msg.session_id != s.id:
+            raise ProtocolError("session_id", f"{msg.session_id!r} on the channel of {s.id!r}")
+        nb = s.layout.num_blocks
+        if max(msg.dst_blocks) >= nb:
+            bad = next(b for b in msg.dst_blocks if b >= nb)
+            raise ProtocolError("dst_blocks", f"block {bad} out of range [0, {nb})")
+        check_block_size(msg.allocated_tokens, msg.dst_blocks, s.layout.block_size)
+
+    def _reject(self, s: Session, room: P.Room, reason: str, out: list) -> None:
+        """Fail one room for one rank that sent something invalid."""
+        self.stats["rejected"] += 1
+        r = self.rooms.get(room)
+        if r is not None and s.id in r.ranks:
+            out.append(Reject(s, room, reason, None))
+            self._fail(r, reason, out)
+        else:
+            out.append(Reject(s, room, reason, P.StatusMsg(room, Status.Failed, reason=reason[:1000])))
+
+    def _maybe_start(self, r: Room, out: list) -> None:
+        src = r.source
+        if src is None or not r.required or len(r.ranks) < r.required:
+            return
+        if r.tracker.status in _TERMINAL:
+            return
+        active = [k for k in r.ranks.values() if not k.done]
+        if not active or not all(k.pending for k in active):
+            return  # rule 5: a round starts when every rank asked for it
+        total = src.total_tokens
+        for k in active:
+            layout = k.session.layout
+            if src.hidden != layout.hidden or src.dtype != layout.dtype:
+                self._fail(r, f"embedding is {src.hidden} x {src.dtype}, rank pool is "
+                              f"{layout.hidden} x {layout.dtype}", out)
+                return
+            try:
+                plan = plan_chunk(total, k.sent_tokens, k.allocated_tokens, layout.block_size, k.dst_blocks)
+            except (ProtocolError, BlockSizeMismatch) as e:
+                self._fail(r, str(e), out, cause="bad_message")
+                return
+            k.pending, k.in_flight = False, True
+            out.append(Write(r, k, plan, k.chunks == 0, src))
+
+    @staticmethod
+    def _count(k: Rank) -> None:
+        """``k``'s destination blocks are asked for (INIT/RESUME): count them
+        against its session's bound until they are answered."""
+        if not k.counted:
+            k.counted = len(k.dst_blocks)
+            k.session.live_blocks += k.counted
+
+    @staticmethod
+    def _uncount(k: Rank) -> None:
+        """``k``'s blocks are answered (its chunk's STATUS, or Failed, is about
+        to go out): the rank may reuse them."""
+        if k.counted:
+            k.session.live_blocks -= k.counted
+            k.counted = 0
+
+    def _end_in_flight(self, k: Rank, out: list) -> None:
+        """``k``'s write is over; if the room failed meanwhile, its Failed goes out now."""
+        k.in_flight = False
+        self._uncount(k)
+        msg, k.failed_msg = k.failed_msg, None
+        if msg is not None:
+            if k.unsafe and not msg.flags & P.FLAG_BLOCKS_UNSAFE:
+                msg = P.StatusMsg(msg.room, msg.status, msg.seq, msg.sent_tokens, msg.chunk_tokens,
+                                  msg.total_tokens, msg.reason, msg.flags | P.FLAG_BLOCKS_UNSAFE)
+            out.append(Send(k.session, msg))
+
+    def _fail(self, r: Room, reason: str, out: list, ack: Optional[Session] = None, cause: str = "error") -> None:
+        if not r.tracker.fail():
+            return
+        r.reason = reason
+        r.cause = cause
+        self.stats.request_failed(cause)
+        for k in r.ranks.values():
+            if k.session.alive:
+                flags = (P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0) | (P.FLAG_ABORT_ACK if k.session is ack else 0)
+                msg = P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens, reason=reason[:1000], flags=flags)
+                if k.in_flight:
+                    k.failed_msg = msg      # sent once the write is over (written / write_failed / write_skipped)
+                else:
+                    out.append(Post(k.session, msg))
+        self._finish(r, out)
+
+    def _finish(self, r: Room, out: list) -> None:
+        if self.rooms.get(r.room) is r:
+            del self.rooms[r.room]
+        self.finished[r.room] = r.tracker.status
+        while len(self.finished) > FINISHED_MEMORY:
+            self.finished.popitem(last=False)
+        for k in r.ranks.values():
+            self.finished_inits[(k.session.id, r.room, k.nonce)] = None
+            k.session.live_rooms -= 1
+            if not k.in_flight:         # an in-flight write's blocks are answered once it is over
+                self._uncount(k)
+        while len(self.finished_inits) > FINISHED_MEMORY:
+            self.finished_inits.popitem(last=False)
+        r.source = None                 # a Write still out holds its own reference
+        out.append(Done(r))
