@@ -6,6 +6,28 @@ what fits, the transport writes it, and only then the chunk's STATUS
 (Transferring or Success) is posted — per rank, in order, on the rank's own
 worker thread, so one slow rank never delays another's control messages.
 
+Two layers (docs/design.md, "Room state machines"):
+
+* :class:`embresume.rooms.encoder.EncoderRooms`, the room state machine,
+  does no I/O: it holds the rooms, their sources and ranks, the rounds, the
+  per-session bounds, the finished rooms and INITs (rule 4) and the
+  timeouts, and answers each event (``register`` / ``withdraw``, a rank's
+  INIT / RESUME / ABORT, a write that landed, failed or was skipped, a lost
+  peer, ``tick(now)``, ``close``) with actions: ``Write`` (start a transport
+  write), ``Send`` (a STATUS the writing thread sends after its chunk
+  landed), ``Post`` (a STATUS queued behind the rank's writes), ``Reject``
+  (a refusal to one rank) and ``Done`` (a room ended: wake its waiters, free
+  its blocks, call ``on_done``).  It records its counts once, in
+  :attr:`EncoderEndpoint.stats` (a :class:`~embresume.metrics.EndpointStats`:
+  the counters and the process-wide metrics in one call).
+* :class:`EncoderEndpoint`, this module, is the I/O shell: handshakes (Unix
+  socket and ZeroMQ), peers and their control channels, worker threads,
+  transports, heartbeats and the liveness monitor, the endpoint lock.  It
+  feeds the machine under the lock and carries out its actions there, except
+  the writes (on the rank's worker or reader thread, or the thread of
+  ``send`` for a small first chunk) and the ``Send`` of their STATUS, which
+  happen once the lock is released: no blocking I/O under the lock.
+
 Rules (docs/design.md):
 1. a room's source and total_tokens are kept until Success/Failed/timeout, so
    every RESUME re-triggers a transfer;
