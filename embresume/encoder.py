@@ -654,9 +654,9 @@ class EncoderEndpoint:
             return
         t = type(msg)
         if t is P.Init:
-            self._run(self._m.init(peer.sess, msg, time.monotonic()))
+            self._run(self._m.init(peer.sess, msg, peer.last_seen))      # last_seen: now, by _on_message
         elif t is P.Resume:
-            self._run(self._m.resume(peer.sess, msg, time.monotonic()))
+            self._run(self._m.resume(peer.sess, msg, peer.last_seen))
         elif t is P.Abort:
             self._run(self._m.abort(peer.sess, msg))
         elif isinstance(msg, P.Bye):
