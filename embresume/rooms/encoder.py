@@ -8,21 +8,23 @@ it returns, in order::
 
     event (a method call)                          actions it may return
     -------------------------------------------    ----------------------------------------
-    register(room, source, now, ...)  (send)       Write
+    register(room, source, now, ...)  (send)       Write, Post (Failed), Done
     withdraw(room)                                 Done
     init(session, INIT, now)                       Write, Reject, Post (Failed), Done
     resume(session, RESUME, now)                   Write, Reject, Post (Failed), Done
     abort(session, ABORT)                          Post (Failed, FLAG_ABORT_ACK), Done
-    written(room, rank, plan, now)                 Send (its STATUS), Write (next round), Post, Done
+    written(room, rank, plan, now)                 Send (its STATUS, or the Failed deferred while it
+                                                   was in flight), Write (next round), Post, Done
     write_failed(room, rank, reason)               Send (Failed, FLAG_BLOCKS_UNSAFE), Post, Done
     write_skipped(room, rank)                      Send (a Failed deferred while it was in flight)
-    peer_lost(session, reason) / tick(now)/close   Post (Failed), Done
+    peer_lost(session, reason), tick(now), close   Post (Failed), Done
 
 The endpoint runs every action under its lock except :class:`Send`, which
 the thread that did the write sends once the lock is released (a STATUS goes
 out only after its chunk landed, and a rank's Failed only after its in-flight
-write is over: rules 7 of docs/design.md).  A :class:`Write` is carried out
-outside the lock too (on the rank's worker or reader thread); the rank is
+write is over: rule 7 of docs/design.md).  A :class:`Write` is carried out
+outside the lock too (on the rank's worker or reader thread, or the thread
+of ``send`` for a small first chunk); the rank is
 marked ``in_flight`` until the endpoint reports :meth:`EncoderRooms.written`,
 :meth:`~EncoderRooms.write_failed` or :meth:`~EncoderRooms.write_skipped`.
 
@@ -327,13 +329,6 @@ class EncoderRooms:
             # nothing of ours in flight: confirm at once so the rank frees its blocks
             out.append(Post(s, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed",
                                            flags=P.FLAG_ABORT_ACK)))
-        return out
-
-    def reject(self, s: Session, room: P.Room, reason: str) -> list:
-        """``s`` sent something invalid for ``room`` that the endpoint found
-        (not a message the machine reads): fail that room for it."""
-        out: list = []
-        self._reject(s, room, reason, out)
         return out
 
     # ------------------------------------------------------------ writes
