@@ -119,11 +119,16 @@ def _message_types() -> dict:
 
 def _room_in(args) -> Optional[int]:
     """The room an instrumented call is about: the first int argument or the
-    first argument with an int ``room`` (a message, a room or request record)."""
+    first argument with a ``room`` key (a message, a room or request record),
+    also one level down (a room machine's action: ``.room.room``, ``.req.room``)."""
     for x in args[1:]:
         if isinstance(x, int) and not isinstance(x, bool):
             return x
         r = getattr(x, "room", None)
+        if r is None:
+            r = getattr(getattr(x, "req", None), "room", None)
+        elif not isinstance(r, (int, str, bytes)):
+            r = getattr(r, "room", None)
         if isinstance(r, (int, str, bytes)) and not isinstance(r, bool):
             return r
     return None
@@ -175,6 +180,9 @@ class Probes:
             if name is not None:
                 return name, x
         return None, None
+
+    def _types(self, *kinds: str) -> tuple:
+        return tuple(cls for name, cls in self.mt.items() if name in kinds)
 
     def _select(self, *kinds: str):
         """args -> room, for calls whose last argument is a message of one of ``kinds``."""
@@ -376,8 +384,13 @@ class Probes:
         self.wrap(L, "_on_message", "language message handler",
                   hook=self._arrival_hook("lang", ("StatusMsg", "Progress"), "lang.decoded", "lang.reader_done"))
         self.wrap(L, "request", "language request()", _room_in, "lang.request_entered", "lang.request_returned")
-        self.wrap(L, "_on_status", "language status handler", self._select("StatusMsg"),
-                  post="lang.status_handled")
+        try:
+            from embresume.rooms.language import LanguageRooms as R      # the room machine (no I/O)
+        except Exception:       # an older tree: the endpoint held the room logic itself
+            R = None
+        self.wrap(R or L, "status" if R else "_on_status", "language status handler", self._select("StatusMsg")
+                  if not R else (lambda a: a[2].room if len(a) > 2 and type(a[2]) in self._types("StatusMsg")
+                                 else None), post="lang.status_handled")
 
         def copy_room(a):
             room = _room_in(a)
@@ -385,7 +398,8 @@ class Probes:
             return room
 
         self.wrap(L, "_copy", "language copy job", copy_room, "lang.copy_start", "lang.copy_exit")
-        self.wrap(L, "_chunk_done", "language chunk done (Success set)", _room_in, post="lang.success_set")
+        self.wrap(R or L, "_succeed" if R else "_chunk_done", "language chunk done (Success set)", _room_in,
+                  post="lang.success_set")
         try:
             from embresume.merge import MergeBuffer
             self.wrap(MergeBuffer, "add", "merge copy", lambda a: getattr(tls, "copy_room", None),
