@@ -695,19 +695,18 @@ class LanguageRooms:
         for enc in self.encs.values():
             if not enc.up:
                 continue
-            why = self._overdue(enc.quarantined_at, now, limit)
-            if why is not None:
-                self.stats["stuck_encoders"] += 1
-                self._out.append(TearDown(enc.address, (
-                    f"stuck: no acknowledgement of the abort of room {why!r} within {limit:.1f}s (its blocks were "
-                    "quarantined; the connection is torn down to free them)")))
-                continue
-            why = self._overdue(enc.held_at, now, limit)
-            if why is not None:
-                self.stats["held_teardowns"] += 1
-                self._out.append(TearDown(enc.address, (
-                    f"blocks of room {why!r} held for {limit:.1f}s after a failed write into them (the connection "
-                    "is torn down so that nothing can land in them any more, and they are freed)")))
+            for since, counter, why in (
+                    (enc.quarantined_at, "stuck_encoders",
+                     "stuck: no acknowledgement of the abort of room {room!r} within {limit:.1f}s (its blocks were "
+                     "quarantined; the connection is torn down to free them)"),
+                    (enc.held_at, "held_teardowns",
+                     "blocks of room {room!r} held for {limit:.1f}s after a failed write into them (the connection "
+                     "is torn down so that nothing can land in them any more, and they are freed)")):
+                room = self._overdue(since, now, limit)
+                if room is not None:
+                    self.stats[counter] += 1
+                    self._out.append(TearDown(enc.address, why.format(room=room, limit=limit)))
+                    break
         return self._take()
 
     @staticmethod
