@@ -98,10 +98,10 @@ class Harness:
         return actions
 
     def _deliver(self, s: Session, msg: P.StatusMsg) -> None:
-        if msg.status is Status.Failed and msg.reason != "abort confirmed":
-            # rule 7: never while a write into that rank's blocks is out (the
-            # confirmation of an ABORT for a room no longer in the table is
-            # exempt: the endpoint queues it behind the session's worker jobs)
+        if msg.status is Status.Failed:
+            # rule 7: never while a write into that rank's blocks is out, the
+            # confirmation of an ABORT included (it would let the rank free
+            # blocks that a late write still lands in)
             assert not any(w.rank.session is s and w.room.room == msg.room for w in self.writes), msg
         self.msgs.setdefault(s, []).append(msg)
 
@@ -329,6 +329,30 @@ def test_abort_confirms_and_an_in_flight_write_defers_the_failed():
     msg = _only(h.take(s), Status.Failed)
     assert msg.flags == P.FLAG_ABORT_ACK and s.live_blocks == 0
     assert h.stats["failed"] == 1 and h.stats["success"] == 0
+
+
+def test_an_abort_after_the_room_ended_waits_for_the_write_still_out():
+    """The room fails (here: another rank aborts) while a write into rank s's
+    blocks is out; s, not told yet, aborts too.  Its acknowledgement is the
+    Failed sent when the write is over, never an immediate confirmation that
+    would let s free blocks the write still lands in."""
+    h = Harness()
+    s, t = session("s"), session("t", tp_rank=1)
+    h.run(h.m.register(1, Src(4), 0.0))
+    h.run(h.m.init(s, init(s, 1, [0], required=2), 0.0))
+    writes = h.run(h.m.init(t, init(t, 1, [0], required=2), 0.0))
+    assert {w.rank.session.id for w in writes} == {"s", "t"}
+    w_s = next(w for w in writes if w.rank.session is s)
+    w_t = next(w for w in writes if w.rank.session is t)
+    h.complete(w_t)
+    h.take(t)
+    h.run(h.m.abort(t, P.Abort(1, "t gives up")))        # the room ends; s's write is still out
+    assert not h.m.rooms and ("s", 1) in h.m.orphans
+    h.run(h.m.abort(s, P.Abort(1, "s gives up too")))
+    assert h.take(s) == []                                # no confirmation ahead of the write
+    h.complete(w_s)
+    msg = _only(h.take(s), Status.Failed)
+    assert msg.flags & P.FLAG_ABORT_ACK and not h.m.orphans and s.live_blocks == 0
 
 
 def test_failed_write_marks_blocks_unsafe_and_tells_the_other_ranks():

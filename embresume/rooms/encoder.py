@@ -201,6 +201,11 @@ class EncoderRooms:
         self.finished: "collections.OrderedDict[P.Room, Status]" = collections.OrderedDict()
         #: (session, room, nonce) of INITs whose room finished: a replay is a duplicate
         self.finished_inits: "collections.OrderedDict[tuple, None]" = collections.OrderedDict()
+        #: (session id, room) -> the rank whose write was still out when its room
+        #: ended (its Failed waits for the write); an ABORT for such a room is
+        #: answered by that Failed, never ahead of the write (at most one entry
+        #: per in-flight write)
+        self.orphans: dict[tuple, Rank] = {}
 
     # ------------------------------------------------------------ the application
     def register(self, room: P.Room, source, now: float, on_done: Optional[Callable] = None,
@@ -323,8 +328,15 @@ class EncoderRooms:
     def abort(self, s: Session, msg: P.Abort) -> list:
         out: list = []
         r = self.rooms.get(msg.room)
+        k = self.orphans.get((s.id, msg.room))
         if r is not None and s.id in r.ranks:
             self._fail(r, f"aborted by rank {s.tp_rank}: {msg.reason}", out, ack=s, cause="aborted")
+        elif k is not None and k.failed_msg is not None:
+            # the room ended while a write into this rank's blocks is still out:
+            # its Failed, sent once the write is over, is the acknowledgement
+            m = k.failed_msg
+            k.failed_msg = P.StatusMsg(m.room, m.status, m.seq, m.sent_tokens, m.chunk_tokens, m.total_tokens,
+                                       m.reason, m.flags | P.FLAG_ABORT_ACK)
         else:
             # nothing of ours in flight: confirm at once so the rank frees its blocks
             out.append(Post(s, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed",
@@ -482,6 +494,8 @@ class EncoderRooms:
         self._uncount(k)
         msg, k.failed_msg = k.failed_msg, None
         if msg is not None:
+            if self.orphans.get((k.session.id, msg.room)) is k:
+                del self.orphans[(k.session.id, msg.room)]
             if k.unsafe and not msg.flags & P.FLAG_BLOCKS_UNSAFE:
                 msg = P.StatusMsg(msg.room, msg.status, msg.seq, msg.sent_tokens, msg.chunk_tokens,
                                   msg.total_tokens, msg.reason, msg.flags | P.FLAG_BLOCKS_UNSAFE)
@@ -499,6 +513,7 @@ class EncoderRooms:
                 msg = P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens, reason=reason[:1000], flags=flags)
                 if k.in_flight:
                     k.failed_msg = msg      # sent once the write is over (written / write_failed / write_skipped)
+                    self.orphans[(k.session.id, r.room)] = k
                 else:
                     out.append(Post(k.session, msg))
         self._finish(r, out)
