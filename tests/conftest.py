@@ -135,3 +135,18 @@ def cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def state_machine_tests(*machines, examples: int, steps: int) -> list:
+    """The unittest TestCase of each hypothesis RuleBasedStateMachine, with the
+    settings the stateful tests share: ``examples`` runs of up to ``steps``
+    steps, no deadline (the machine is loaded), no example database."""
+    from hypothesis import HealthCheck, settings
+    s = settings(max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
+                 suppress_health_check=list(HealthCheck))
+    out = []
+    for m in machines:
+        case = m.TestCase
+        case.settings = s
+        out.append(case)
+    return out

@@ -90,7 +90,7 @@ from embresume.language import LanguageEndpoint
 from embresume.status import Status
 from embresume.synthetic import SyntheticData, image_token_counts
 
-from conftest import make_config
+from conftest import make_config, state_machine_tests
 
 SEED = 0x5EED_F022
 KEY = "fuzz test auth key 0123456789abcdef"
@@ -933,7 +933,7 @@ def test_fuzz_10000_frames_while_serving_a_legitimate_rank(tmp_path, monkeypatch
 
 # ---------------------------------------------------------------- the language side's room logic, stateful
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings, strategies as st  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule  # noqa: E402
 
 from embresume.channel import Channel  # noqa: E402
@@ -1210,9 +1210,5 @@ class LanguageRoomsCapped(LanguageRooms):
     EXTRA = {"max_encoder_share": 0.5}
 
 
-_SM_SETTINGS = settings(max_examples=100, stateful_step_count=50, deadline=None, database=None,
-                        suppress_health_check=list(HealthCheck))
-TestLanguageRooms = LanguageRooms.TestCase
-TestLanguageRooms.settings = _SM_SETTINGS
-TestLanguageRoomsCapped = LanguageRoomsCapped.TestCase
-TestLanguageRoomsCapped.settings = _SM_SETTINGS
+TestLanguageRooms, TestLanguageRoomsCapped = state_machine_tests(LanguageRooms, LanguageRoomsCapped, examples=100,
+                                                                 steps=50)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from embresume import protocol as P
@@ -21,6 +21,8 @@ from embresume.metrics import EndpointStats, Registry
 from embresume.rooms import encoder as RE
 from embresume.rooms.encoder import Done, EncoderRooms, Post, Reject, Send, Session, Write
 from embresume.status import Status
+
+from conftest import state_machine_tests
 
 BS, HIDDEN, NB = 4, 8, 8
 DTYPE = torch.bfloat16
@@ -666,6 +668,4 @@ class MachineRooms(RuleBasedStateMachine):
         self.every_ended_room_is_counted_once()
 
 
-TestMachineRooms = MachineRooms.TestCase
-TestMachineRooms.settings = settings(max_examples=100, stateful_step_count=40, deadline=None, database=None,
-                                     suppress_health_check=list(HealthCheck))
+(TestMachineRooms,) = state_machine_tests(MachineRooms, examples=100, steps=40)

@@ -10,7 +10,7 @@ copy is running.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, settings, strategies as st
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from embresume import protocol as P
@@ -20,6 +20,8 @@ from embresume.planner import plan_chunk
 from embresume.rooms.language import (Complete, Connect, Copy, Discard, LanguageRooms, Notify, Send, TearDown,
                                       ZeroCopy)
 from embresume.status import Status
+
+from conftest import state_machine_tests
 
 BS = 128
 
@@ -451,9 +453,4 @@ class MachineRoomsCapped(MachineRooms):
     SHARE = BLOCKS // 2
 
 
-_SETTINGS = settings(max_examples=150, stateful_step_count=60, deadline=None, database=None,
-                     suppress_health_check=list(HealthCheck))
-TestMachineRooms = MachineRooms.TestCase
-TestMachineRooms.settings = _SETTINGS
-TestMachineRoomsCapped = MachineRoomsCapped.TestCase
-TestMachineRoomsCapped.settings = _SETTINGS
+TestMachineRooms, TestMachineRoomsCapped = state_machine_tests(MachineRooms, MachineRoomsCapped, examples=150, steps=60)
