@@ -12,7 +12,17 @@ from .errors import (AllocatorError, BlockSizeMismatch, ConfigError, EmbResumeEr
                      TransportUnavailable, UnknownRoom)
 from .status import Status
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is its one source."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("embresume")
+    except PackageNotFoundError:     # imported from a checkout that was never installed
+        return "0+unknown"
+
+
+__version__ = _version()
 
 #: public name -> the module that defines it (imported when the name is first used)
 _LAZY = {"Config": ".config", "EncoderEndpoint": ".encoder", "LanguageEndpoint": ".language",
