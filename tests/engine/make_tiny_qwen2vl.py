@@ -1,8 +1,11 @@
 """Build a tiny Qwen2-VL checkpoint with random weights, offline.
 
-Run in the engine's virtual environment (transformers, tokenizers, PIL):
+Run it with the engine's virtual environment, the ``.venv-vllm`` that
+``tests/engine/setup_venv.sh`` builds (it has transformers, tokenizers and PIL;
+the project's own ``.venv`` has no transformers):
 
-    python tests/engine/make_tiny_qwen2vl.py OUT_DIR
+    bash tests/engine/setup_venv.sh                      # once: makes .venv-vllm
+    .venv-vllm/bin/python tests/engine/make_tiny_qwen2vl.py OUT_DIR
 
 The model is small enough for vLLM's CPU build on a 2-core machine and real
 enough to exercise everything the vLLM adapter touches: a vision tower whose
