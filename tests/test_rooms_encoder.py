@@ -17,7 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from embresume import protocol as P
 from embresume.blocks import BlockLayout
 from embresume.errors import InvalidArgument
-from embresume.metrics import EndpointStats, Registry
+from embresume.metrics import EndpointStats
+from prometheus_client import CollectorRegistry
 from embresume.rooms import encoder as RE
 from embresume.rooms.encoder import Done, EncoderRooms, Post, Reject, Send, Session, Write
 from embresume.status import Status
@@ -56,7 +57,7 @@ class Harness:
     and checks what must hold of every action (rules 3 and 7)."""
 
     def __init__(self, request_timeout: float = TIMEOUT):
-        self.stats = EndpointStats("encoder", Registry())
+        self.stats = EndpointStats("encoder", CollectorRegistry())
         self.m = EncoderRooms(stats=self.stats, request_timeout=request_timeout)
         self.writes: list[Write] = []            # started, not yet reported
         self.msgs: dict = {}                     # session -> [StatusMsg] it was sent (Send, Post or Reject)

@@ -15,7 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from embresume import protocol as P
 from embresume.errors import InvalidArgument, TransferFailed
-from embresume.metrics import EndpointStats, Registry
+from embresume.metrics import EndpointStats
+from prometheus_client import CollectorRegistry
 from embresume.planner import plan_chunk
 from embresume.rooms.language import (Complete, Connect, Copy, Discard, LanguageRooms, Notify, Send, TearDown,
                                       ZeroCopy)
@@ -31,7 +32,7 @@ class Harness:
 
     def __init__(self, num_blocks=8, **kw):
         self.aux: dict[int, int] = {}           # block -> total tokens written into its aux
-        self.stats = EndpointStats("language", Registry())
+        self.stats = EndpointStats("language", CollectorRegistry())
         opts = dict(default_allocate_tokens=256, request_timeout=10.0, quarantine_timeout=4.0)
         opts.update(kw)
         self.m = LanguageRooms(num_blocks=num_blocks, block_size=BS, row_bytes=8, read_aux=self._read_aux,
