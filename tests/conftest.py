@@ -1,12 +1,39 @@
 import gc
 import glob
 import os
+import sys
 import time
 
 import pytest
 
-from embresume.config import Config
-from embresume.harness import free_port
+# ---------------------------------------------------------------- which embresume is tested
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: EMBRESUME_TEST_INSTALLED=1: the suite tests the installed package (CI: the wheel in a fresh
+#: virtual environment), never this checkout.  ``python -m pytest`` from the repository root puts
+#: the root first on the path, where the checkout's embresume/ folder would win: take it off, and
+#: keep it off in every process the tests start (PYTHONSAFEPATH, inherited).
+TEST_INSTALLED = os.environ.get("EMBRESUME_TEST_INSTALLED") == "1"
+if TEST_INSTALLED:
+    os.environ["PYTHONSAFEPATH"] = "1"
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != REPO]
+
+import embresume  # noqa: E402
+
+#: the folder the embresume under test was imported from
+PACKAGE_DIR = os.path.dirname(os.path.abspath(embresume.__file__))
+#: True when that is this checkout (README's editable install)
+FROM_CHECKOUT = os.path.commonpath([PACKAGE_DIR, REPO]) == REPO
+if TEST_INSTALLED and FROM_CHECKOUT:
+    raise pytest.UsageError(f"EMBRESUME_TEST_INSTALLED=1 but embresume imports from this checkout "
+                            f"({PACKAGE_DIR}): install the wheel non-editable (pip install dist/embresume-*.whl)")
+
+from embresume.config import Config  # noqa: E402
+from embresume.harness import free_port  # noqa: E402
+
+
+def pytest_report_header(config):
+    where = "this checkout" if FROM_CHECKOUT else "installed"
+    return f"embresume {embresume.__version__} from {PACKAGE_DIR} ({where})"
 
 
 def _named():
@@ -101,7 +128,6 @@ def make_config(transport="shm", **kw) -> Config:
 
 
 # ---------------------------------------------------------------- shared helpers
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def wait_until(pred, timeout: float = 10.0) -> bool:
@@ -120,12 +146,19 @@ def layout_dict(cfg) -> dict:
     return BlockLayout(cfg.total_pool_blocks, cfg.block_size, cfg.hidden_size, cfg.dtype, cfg.aux_ints).to_dict()
 
 
-def cli_env() -> dict:
-    """The environment for a CLI subprocess: this checkout first on the path, 80 columns."""
+def child_env(**extra) -> dict:
+    """The environment for a Python subprocess: it imports the embresume under test (this
+    checkout first on the path when that is what is tested; the installed package otherwise)."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["COLUMNS"] = "80"
+    if FROM_CHECKOUT:
+        env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra)
     return env
+
+
+def cli_env() -> dict:
+    """The environment for a CLI subprocess: :func:`child_env`, 80 columns."""
+    return child_env(COLUMNS="80")
 
 
 def cmdline(pid: int) -> str:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from conftest import child_env
+
 from embresume.harness import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +20,7 @@ EXAMPLES = os.path.join(REPO, "examples")
 
 
 def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env = child_env()
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 

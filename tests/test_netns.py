@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+from conftest import child_env
+
 pytestmark = [pytest.mark.netns, pytest.mark.mooncake]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,8 +62,7 @@ def test_encoder_and_language_on_two_hosts(two_hosts):
     endpoint = f"tcp://{ip_a}:17650"
     spec = json.dumps({"hidden": 256, "pool_blocks": 16, "timeout": 60,
                        "rooms": [[1, 1], [2, 700], [3, 1024], [4, 2000], [5, 5000]]})
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(HERE),
-                                                                     os.environ.get("PYTHONPATH")])))
+    env = child_env()
     script = os.path.join(HERE, "netns_roles.py")
     enc = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, script, "encoder", endpoint, spec],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -10,6 +10,8 @@ import subprocess
 import sys
 
 import pytest
+
+from conftest import child_env
 import torch
 
 import embresume
@@ -20,11 +22,7 @@ from embresume.merge import EmbeddingResult
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env.update(extra)
-    return env
+_env = child_env
 
 
 # ---------------------------------------------------------------- Config

@@ -19,7 +19,7 @@ from embresume.config import Config, blocks_for_bytes, parse_size
 from embresume.errors import ConfigError
 from embresume.ipc import shm as S
 
-from conftest import fd_links
+from conftest import child_env, fd_links
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -189,7 +189,7 @@ def _in_small_shm(argv: list[str], size: str = "64m", timeout: float = 120) -> s
     the last stdout line is ``LEFT:<what is in that /dev/shm afterwards>``."""
     shell = ('mount -t tmpfs -o size=%s,mode=1777 tmpfs /dev/shm || exit 99; "$@"; rc=$?; '
              'echo "LEFT:$(ls -A /dev/shm | tr "\\n" " ")"; exit $rc' % size)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env = child_env()
     return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", shell, "sh", *argv],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 

