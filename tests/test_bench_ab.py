@@ -22,8 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_ab(*args, timeout=500):
+    # bench.ab compares source trees of a checkout, run from its root (the root on the path, even
+    # where the tests run against an installed wheel with PYTHONSAFEPATH set)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     return subprocess.run([sys.executable, "-m", "bench.ab", *args], cwd=str(REPO), capture_output=True,
-                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
 def worktrees() -> set:
