@@ -22,7 +22,7 @@ import embresume  # noqa: E402
 #: the folder the embresume under test was imported from
 PACKAGE_DIR = os.path.dirname(os.path.abspath(embresume.__file__))
 #: True when that is this checkout (README's editable install)
-FROM_CHECKOUT = os.path.commonpath([PACKAGE_DIR, REPO]) == REPO
+FROM_CHECKOUT = PACKAGE_DIR == os.path.join(REPO, "embresume")
 if TEST_INSTALLED and FROM_CHECKOUT:
     raise pytest.UsageError(f"EMBRESUME_TEST_INSTALLED=1 but embresume imports from this checkout "
                             f"({PACKAGE_DIR}): install the wheel non-editable (pip install dist/embresume-*.whl)")
