@@ -15,7 +15,7 @@ Bodies (``str`` = u16 length + UTF-8, ``blob`` = u32 length + UTF-8 JSON,
               endpoint str, session_id str, dst_blocks u32[]
     RESUME    INIT's fields + sent_tokens u64
     STATUS    room key, status u8, seq u32, sent_tokens u64, chunk_tokens u32, total_tokens u64, flags u8,
-              reason str
+              code u8, reason str
     ABORT     room key, reason str
     HEARTBEAT seq u64, time_ns u64
     BYE       reason str
@@ -26,6 +26,11 @@ room is an int (``0 <= room < 2**64``), a str (UTF-8, at most 256 bytes) or
 bytes (at most 256)::
 
     key  =  tag u8 (0 int, 1 str, 2 bytes), then u64 (int) or u16 length + bytes
+
+A STATUS's ``code`` (a :class:`FailCode`) says why a ``Failed`` failed or
+was refused (NONE on any other status): receivers act on it, never on the
+``reason`` text, which is for people.  An unknown code, or a code on a
+status other than Failed, is a :class:`ProtocolError`.
 
 ``nonce`` identifies one request attempt of one language endpoint: a replayed
 INIT (same session, room and nonce) is a duplicate, a new nonce for a room
@@ -44,11 +49,13 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Union
 
-from .errors import InvalidArgument, ProtocolError
+# FailCode (the STATUS code) is defined beside the exceptions that carry it: protocol.FailCode is the same
+from .errors import FailCode, InvalidArgument, ProtocolError
 from .status import Status
 
 MAGIC = b"EMBR"
-VERSION = 2
+#: 3: STATUS carries ``code`` (a FailCode) after ``flags``
+VERSION = 3
 MAX_BLOCKS = 1 << 20
 MAX_STR = 4096
 MAX_BLOB = 1 << 20
@@ -132,6 +139,8 @@ class StatusMsg:
     total_tokens: int = 0
     reason: str = ""
     flags: int = 0
+    #: why a Failed failed (:class:`FailCode`); NONE on any other status
+    code: FailCode = FailCode.NONE
 
 
 @dataclass(frozen=True)
@@ -256,8 +265,10 @@ def check_room(room, error=None, name: str = "room") -> None:
 # field-by-field code below, which raises the precise ProtocolError: the fast
 # paths never accept a message or a frame that the slow path rejects.
 _INIT_FIXED = struct.Struct("<BQQIHQ")        # key tag, room, nonce, dst_port, required_dst_info_num, allocated
-_STATUS_FIXED = struct.Struct("<BQBIQIQBH")   # key tag, room, status, seq, sent, chunk, total, flags, len(reason)
+_STATUS_FIXED = struct.Struct("<BQBIQIQBBH")  # key tag, room, status, seq, sent, chunk, total, flags, code,
+#                                               len(reason)
 _STATUS_BY_VALUE = {int(s): s for s in Status}
+_CODE_BY_VALUE = {int(c): c for c in FailCode}
 _HDR_BYTES = {int(k): _HDR.pack(MAGIC, VERSION, int(k), 0) for k in Kind}
 
 
@@ -285,18 +296,31 @@ def _enc_init(msg) -> "bytes | None":
         return None
 
 
+def _check_code(status, code) -> FailCode:
+    """A STATUS's code: a known :class:`FailCode`, and NONE unless the status is Failed."""
+    c = _CODE_BY_VALUE.get(code) if isinstance(code, int) and not isinstance(code, bool) else None
+    if c is None:
+        raise ProtocolError("code", f"unknown failure code {code!r}")
+    if c is not FailCode.NONE and status != Status.Failed:
+        raise ProtocolError("code", f"{c.name} on a {Status(status).name} status (only Failed has a code)")
+    return c
+
+
 def _enc_status(msg) -> "bytes | None":
-    room, seq, sent, chunk, total, flags, reason = (msg.room, msg.seq, msg.sent_tokens, msg.chunk_tokens,
-                                                    msg.total_tokens, msg.flags, msg.reason)
+    room, seq, sent, chunk, total, flags, code, reason = (msg.room, msg.seq, msg.sent_tokens, msg.chunk_tokens,
+                                                          msg.total_tokens, msg.flags, msg.code, msg.reason)
     if not (type(room) is int and type(seq) is int and type(sent) is int and type(chunk) is int
             and type(total) is int and type(flags) is int and type(reason) is str):
         return None
+    code = _CODE_BY_VALUE.get(code) if type(code) is FailCode or type(code) is int else None
+    if code is None or (code and msg.status != Status.Failed):
+        return None                       # the slow path names the bad field
     try:
         rb = reason.encode()
         if len(rb) > MAX_STR:
             return None
         return b"".join((_HDR_BYTES[Kind.STATUS], _STATUS_FIXED.pack(KEY_INT, room, int(msg.status), seq, sent,
-                                                                     chunk, total, flags, len(rb)), rb))
+                                                                     chunk, total, flags, code, len(rb)), rb))
     except (struct.error, OverflowError, TypeError, ValueError, UnicodeError):
         return None
 
@@ -344,6 +368,7 @@ def _encode_slow(msg: Message) -> bytes:
         w.num("chunk_tokens", "I", msg.chunk_tokens)
         w.num("total_tokens", "Q", msg.total_tokens)
         w.num("flags", "B", msg.flags)
+        w.num("code", "B", int(_check_code(msg.status, msg.code)))
         w.str("reason", msg.reason)
     elif isinstance(msg, Abort):
         w = _Writer(Kind.ABORT)
@@ -475,10 +500,13 @@ def _check_blocks(name: str, blocks: tuple[int, ...]) -> None:
 def _dec_status(buf):
     if len(buf) < 8 + _STATUS_FIXED.size:
         return None
-    tag, room, st, seq, sent, chunk, total, flags, n = _STATUS_FIXED.unpack_from(buf, 8)
+    tag, room, st, seq, sent, chunk, total, flags, code, n = _STATUS_FIXED.unpack_from(buf, 8)
     end = 8 + _STATUS_FIXED.size + n
     status = _STATUS_BY_VALUE.get(st)
-    if tag != KEY_INT or end != len(buf) or n > MAX_STR or status is None:
+    code = _CODE_BY_VALUE.get(code)
+    if tag != KEY_INT or end != len(buf) or n > MAX_STR or status is None or code is None:
+        return None
+    if code and status is not Status.Failed:
         return None
     if sent > total and status in (Status.Transferring, Status.Success):
         return None
@@ -486,7 +514,7 @@ def _dec_status(buf):
         reason = bytes(buf[end - n:end]).decode() if n else ""
     except UnicodeDecodeError:
         return None
-    return StatusMsg(room, status, seq, sent, chunk, total, reason, flags)
+    return StatusMsg(room, status, seq, sent, chunk, total, reason, flags, code)
 
 
 def _dec_init(buf):
@@ -591,7 +619,8 @@ def _decode_slow(buf: memoryview) -> Message:
             raise ProtocolError("status", f"unknown status {st}") from None
         msg = StatusMsg(room, st, seq=r.num("seq", _U32), sent_tokens=r.num("sent_tokens", _U64),
                         chunk_tokens=r.num("chunk_tokens", _U32), total_tokens=r.num("total_tokens", _U64),
-                        flags=r.num("flags", _U8), reason=r.str("reason"))
+                        flags=r.num("flags", _U8), code=_check_code(st, r.num("code", _U8)),
+                        reason=r.str("reason"))
         if msg.sent_tokens > msg.total_tokens and msg.status in (Status.Transferring, Status.Success):
             raise ProtocolError("sent_tokens", f"{msg.sent_tokens} exceeds total_tokens {msg.total_tokens}")
     elif kind is Kind.ABORT:

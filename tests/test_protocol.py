@@ -11,15 +11,20 @@ u64 = st.integers(0, 2**64 - 1)
 u32 = st.integers(0, 2**32 - 1)
 text = st.text(max_size=50)
 blocks = st.lists(u32, min_size=1, max_size=300, unique=True).map(tuple)
+#: int keys take the codec's fast paths, str and bytes keys its field-by-field code
+rooms = st.one_of(u64, st.text(max_size=20), st.binary(max_size=20))
+codes = st.sampled_from(list(P.FailCode))
 
 messages = st.one_of(
     st.builds(P.Init, u64, text, u32, text, blocks, st.integers(1, 65535), st.integers(1, 2**64 - 1)),
     st.builds(P.Resume, u64, text, u32, text, blocks, st.integers(1, 65535), st.integers(1, 2**64 - 1),
               st.integers(1, 2**64 - 1)),
-    st.builds(P.StatusMsg, u64, st.sampled_from([Status.Failed, Status.Bootstrapping, Status.WaitingForInput]),
+    st.builds(P.StatusMsg, rooms, st.sampled_from([Status.Bootstrapping, Status.WaitingForInput]),
               u32, u64, u32, u64, text, st.integers(0, 255)),
+    # a Failed carries its code (any FailCode), next to the flags
+    st.builds(P.StatusMsg, rooms, st.just(Status.Failed), u32, u64, u32, u64, text, st.integers(0, 255), codes),
     st.builds(lambda room, total, sent, st_: P.StatusMsg(room, st_, 1, min(sent, total), 5, total),
-              u64, u64, u64, st.sampled_from([Status.Transferring, Status.Success])),
+              rooms, u64, u64, st.sampled_from([Status.Transferring, Status.Success])),
     st.builds(P.Abort, u64, text),
     st.builds(P.Heartbeat, u64, u64),
     st.builds(P.Bye, text),
@@ -32,7 +37,58 @@ messages = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(messages)
 def test_round_trip(msg):
-    assert P.decode(P.encode(msg)) == msg
+    out = P.decode(P.encode(msg))
+    assert out == msg
+    if isinstance(msg, P.StatusMsg):
+        assert type(out.code) is P.FailCode and out.code == msg.code
+
+
+def _status_frame(code: int, status: Status = Status.Failed, room=7) -> bytes:
+    """A STATUS frame whose code byte is ``code`` (whatever the encoder would allow)."""
+    raw = bytearray(P.encode(P.StatusMsg(room, status, 1, 0, 0, 0, "why", P.FLAG_ABORT_ACK)))
+    i = raw.index(bytes([P.FLAG_ABORT_ACK, 0]) + (3).to_bytes(2, "little") + b"why")
+    raw[i + 1] = code                    # the byte after flags
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("room", [7, "str-key", b"bytes-key"])     # the fast path and the field-by-field one
+def test_status_code_is_validated_on_decode(room):
+    for code in P.FailCode:
+        assert P.decode(_status_frame(int(code), room=room)).code is code
+    known = {int(c) for c in P.FailCode}
+    for bad in (max(known) + 1, 200, 255):
+        with pytest.raises(ProtocolError) as e:
+            P.decode(_status_frame(bad, room=room))           # a peer's unknown code is refused
+        assert e.value.field == "code"
+    # only a Failed says why: a code on any other status is a malformed message
+    raw = bytearray(_status_frame(int(P.FailCode.BUSY), room=room))
+    key_bytes = 9 if isinstance(room, int) else 3 + len(room)     # tag + u64, or tag + u16 length + bytes
+    assert raw[8 + key_bytes] == Status.Failed
+    raw[8 + key_bytes] = int(Status.WaitingForInput)
+    with pytest.raises(ProtocolError) as e:
+        P.decode(bytes(raw))
+    assert e.value.field == "code"
+
+
+def test_status_code_is_validated_on_encode():
+    for room in (7, "k"):
+        for msg in (P.StatusMsg(room, Status.Failed, code=99), P.StatusMsg(room, Status.Failed, code=True),
+                    P.StatusMsg(room, Status.WaitingForInput, code=P.FailCode.TIMEOUT)):
+            with pytest.raises(ProtocolError) as e:
+                P.encode(msg)
+            assert e.value.field == "code"
+        # a plain int that is a known code is taken, and comes back as the FailCode
+        assert P.decode(P.encode(P.StatusMsg(room, Status.Failed, code=4))).code is P.FailCode.NOT_PUBLISHED
+
+
+def test_version_is_bumped_for_the_status_code():
+    # version 3: STATUS carries the code; a version-2 peer's frame is refused by name
+    assert P.VERSION == 3
+    raw = bytearray(P.encode(P.StatusMsg(1, Status.Failed, code=P.FailCode.BUSY)))
+    raw[4] = 2
+    with pytest.raises(ProtocolError) as e:
+        P.decode(bytes(raw))
+    assert e.value.field == "version"
 
 
 @settings(max_examples=300, deadline=None)
