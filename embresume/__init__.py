@@ -8,8 +8,8 @@ import Config`` works as usual."""
 import importlib
 
 from .errors import (AllocatorError, BlockSizeMismatch, ConfigError, EmbResumeError, EmbResumeTimeout,
-                     InvalidArgument, PeerError, ProtocolError, ResultReleased, TransferError, TransferFailed,
-                     TransportUnavailable, UnknownRoom)
+                     InvalidArgument, NotPublished, PeerError, ProtocolError, ResultReleased, RoomBusy, RoomInUse,
+                     TransferError, TransferFailed, TransportUnavailable, UnknownRoom)
 from .status import Status
 
 
@@ -32,7 +32,7 @@ __all__ = [
     "Config", "EncoderEndpoint", "LanguageEndpoint", "EmbeddingResult", "Status",
     "EmbResumeError", "ConfigError", "ProtocolError", "AllocatorError", "BlockSizeMismatch",
     "TransferError", "TransferFailed", "PeerError", "InvalidArgument", "UnknownRoom", "EmbResumeTimeout",
-    "ResultReleased", "TransportUnavailable",
+    "ResultReleased", "TransportUnavailable", "RoomBusy", "NotPublished", "RoomInUse",
 ]
 
 

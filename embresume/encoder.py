@@ -70,13 +70,13 @@ from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, RateBucket, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import (ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError,
+from .errors import (ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError, ProtocolError,
                      TransportUnavailable)
 from .node import node_id, pid_alive as _pid_alive
 from .metrics import EndpointStats
 from .planner import ChunkPlan
 from .rooms.encoder import (FINISHED_MEMORY, MAX_LIVE_BLOCKS_PER_SESSION, MAX_LIVE_ROOMS_PER_SESSION,  # noqa: F401
-                            Done, EncoderRooms, Post, Reject, Room, Send, Session, Write)
+                            NOT_PUBLISHED_MEMORY, Done, EncoderRooms, Post, Reject, Room, Send, Session, Write)
 from .source import BlockSource, TensorSource, aux_record
 from .status import Status
 from .transport import select
@@ -95,8 +95,8 @@ PIPELINE_PIECES = 4
 MIN_PIECE_BYTES = 2 << 20
 #: hellos whose pool description has not come yet
 MAX_PENDING_HANDSHAKES = 256
-#: FINISHED_MEMORY, MAX_LIVE_ROOMS_PER_SESSION, MAX_LIVE_BLOCKS_PER_SESSION:
-#: the room machine's (embresume.rooms.encoder), imported above
+#: FINISHED_MEMORY, MAX_LIVE_ROOMS_PER_SESSION, MAX_LIVE_BLOCKS_PER_SESSION,
+#: NOT_PUBLISHED_MEMORY: the room machine's (embresume.rooms.encoder), imported above
 #: refusals (a Bye) to tcp peers that are not registered (a keyless hello, an
 #: undecodable frame): at most REFUSAL_RATE a second after a burst of
 #: REFUSAL_BURST, for the whole endpoint; the rest are dropped and counted
@@ -305,13 +305,27 @@ class EncoderEndpoint:
         :meth:`send` that no language rank has asked for yet: the endpoint
         lets go of it now (its ``on_done`` sees ``Failed``) instead of at
         ``request_timeout``.  Returns False, changing nothing, for a room that
-        is unknown, finished, or already asked for (that one runs to its end)."""
+        is unknown, finished, or already asked for (that one runs to its end).
+
+        A rank that asks for a withdrawn room (or one that timed out while
+        registered) is answered at once with Failed, code
+        :attr:`~embresume.errors.FailCode.NOT_PUBLISHED`, until the room is
+        registered again (the last ``NOT_PUBLISHED_MEMORY`` such rooms are
+        remembered)."""
         with self._lock:
             acts = self._m.withdraw(room)
             if acts is None:
                 return False
             self._run(acts)
             return True
+
+    def expect(self, room: P.Room) -> None:
+        """Say that ``room`` is about to be registered (``send`` /
+        ``send_tensors`` from another thread): if it was withdrawn or timed
+        out earlier, a rank's INIT arriving before the registration waits for
+        it instead of being answered NOT_PUBLISHED."""
+        with self._lock:
+            self._m.expect(room)
 
     @staticmethod
     def _check_delta(delta) -> None:
@@ -695,7 +709,10 @@ class EncoderEndpoint:
             elif t is Done:
                 self._done(a.room)
             elif t is Reject:
-                plog(logging.WARNING, "rejected", "room %r from %s rejected: %s", a.room, a.session.id, a.reason)
+                if a.code is FailCode.NOT_PUBLISHED:      # an item let go of: expected, not a peer's fault
+                    log.debug("room %r from %s: %s", a.room, a.session.id, a.reason)
+                else:
+                    plog(logging.WARNING, "rejected", "room %r from %s rejected: %s", a.room, a.session.id, a.reason)
                 if a.msg is not None:
                     self._post(a.session.peer, a.msg)
             else:   # pragma: no cover - a machine action this shell does not know

@@ -13,7 +13,10 @@ Lifecycle of one request (``room``) on a language rank::
       chunk 1: read total + mrope delta from aux of the first block, allocate the merged tensors
       gather the chunk into place, free its blocks, allocate the rest, send RESUME(sent_tokens, allocated_tokens)
     STATUS Success (last chunk)        Success   -> result(room) / recv(room)
-    STATUS Failed / timeout / peer death           Failed    -> blocks freed, reason kept
+    STATUS Failed / timeout / peer death           Failed    -> blocks freed, reason and code kept
+                                                                (failure_reason / failure_code; result()
+                                                                raises TransferFailed.of(code): RoomBusy,
+                                                                NotPublished, ...)
 
 The endpoint is an I/O shell around :class:`~embresume.rooms.language.LanguageRooms`,
 the room state machine that does no I/O: the shell owns the encoder
@@ -69,7 +72,7 @@ from .blocks import BlockLayout, BlockPool
 from .channel import Channel, ZmqChannel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import ConfigError, EmbResumeTimeout, InvalidArgument, PeerError, ProtocolError, UnknownRoom
+from .errors import ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError, ProtocolError, UnknownRoom
 from .kernels.cpu import pool_arrays
 from .merge import EmbeddingResult, MergeBuffer, ResultArena
 from .node import node_id, pid_alive as _pid_alive
@@ -682,14 +685,27 @@ class LanguageEndpoint:
         return req.tracker.status
 
     def result(self, room: P.Room) -> EmbeddingResult:
-        """Pop the merged result of a room that reached Success."""
+        """Pop the merged result of a room that reached Success.  A room that
+        failed is popped too and raises :class:`~embresume.errors.TransferFailed`
+        (the subclass of its code: :class:`~embresume.errors.RoomBusy`,
+        :class:`~embresume.errors.NotPublished`, ...)."""
         with self._lock:
             return self._rooms.collect(room).result
 
     def failure_reason(self, room: P.Room) -> str:
+        """Why ``room`` failed, for people ("" unless it is here and failed)."""
         with self._lock:
             req = self._rooms.reqs.get(room)
             return req.reason if req else ""
+
+    def failure_code(self, room: P.Room) -> FailCode:
+        """Why ``room`` failed, for code: the encoder's
+        :class:`~embresume.errors.FailCode` when it refused or failed the room
+        (BUSY, TP_GROUP, NOT_PUBLISHED, ...), this endpoint's own otherwise
+        (TIMEOUT, PEER_LOST, UNREACHABLE, ...); NONE unless it is here and failed."""
+        with self._lock:
+            req = self._rooms.reqs.get(room)
+            return req.code if req else FailCode.NONE
 
     def history(self, room: P.Room) -> list[Status]:
         with self._lock:

@@ -15,6 +15,7 @@ from rich.console import Console
 from embresume.bench import report
 from embresume.procutil import children, pid_alive
 
+from childsignals import sigint_default
 from conftest import cli_env, cmdline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_ctrl_c_during_bench_is_one_line_and_130(tmp_path):
     out = tmp_path / "out"
-    p = subprocess.Popen([sys.executable, "-m", "embresume", "bench", "--tiny", "--out", str(out)],
+    p = subprocess.Popen(sigint_default([sys.executable, "-m", "embresume", "bench", "--tiny", "--out", str(out)]),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO,
                          start_new_session=True)
     kids: list[int] = []

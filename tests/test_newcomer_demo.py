@@ -17,6 +17,7 @@ import pytest
 
 from embresume.procutil import children, pid_alive
 
+from childsignals import sigint_default
 from conftest import cli_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,7 +30,7 @@ class Proc:
     its stdout read line by line on a thread."""
 
     def __init__(self, *args: str):
-        self.p = subprocess.Popen([sys.executable, "-m", "embresume", *args], stdout=subprocess.PIPE,
+        self.p = subprocess.Popen(sigint_default([sys.executable, "-m", "embresume", *args]), stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=cli_env(), cwd=REPO, start_new_session=True)
         self.lines: "queue.Queue[str | None]" = queue.Queue()
         self.out: list[str] = []

@@ -10,6 +10,7 @@ it returns, in order::
     -------------------------------------------    ----------------------------------------
     register(room, source, now, ...)  (send)       Write, Post (Failed), Done
     withdraw(room)                                 Done
+    expect(room)                                   (none: forgets that the room was let go of)
     init(session, INIT, now)                       Write, Reject, Post (Failed), Done
     resume(session, RESUME, now)                   Write, Reject, Post (Failed), Done
     abort(session, ABORT)                          Post (Failed, FLAG_ABORT_ACK), Done
@@ -37,6 +38,14 @@ peer sends is checked (6).  So do the per-session bounds of section 8 (live
 rooms and unanswered destination blocks of each :class:`Session`) and the
 rule that a room's ranks all belong to the TP group of its first INIT.
 
+Every Failed STATUS it posts carries a :class:`~embresume.errors.FailCode`
+(``code``) saying why; the ``reason`` text beside it is for people.  The
+machine remembers the last :data:`NOT_PUBLISHED_MEMORY` rooms whose
+embedding it let go of (withdrawn, or timed out while registered): an INIT
+or RESUME for one of them is answered at once with Failed, code
+NOT_PUBLISHED, instead of waiting as an empty room for an embedding that is
+gone, until the room is registered again (or announced: :meth:`EncoderRooms.expect`).
+
 Counts are recorded once, in the endpoint's
 :class:`~embresume.metrics.EndpointStats`.
 """
@@ -44,11 +53,11 @@ Counts are recorded once, in the endpoint's
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 from .. import protocol as P
-from ..errors import BlockSizeMismatch, InvalidArgument, ProtocolError
+from ..errors import BlockSizeMismatch, FailCode, InvalidArgument, ProtocolError
 from ..metrics import EndpointStats
 from ..planner import ChunkPlan, check_block_size, plan_chunk
 from ..status import Status, StatusTracker
@@ -62,6 +71,11 @@ FINISHED_MEMORY = 65536
 #: past either bound is refused to that rank alone (STATUS Failed).
 MAX_LIVE_ROOMS_PER_SESSION = 16384
 MAX_LIVE_BLOCKS_PER_SESSION = 1 << 20
+#: rooms whose registered embedding the machine let go of (withdrawn, or timed
+#: out) remembered, the oldest forgotten first: an INIT or RESUME for one is
+#: answered at once with Failed + NOT_PUBLISHED (one entry per room; only the
+#: application's registrations add entries, never a peer)
+NOT_PUBLISHED_MEMORY = 65536
 
 _TERMINAL = (Status.Success, Status.Failed)
 _SUCCESS, _FAILED, _TRANSFERRING = Status.Success, Status.Failed, Status.Transferring
@@ -104,6 +118,7 @@ class Reject:
     room: P.Room
     reason: str
     msg: Optional[P.StatusMsg]
+    code: FailCode = FailCode.ERROR
 
 
 @dataclass(slots=True)
@@ -166,7 +181,7 @@ class Room:
     """One room: its source (once registered), its ranks by session id."""
 
     __slots__ = ("room", "deadline", "tracker", "source", "required", "ranks", "on_done", "own_blocks",
-                 "reason", "cause", "t0", "group")
+                 "reason", "cause", "code", "t0", "group")
 
     def __init__(self, room: P.Room, now: float, deadline: float):
         self.room = room
@@ -179,6 +194,7 @@ class Room:
         self.own_blocks: Optional[list] = None
         self.reason = ""
         self.cause = ""
+        self.code = FailCode.NONE            # why it failed (the code its ranks were told)
         self.t0 = now
         self.group: Optional[str] = None     # the TP group of its ranks (set by the first INIT)
 
@@ -206,6 +222,9 @@ class EncoderRooms:
         #: answered by that Failed, never ahead of the write (at most one entry
         #: per in-flight write)
         self.orphans: dict[tuple, Rank] = {}
+        #: rooms whose registered embedding was let go of (withdrawn, timed
+        #: out), at most NOT_PUBLISHED_MEMORY: INIT / RESUME answered NOT_PUBLISHED
+        self.let_go: "collections.OrderedDict[P.Room, None]" = collections.OrderedDict()
 
     # ------------------------------------------------------------ the application
     def register(self, room: P.Room, source, now: float, on_done: Optional[Callable] = None,
@@ -218,6 +237,7 @@ class EncoderRooms:
             self.finished.pop(room, None)
         elif r.source is not None:
             raise InvalidArgument(f"room {room!r} already has an embedding in flight")
+        self.let_go.pop(room, None)          # published again
         r.source, r.on_done, r.own_blocks = source, on_done, own_blocks
         r.deadline = now + self.request_timeout
         r.t0 = now
@@ -234,10 +254,25 @@ class EncoderRooms:
         if r is None or r.source is None or r.ranks:
             return None
         r.reason = "withdrawn by the encoder"
+        r.code = FailCode.NOT_PUBLISHED
         r.tracker.fail()
+        self._let_go(room)
         out: list = []
         self._finish(r, out)
         return out
+
+    def expect(self, room: P.Room) -> None:
+        """An embedding for ``room`` is about to be registered (by another
+        thread of the application): forget that it was let go of, so that an
+        INIT arriving before the registration waits for it (rule 4's either
+        order) instead of being answered NOT_PUBLISHED."""
+        self.let_go.pop(room, None)
+
+    def _let_go(self, room: P.Room) -> None:
+        self.let_go[room] = None
+        self.let_go.move_to_end(room)
+        while len(self.let_go) > NOT_PUBLISHED_MEMORY:
+            self.let_go.popitem(last=False)
 
     # ------------------------------------------------------------ the ranks
     def init(self, s: Session, msg: P.Init, now: float) -> list:
@@ -246,48 +281,57 @@ class EncoderRooms:
         if r is None and (s.id, msg.room, msg.nonce) in self.finished_inits:
             self.stats["duplicates"] += 1  # rule 4: a replay of an INIT whose room finished
             return out
+        if r is None and msg.room in self.let_go:
+            # its embedding was withdrawn or timed out: it will not come (unless
+            # registered again), so the rank is told now instead of waiting
+            self.stats["not_published"] += 1
+            self._reject(s, msg.room, "not published: the encoder let go of this room's embedding (withdrawn, "
+                                      "or nobody asked for it within request_timeout)", out, FailCode.NOT_PUBLISHED)
+            return out
         if r is not None:
             k = r.ranks.get(s.id)
             if k is not None:
                 if k.nonce == msg.nonce:
                     self.stats["duplicates"] += 1  # rule 4
                     return out
-                self._reject(s, msg.room, "a new request for a room this rank is still receiving", out)
+                self._reject(s, msg.room, "a new request for a room this rank is still receiving", out,
+                             FailCode.BAD_REQUEST)
                 return out
             if r.ranks and r.group != s.group:
                 # the room belongs to the TP group of its first rank: another
                 # group is told, whatever it claims, and the room is left alone
                 self.stats["other_group"] += 1
                 self._reject(s, msg.room, "the room belongs to another TP group (another engine instance's "
-                                          "ranks asked for it first)", out)
+                                          "ranks asked for it first)", out, FailCode.TP_GROUP)
                 return out
             if r.tracker.status in (Status.Transferring, Status.Success):
-                self._reject(s, msg.room, f"room already {r.tracker.status.name} to its {r.required} rank(s)", out)
+                self._reject(s, msg.room, f"room already {r.tracker.status.name} to its {r.required} rank(s)", out,
+                             FailCode.BUSY)
                 return out
         try:
             self._validate_dst(s, msg)
         except (ProtocolError, BlockSizeMismatch) as e:
-            self._reject(s, msg.room, str(e), out)
+            self._reject(s, msg.room, str(e), out, FailCode.BAD_REQUEST)
             return out
         bound = min(s.layout.num_blocks, MAX_LIVE_BLOCKS_PER_SESSION)
         if s.live_rooms >= MAX_LIVE_ROOMS_PER_SESSION or s.live_blocks + len(msg.dst_blocks) > bound:
             self.stats["refused_bound"] += 1
             self._reject(s, msg.room, f"this rank already has {s.live_rooms} rooms and {s.live_blocks} "
                                       f"blocks in flight (bounds: {MAX_LIVE_ROOMS_PER_SESSION} rooms, {bound} "
-                                      "blocks)", out)
+                                      "blocks)", out, FailCode.BOUND)
             return out
         if r is None:
             r = self.rooms[msg.room] = Room(msg.room, now, now + self.request_timeout)
             self.finished.pop(msg.room, None)
         if r.required and len(r.ranks) >= r.required:
             # the room's ranks are complete: another session is told, the room is left alone
-            self._reject(s, msg.room, f"more than required_dst_info_num={r.required} ranks", out)
+            self._reject(s, msg.room, f"more than required_dst_info_num={r.required} ranks", out, FailCode.BUSY)
             return out
         if r.required and r.required != msg.required_dst_info_num:
             # still gathering its ranks: they disagree, so every one of them is told now
             reason = f"ranks disagree on required_dst_info_num ({r.required} vs {msg.required_dst_info_num})"
-            self._reject(s, msg.room, reason, out)
-            self._fail(r, reason, out)
+            self._reject(s, msg.room, reason, out, FailCode.RANKS_DISAGREE)
+            self._fail(r, reason, out, code=FailCode.RANKS_DISAGREE)
             return out
         r.required = msg.required_dst_info_num
         r.group = s.group
@@ -305,19 +349,24 @@ class EncoderRooms:
         r = self.rooms.get(msg.room)
         k = r.ranks.get(s.id) if r is not None else None
         if k is None or r.source is None or k.nonce != msg.nonce:
-            self._reject(s, msg.room, "resume for a room this encoder does not hold", out)
+            if r is None and msg.room in self.let_go:
+                self.stats["not_published"] += 1
+                self._reject(s, msg.room, "resume for a room this encoder does not hold: not published (the "
+                                          "encoder let go of its embedding)", out, FailCode.NOT_PUBLISHED)
+            else:
+                self._reject(s, msg.room, "resume for a room this encoder does not hold", out, FailCode.BAD_REQUEST)
             return out
         try:
             self._validate_dst(s, msg)
         except (ProtocolError, BlockSizeMismatch) as e:
-            self._fail(r, str(e), out, cause="bad_message")
+            self._fail(r, str(e), out, cause="bad_message", code=FailCode.BAD_REQUEST)
             return out
         if k.done or k.pending or k.in_flight:
             self.stats["duplicates"] += 1
             return out
         if msg.sent_tokens != k.sent_tokens:
             self._fail(r, f"resume with sent_tokens={msg.sent_tokens}, encoder sent {k.sent_tokens}", out,
-                       cause="bad_message")
+                       cause="bad_message", code=FailCode.BAD_REQUEST)
             return out
         k.dst_blocks, k.allocated_tokens, k.pending = msg.dst_blocks, msg.allocated_tokens, True
         self._count(k)
@@ -330,17 +379,17 @@ class EncoderRooms:
         r = self.rooms.get(msg.room)
         k = self.orphans.get((s.id, msg.room))
         if r is not None and s.id in r.ranks:
-            self._fail(r, f"aborted by rank {s.tp_rank}: {msg.reason}", out, ack=s, cause="aborted")
+            self._fail(r, f"aborted by rank {s.tp_rank}: {msg.reason}", out, ack=s, cause="aborted",
+                       code=FailCode.ABORTED)
         elif k is not None and k.failed_msg is not None:
             # the room ended while a write into this rank's blocks is still out:
             # its Failed, sent once the write is over, is the acknowledgement
             m = k.failed_msg
-            k.failed_msg = P.StatusMsg(m.room, m.status, m.seq, m.sent_tokens, m.chunk_tokens, m.total_tokens,
-                                       m.reason, m.flags | P.FLAG_ABORT_ACK)
+            k.failed_msg = replace(m, flags=m.flags | P.FLAG_ABORT_ACK)
         else:
             # nothing of ours in flight: confirm at once so the rank frees its blocks
             out.append(Post(s, P.StatusMsg(msg.room, Status.Failed, reason="abort confirmed",
-                                           flags=P.FLAG_ABORT_ACK)))
+                                           flags=P.FLAG_ABORT_ACK, code=FailCode.ABORTED)))
         return out
 
     # ------------------------------------------------------------ writes
@@ -381,7 +430,7 @@ class EncoderRooms:
         unsafe until the connection is torn down."""
         out: list = []
         k.unsafe = True
-        self._fail(r, reason, out, cause="transfer")
+        self._fail(r, reason, out, cause="transfer", code=FailCode.WRITE_FAILED)
         self._end_in_flight(k, out)
         return out
 
@@ -403,21 +452,23 @@ class EncoderRooms:
         for r in list(self.rooms.values()):
             k = r.ranks.get(sid)
             if k is not None and k.session is s:
-                self._fail(r, reason, out, cause="peer_lost")
+                self._fail(r, reason, out, cause="peer_lost", code=FailCode.PEER_LOST)
         return out
 
     def tick(self, now: float) -> list:
         out: list = []
         for r in list(self.rooms.values()):
             if now > r.deadline:
+                if r.source is not None:
+                    self._let_go(r.room)     # its embedding expired: nobody will be sent it now
                 self._fail(r, f"timed out in {r.tracker.status.name} after {self.request_timeout}s", out,
-                           cause="timeout")
+                           cause="timeout", code=FailCode.TIMEOUT)
         return out
 
     def close(self) -> list:
         out: list = []
         for r in list(self.rooms.values()):
-            self._fail(r, "encoder endpoint closed", out, cause="closed")
+            self._fail(r, "encoder endpoint closed", out, cause="closed", code=FailCode.CLOSED)
         return out
 
     # ------------------------------------------------------------ queries
@@ -438,15 +489,16 @@ class EncoderRooms:
             raise ProtocolError("dst_blocks", f"block {bad} out of range [0, {nb})")
         check_block_size(msg.allocated_tokens, msg.dst_blocks, s.layout.block_size)
 
-    def _reject(self, s: Session, room: P.Room, reason: str, out: list) -> None:
-        """Fail one room for one rank that sent something invalid."""
+    def _reject(self, s: Session, room: P.Room, reason: str, out: list, code: FailCode) -> None:
+        """Fail one room for one rank that sent something refused (``code`` says why)."""
         self.stats["rejected"] += 1
         r = self.rooms.get(room)
         if r is not None and s.id in r.ranks:
-            out.append(Reject(s, room, reason, None))
-            self._fail(r, reason, out)
+            out.append(Reject(s, room, reason, None, code))
+            self._fail(r, reason, out, code=code)
         else:
-            out.append(Reject(s, room, reason, P.StatusMsg(room, Status.Failed, reason=reason[:1000])))
+            out.append(Reject(s, room, reason, P.StatusMsg(room, Status.Failed, reason=reason[:1000], code=code),
+                              code))
 
     def _maybe_start(self, r: Room, out: list) -> None:
         src = r.source
@@ -462,12 +514,12 @@ class EncoderRooms:
             layout = k.session.layout
             if src.hidden != layout.hidden or src.dtype != layout.dtype:
                 self._fail(r, f"embedding is {src.hidden} x {src.dtype}, rank pool is "
-                              f"{layout.hidden} x {layout.dtype}", out)
+                              f"{layout.hidden} x {layout.dtype}", out, code=FailCode.LAYOUT_MISMATCH)
                 return
             try:
                 plan = plan_chunk(total, k.sent_tokens, k.allocated_tokens, layout.block_size, k.dst_blocks)
             except (ProtocolError, BlockSizeMismatch) as e:
-                self._fail(r, str(e), out, cause="bad_message")
+                self._fail(r, str(e), out, cause="bad_message", code=FailCode.BAD_REQUEST)
                 return
             k.pending, k.in_flight = False, True
             out.append(Write(r, k, plan, k.chunks == 0, src))
@@ -497,20 +549,23 @@ class EncoderRooms:
             if self.orphans.get((k.session.id, msg.room)) is k:
                 del self.orphans[(k.session.id, msg.room)]
             if k.unsafe and not msg.flags & P.FLAG_BLOCKS_UNSAFE:
-                msg = P.StatusMsg(msg.room, msg.status, msg.seq, msg.sent_tokens, msg.chunk_tokens,
-                                  msg.total_tokens, msg.reason, msg.flags | P.FLAG_BLOCKS_UNSAFE)
+                msg = replace(msg, flags=msg.flags | P.FLAG_BLOCKS_UNSAFE)
             out.append(Send(k.session, msg))
 
-    def _fail(self, r: Room, reason: str, out: list, ack: Optional[Session] = None, cause: str = "error") -> None:
+    def _fail(self, r: Room, reason: str, out: list, ack: Optional[Session] = None, cause: str = "error",
+              *, code: FailCode) -> None:
+        """``r`` fails; each live rank is told (a Failed with ``code``), after its write if one is out."""
         if not r.tracker.fail():
             return
         r.reason = reason
         r.cause = cause
+        r.code = code
         self.stats.request_failed(cause)
         for k in r.ranks.values():
             if k.session.alive:
                 flags = (P.FLAG_BLOCKS_UNSAFE if k.unsafe else 0) | (P.FLAG_ABORT_ACK if k.session is ack else 0)
-                msg = P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens, reason=reason[:1000], flags=flags)
+                msg = P.StatusMsg(r.room, Status.Failed, k.chunks, k.sent_tokens, reason=reason[:1000], flags=flags,
+                                  code=code)
                 if k.in_flight:
                     k.failed_msg = msg      # sent once the write is over (written / write_failed / write_skipped)
                     self.orphans[(k.session.id, r.room)] = k

@@ -32,6 +32,12 @@ A quarantined room or held block that waits longer than the quarantine
 timeout makes its encoder count as stuck: :class:`TearDown`, after which the
 endpoint reports :meth:`link_lost` and everything parked for it is freed.
 :meth:`ledger` lists the owners (the tests check it after every step).
+
+A failed request keeps why (``Req.code``, a :class:`~embresume.errors.FailCode`):
+the encoder's code for a Failed STATUS, this side's own for a timeout, a lost
+or unreachable encoder, a bad message, a failed copy, an abort or a close;
+:meth:`LanguageRooms.collect` raises it as :meth:`TransferFailed.of
+<embresume.errors.TransferFailed.of>` (RoomBusy, NotPublished, ...).
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from typing import Callable, Optional
 
 from .. import protocol as P
 from ..blocks import BlockAllocator
-from ..errors import AllocatorError, InvalidArgument, PeerError, ProtocolError, TransferFailed, UnknownRoom
+from ..errors import (AllocatorError, FailCode, InvalidArgument, PeerError, ProtocolError, RoomInUse, TransferFailed,
+                      UnknownRoom)
 from ..metrics import EndpointStats
 from ..planner import plan_chunk
 from ..status import Status, StatusTracker
@@ -122,8 +129,8 @@ class Req:
     there."""
 
     __slots__ = ("room", "required_dst_info_num", "deadline", "enc", "nonce", "hint", "t0", "tracker", "blocks",
-                 "sent_tokens", "total_tokens", "chunks", "aux", "reason", "cause", "waiting_alloc", "copying",
-                 "landed", "release", "merge", "result", "event")
+                 "sent_tokens", "total_tokens", "chunks", "aux", "reason", "cause", "code", "waiting_alloc",
+                 "copying", "landed", "release", "merge", "result", "event")
 
     def __init__(self, room: P.Room, required_dst_info_num: int, now: float, deadline: float, enc: "Enc",
                  nonce: int, hint: Optional[int]):
@@ -142,6 +149,7 @@ class Req:
         self.aux = None
         self.reason = ""
         self.cause = ""
+        self.code = FailCode.NONE   # why it failed: the encoder's code, or this side's own
         self.waiting_alloc = False
         self.copying = False
         self.landed = 0        # tokens of the current chunk already copied (pipelined chunks)
@@ -226,13 +234,13 @@ class LanguageRooms:
             raise PeerError("endpoint is closed")
         old = self.reqs.get(room)
         if old is not None and not old.tracker.status.terminal:
-            raise InvalidArgument(f"room {room!r} is already in flight")
+            raise RoomInUse(f"room {room!r} is already in flight")
         if old is not None and old.tracker.status is Status.Success:
             raise InvalidArgument(f"room {room!r} has a result nobody collected: call result() first")
         if old is not None and old.copying:
-            raise InvalidArgument(f"room {room!r} is still being released after a failure")
+            raise RoomInUse(f"room {room!r} is still being released after a failure")
         if any(room in e.quarantine or room in e.held for e in self.encs.values()):
-            raise InvalidArgument(f"room {room!r} still waits for an encoder to confirm an abort")
+            raise RoomInUse(f"room {room!r} still waits for an encoder to confirm an abort")
         enc = self.enc(address)
         self._nonce += 1
         req = Req(room, required_dst_info_num, now, now + self.request_timeout, enc, self._nonce, hint)
@@ -264,7 +272,7 @@ class LanguageRooms:
             req = self.reqs.get(room)
             if req is not None and req.enc is enc and not req.tracker.status.terminal:
                 self._fail(req, f"cannot connect to the encoder at {address}: {reason}", notify=False,
-                           cause="unreachable")
+                           cause="unreachable", code=FailCode.UNREACHABLE)
         return self._take()
 
     def _first_tokens(self, req: Req) -> tuple[int, int]:
@@ -316,7 +324,7 @@ class LanguageRooms:
         enc = req.enc
         if not enc.up:
             self._fail(req, f"cannot reach the encoder at {enc.address}: not connected (connection lost)",
-                       notify=False, cause="unreachable")
+                       notify=False, cause="unreachable", code=FailCode.UNREACHABLE)
             return True
         fields = dict(room=req.room, endpoint=enc.address, dst_port=self.tp_rank, session_id=enc.session,
                       dst_blocks=tuple(blocks), required_dst_info_num=req.required_dst_info_num,
@@ -373,7 +381,7 @@ class LanguageRooms:
                               "was already collected")
         if req.tracker.status is Status.Failed:
             del self.reqs[room]
-            raise TransferFailed(room, req.reason)
+            raise TransferFailed.of(room, req.reason, req.code)
         if req.tracker.status is not Status.Success:
             raise InvalidArgument(f"room {room!r} is {req.tracker.status.name}, not Success: wait() or poll() first")
         del self.reqs[room]
@@ -382,7 +390,7 @@ class LanguageRooms:
     def abort(self, room: P.Room, reason: str) -> list:
         req = self.reqs.get(room)
         if req is not None and not req.tracker.status.terminal:
-            self._fail(req, reason, notify=True, cause="aborted")
+            self._fail(req, reason, notify=True, cause="aborted", code=FailCode.ABORTED)
         return self._take()
 
     def send_failed(self, address: str, msg: P.Message, reason: str) -> list:
@@ -395,19 +403,19 @@ class LanguageRooms:
             req = self.reqs.get(msg.room)
             if req is not None and req.enc is enc and req.nonce == msg.nonce and not req.tracker.status.terminal:
                 self._fail(req, f"cannot reach the encoder at {address}: {reason}", notify=False,
-                           cause="unreachable")
+                           cause="unreachable", code=FailCode.UNREACHABLE)
         return self._take()
 
     # ------------------------------------------------------------ failure
     def _fail(self, req: Req, reason: str, *, notify: bool, peer_dead: bool = False, hold: bool = False,
-              cause: str = "error", now: Optional[float] = None) -> None:
-        """Mark Failed and release blocks.  When the encoder may still write
-        into the blocks (it was told to abort, not dead), they stay
-        quarantined until it confirms; a dead peer or torn-down link releases
-        them at once."""
+              cause: str = "error", code: FailCode, now: Optional[float] = None) -> None:
+        """Mark Failed (``code``: why) and release blocks.  When the encoder
+        may still write into the blocks (it was told to abort, not dead),
+        they stay quarantined until it confirms; a dead peer or torn-down
+        link releases them at once."""
         if not req.tracker.fail():
             return
-        req.reason, req.cause = reason, cause
+        req.reason, req.cause, req.code = reason, cause, code
         req.waiting_alloc = False
         self.stats.request_failed(cause)
         if req.merge is not None and not req.copying:
@@ -487,22 +495,25 @@ class LanguageRooms:
             self.stats["late_status"] += 1
             return []
         if msg.status is Status.Failed:
+            # the encoder's code says why (decoded, so a known FailCode); one that named none is ERROR
+            code = msg.code or FailCode.ERROR
             if msg.flags & P.FLAG_BLOCKS_UNSAFE:
                 # a write into these blocks may still land: held until the link goes
                 self.stats["unsafe_blocks"] += len(req.blocks)
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True, cause="encoder")
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True, cause="encoder",
+                           code=code)
             else:
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, cause="encoder")
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, cause="encoder", code=code)
             return self._take()
         if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.waiting_alloc \
                 or req.copying:
             self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}",
-                       notify=True, cause="bad_message")
+                       notify=True, cause="bad_message", code=FailCode.BAD_MESSAGE)
             return self._take()
         try:
             self._check_chunk(req, msg, now)
         except (ValueError, ProtocolError, AllocatorError) as e:
-            self._fail(req, f"bad chunk: {e}", notify=True, cause="bad_message")
+            self._fail(req, f"bad chunk: {e}", notify=True, cause="bad_message", code=FailCode.BAD_MESSAGE)
         return self._take()
 
     def progress(self, address: str, msg: P.Progress) -> list:
@@ -523,7 +534,8 @@ class LanguageRooms:
                 raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
                                               f"({req.landed}, {tokens})")
         except (ValueError, ProtocolError, AllocatorError) as e:
-            self._fail(req, f"bad progress report: {e}", notify=True, cause="bad_message")
+            self._fail(req, f"bad progress report: {e}", notify=True, cause="bad_message",
+                       code=FailCode.BAD_MESSAGE)
             return self._take()
         if self._zero_copy_candidate(req, tokens):
             return []  # the whole request arrives in this chunk: it will not be copied at all
@@ -626,7 +638,8 @@ class LanguageRooms:
                 self._drain_waiting()
             return self._take()
         if error is not None:
-            self._fail(req, f"copying the chunk failed: {error}", notify=True, cause="copy", now=now)
+            self._fail(req, f"copying the chunk failed: {error}", notify=True, cause="copy", code=FailCode.COPY_FAILED,
+                       now=now)
             return self._take()
         req.landed += tokens
         if end is not None:
@@ -671,7 +684,7 @@ class LanguageRooms:
             for req in list(self.reqs.values()):
                 if req.enc is enc and not req.tracker.status.terminal:
                     self._fail(req, f"encoder lost ({address}): {reason}", notify=False, peer_dead=True,
-                               cause="peer_lost")
+                               cause="peer_lost", code=FailCode.PEER_LOST)
         finally:
             self._drain_held = False
         self._drain_waiting()
@@ -690,7 +703,7 @@ class LanguageRooms:
                                f"when all {req.required_dst_info_num} tensor-parallel ranks requested the room)")
                 elif st is Status.WaitingForInput:
                     reason += " (the encoder never sent this room)"
-                self._fail(req, reason, notify=True, cause="timeout", now=now)
+                self._fail(req, reason, notify=True, cause="timeout", code=FailCode.TIMEOUT, now=now)
         limit = self.quarantine_timeout
         for enc in self.encs.values():
             if not enc.up:
@@ -723,7 +736,8 @@ class LanguageRooms:
         self.closed = True
         for req in list(self.reqs.values()):
             if not req.tracker.status.terminal:
-                self._fail(req, "endpoint closed", notify=False, peer_dead=True, cause="closed")
+                self._fail(req, "endpoint closed", notify=False, peer_dead=True, cause="closed",
+                           code=FailCode.CLOSED)
         for enc in self.encs.values():
             enc.up = False
             self._release_parked(enc)
