@@ -327,8 +327,8 @@ def _run(args: argparse.Namespace, console=None) -> int:
     console.print(table)
     if verbose:
         try:
-            from .metrics import REGISTRY
-            text = REGISTRY.render_text()
+            from .metrics import render_text
+            text = render_text()
             if text:
                 print("metrics (this process):\n" + text)
         except Exception:  # pragma: no cover - metrics are optional
