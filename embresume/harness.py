@@ -2,6 +2,9 @@
 
 Used by the demo, the tests and the benchmarks; also handy for users' own
 integration tests.  Every wait is bounded; the child is terminated on close.
+Parent and child talk over pipes (:class:`~embresume.procutil.PipeQueue`), not
+``multiprocessing`` queues: a SIGKILL of the whole process group leaves no
+named semaphore in /dev/shm.
 """
 
 from __future__ import annotations
@@ -92,12 +95,12 @@ class EncoderProcess:
                  log_level: Optional[int] = None):
         """``log_level``: the child's logging level (its lines in the parent's
         format); None leaves Python's default (warnings and errors, bare)."""
+        from .procutil import PipeQueue, start_child
         ctx = mp.get_context("spawn")
-        self.cmd_q = ctx.Queue()
-        self.res_q = ctx.Queue()
+        self.cmd_q = PipeQueue(ctx)
+        self.res_q = PipeQueue(ctx)
         self.proc = ctx.Process(target=_encoder_child, args=(config, self.cmd_q, self.res_q, data_spec, log_level),
                                 daemon=True, name="embresume-encoder")
-        from .procutil import start_child
         start_child(self.proc)   # SIGINT ignored: a Ctrl-C is the parent's to handle
         try:
             msg = self.res_q.get(timeout=start_timeout)
@@ -190,11 +193,11 @@ class LanguageProcess:
     """A language rank in a spawned child (used by the peer-death tests)."""
 
     def __init__(self, config: Config, room: int, report_status: str = "Transferring"):
+        from .procutil import PipeQueue, start_child
         ctx = mp.get_context("spawn")
-        self.res_q = ctx.Queue()
+        self.res_q = PipeQueue(ctx)
         self.proc = ctx.Process(target=_language_child, args=(config, room, self.res_q, report_status),
                                 daemon=True, name="embresume-language")
-        from .procutil import start_child
         start_child(self.proc)
 
     def wait_report(self, timeout: float = 60.0):

@@ -14,17 +14,25 @@ thread (or from a thread that lives as long as the child).
 The ``multiprocessing`` resource tracker needs nothing: it exits when the
 last write end of its pipe closes, i.e. when the parent and every child that
 inherited the pipe are gone.
+
+:class:`PipeQueue` is the queue to talk to such a child: ``multiprocessing``'s
+``Queue`` (and ``Lock``, ``Semaphore``) are POSIX named semaphores,
+``/dev/shm/sem.mp-*``, which nobody unlinks when the whole process group is
+SIGKILLed (the resource tracker that would dies with it).  A pipe leaves nothing.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import ctypes.util
 import os
+import queue
 import signal
 import sys
 import threading
+import time
 import weakref
 from typing import Optional
 
@@ -156,5 +164,149 @@ def terminate_children(timeout: float = 5.0) -> None:
             p.join(timeout)
 
 
-__all__ = ["die_with_parent", "expected_parent", "pid_alive", "children", "sigint_ignored", "start_child",
+_CLOSE = object()   # the feeder's "flush and stop"
+
+
+class PipeQueue:
+    """A one-way queue between two processes over a ``multiprocessing`` Pipe,
+    with no named semaphore: nothing in /dev/shm, whatever kills the processes.
+
+    For the usual parent/child pair: one process puts (from any of its threads),
+    the other gets.  Like ``multiprocessing.Queue``: ``put`` never blocks (a
+    feeder thread writes to the pipe), what was put is flushed when the process
+    exits normally (for at most ``flush_timeout`` seconds, unless
+    :meth:`cancel_join_thread`), ``get(timeout=...)`` raises ``queue.Empty``,
+    and the object is passed to a spawned child as a Process argument.  Unlike
+    it, an object that cannot be pickled raises in ``put`` itself.  After
+    :meth:`close` this process neither puts nor gets.
+    """
+
+    def __init__(self, ctx=None, flush_timeout: float = 5.0):
+        import multiprocessing
+        self._reader, self._writer = (ctx or multiprocessing).Pipe(duplex=False)
+        self._flush_timeout = flush_timeout
+        self._reset()
+        from multiprocessing.util import register_after_fork
+        register_after_fork(self, PipeQueue._reset)
+
+    def __getstate__(self):
+        from multiprocessing import context
+        context.assert_spawning(self)
+        return self._reader, self._writer, self._flush_timeout
+
+    def __setstate__(self, state) -> None:
+        self._reader, self._writer, self._flush_timeout = state
+        self._reset()
+
+    def _reset(self) -> None:
+        self._rlock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._buffer: collections.deque = collections.deque()
+        self._thread: Optional[threading.Thread] = None
+        self._join = None
+        self._join_cancelled = False
+        self._closed = False
+
+    def put(self, obj) -> None:
+        from multiprocessing.reduction import ForkingPickler
+        if self._closed:
+            raise ValueError("PipeQueue is closed")
+        data = bytes(ForkingPickler.dumps(obj))
+        with self._cond:
+            if self._thread is None:
+                self._start_feeder()
+            self._buffer.append(data)
+            self._cond.notify()
+
+    def get(self, block: bool = True, timeout: Optional[float] = None):
+        from multiprocessing.reduction import ForkingPickler
+        if self._closed:
+            raise ValueError("PipeQueue is closed")
+        if not block:
+            timeout = 0.0
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        if not self._rlock.acquire(timeout=-1 if deadline is None else max(0.0, timeout)):
+            raise queue.Empty
+        try:
+            if deadline is not None and not self._reader.poll(max(0.0, deadline - time.monotonic())):
+                raise queue.Empty
+            data = self._reader.recv_bytes()
+        finally:
+            self._rlock.release()
+        return ForkingPickler.loads(data)
+
+    def get_nowait(self):
+        return self.get(False)
+
+    def empty(self) -> bool:
+        return not self._reader.poll()
+
+    def _start_feeder(self) -> None:
+        from multiprocessing.util import Finalize
+        t = threading.Thread(target=PipeQueue._feed, args=(self._buffer, self._cond, self._writer),
+                             name="PipeQueueFeeder", daemon=True)
+        t.start()
+        self._thread = t
+        if not self._join_cancelled:
+            # at exit (multiprocessing's, also a spawned child's): what was put reaches the pipe
+            self._join = Finalize(t, PipeQueue._finalize_join, [weakref.ref(t), self._flush_timeout],
+                                  exitpriority=-5)
+        Finalize(self, PipeQueue._finalize_close, [self._buffer, self._cond], exitpriority=10)
+
+    @staticmethod
+    def _feed(buffer, cond, writer) -> None:
+        try:
+            while True:
+                with cond:
+                    while not buffer:
+                        cond.wait()
+                    data = buffer.popleft()
+                if data is _CLOSE:
+                    return
+                writer.send_bytes(data)
+        except OSError:   # nobody reads any more (the other process is gone): drop the rest
+            pass
+        finally:
+            writer.close()
+
+    @staticmethod
+    def _finalize_close(buffer, cond) -> None:
+        with cond:
+            buffer.append(_CLOSE)
+            cond.notify()
+
+    @staticmethod
+    def _finalize_join(twr, timeout: float) -> None:
+        t = twr()
+        if t is not None:
+            t.join(timeout)
+
+    def close(self) -> None:
+        """No more puts or gets from this process; what was put is still sent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            if self._thread is not None:
+                self._buffer.append(_CLOSE)   # the feeder closes the writer when done
+                self._cond.notify()
+            else:
+                self._writer.close()
+        self._reader.close()
+
+    def join_thread(self) -> None:
+        """Wait (at most ``flush_timeout``) until what was put is in the pipe; after :meth:`close`."""
+        assert self._closed, "PipeQueue not closed"
+        if self._join is not None:
+            self._join()
+
+    def cancel_join_thread(self) -> None:
+        """Do not wait for the feeder at exit (the reader may be gone)."""
+        self._join_cancelled = True
+        if self._join is not None:
+            self._join.cancel()
+            self._join = None
+
+
+__all__ = ["PipeQueue", "die_with_parent", "expected_parent", "pid_alive", "children", "sigint_ignored", "start_child",
            "terminate_children"]

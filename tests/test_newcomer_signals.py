@@ -1,0 +1,74 @@
+"""The pieces behind "a killed demo leaves nothing": procutil.PipeQueue (the
+harness's queues: a pipe, no named semaphore in /dev/shm).  The end-to-end
+check is in test_newcomer_demo.py."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import time
+
+import pytest
+
+from embresume.procutil import PipeQueue
+
+
+def _shm_inodes() -> set:
+    """Inodes of the /dev/shm files this process has mapped (named semaphores: sem.*)."""
+    with open("/proc/self/maps") as f:
+        rows = [line.split(None, 5) for line in f]
+    return {int(r[4]) for r in rows if len(r) == 6 and r[5].startswith("/dev/shm/")}
+
+
+def _echo_child(cmd_q, res_q) -> None:
+    while True:
+        msg = cmd_q.get(timeout=30)
+        if msg == "stop":
+            break
+        res_q.put(("echo", msg))
+    for i in range(3):               # put right before the child exits: flushed at exit
+        res_q.put(("last", i, b"x" * 200_000))
+
+
+def test_pipe_queue_round_trip_with_a_spawned_child_names_nothing():
+    before = _shm_inodes()
+    ctx = mp.get_context("spawn")
+    cmd_q, res_q = PipeQueue(ctx), PipeQueue(ctx)
+    p = ctx.Process(target=_echo_child, args=(cmd_q, res_q), daemon=True)
+    p.start()
+    try:
+        assert _shm_inodes() == before, "a PipeQueue mapped something in /dev/shm"
+        with pytest.raises(queue.Empty):
+            res_q.get(timeout=0.05)
+        big = bytes(range(256)) * 4096          # 1 MiB: more than a pipe holds
+        for i in range(5):
+            cmd_q.put((i, big))                 # never blocks, whatever the child does
+        for i in range(5):
+            assert res_q.get(timeout=60) == ("echo", (i, big))
+        cmd_q.put("stop")
+        assert [res_q.get(timeout=60)[:2] for _ in range(3)] == [("last", 0), ("last", 1), ("last", 2)]
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        if p.is_alive():
+            p.kill()
+            p.join(10)
+        for q in (cmd_q, res_q):
+            q.close()
+            q.cancel_join_thread()
+    with pytest.raises(ValueError):
+        cmd_q.put("closed")
+
+
+def test_pipe_queue_put_does_not_block_without_a_reader():
+    q = PipeQueue(mp.get_context("spawn"))
+    try:
+        t0 = time.monotonic()
+        for _ in range(64):
+            q.put(b"y" * 65536)                 # 4 MiB, nobody reading yet
+        assert time.monotonic() - t0 < 5
+        assert q.get(timeout=10) == b"y" * 65536
+        assert q.get_nowait() == b"y" * 65536
+    finally:
+        q.close()
+        q.cancel_join_thread()
