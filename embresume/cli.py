@@ -176,41 +176,63 @@ def parse_args(argv: list[str], parser: Optional[ArgumentParser] = None) -> argp
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """The ``embresume`` command; a Ctrl-C anywhere (imports included) is one line and exit 130."""
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print("embresume: interrupted", file=sys.stderr)
-        return 130
+    """The ``embresume`` command.  A Ctrl-C anywhere (imports included) is one
+    line and exit 130; a SIGTERM is cleaned up after the same way, one line and
+    exit 143 (128 + SIGTERM)."""
+    from .procutil import sigterm_interrupts
+    with sigterm_interrupts() as term:
+        try:
+            rc = _main(argv)
+        except KeyboardInterrupt as e:
+            rc = _interrupted(e)
+    if term.hit and rc == 130:   # a command that reported the interruption itself (the bench)
+        rc = 143
+    return rc
 
 
-class _SigintDeferred:
-    """A Ctrl-C during the block (torch's import: an import cut short can leave
-    the interpreter slow to exit) takes effect right after it, as KeyboardInterrupt."""
+def _interrupted(e: KeyboardInterrupt) -> int:
+    """The one line and the exit status of a Ctrl-C (130) or a SIGTERM (143)."""
+    from .procutil import Terminated
+    if isinstance(e, Terminated):
+        print("embresume: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    print("embresume: interrupted", file=sys.stderr)
+    return 130
+
+
+class _SignalsDeferred:
+    """A Ctrl-C or a SIGTERM during the block (torch's import: an import cut
+    short can leave the interpreter slow to exit) takes effect right after it,
+    as KeyboardInterrupt (a SIGTERM: through the handler in force, Terminated)."""
 
     def __enter__(self):
         import signal
         import threading
-        self.hit = False
-        self.old = None
+        self.hits: list[int] = []
+        self.old: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGINT, self._record)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._record)
         return self
 
     def _record(self, signum, frame) -> None:
-        self.hit = True
+        if signum not in self.hits:
+            self.hits.append(signum)
 
     def __exit__(self, *exc) -> None:
         import signal
-        if self.old is not None:
-            signal.signal(signal.SIGINT, self.old)
-        if self.hit and exc[0] is None:
-            raise KeyboardInterrupt
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        if exc[0] is None:
+            if signal.SIGTERM in self.hits:
+                signal.raise_signal(signal.SIGTERM)   # the handler in force now: Terminated, at once
+            if signal.SIGINT in self.hits:
+                raise KeyboardInterrupt
 
 
 def _main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    with _SigintDeferred():
+    with _SignalsDeferred():
         p = build_parser()   # imports torch (the bench's options)
     if not argv:
         p.print_help()
@@ -234,9 +256,8 @@ def _main(argv: Optional[list[str]] = None) -> int:
         if args.cmd == "doctor":
             from .doctor import run as doctor_run
             return doctor_run()
-    except KeyboardInterrupt:
-        print("embresume: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     return 2
 
 

@@ -135,6 +135,43 @@ def sigint_ignored():
         signal.signal(signal.SIGINT, old)
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM, raised in the main thread inside :func:`sigterm_interrupts`.
+
+    A KeyboardInterrupt, so that everything that cleans up after a Ctrl-C (the
+    harness's children, the demo's endpoints, the bench's processes) cleans up
+    after a SIGTERM the same way; the command line tells them apart (exit 143, not 130).
+    """
+
+
+class _SigtermState:
+    def __init__(self) -> None:
+        self.hit = False
+
+    def handler(self, signum, frame) -> None:
+        if not self.hit:        # the first SIGTERM stops the work; more are ignored while it cleans up
+            self.hit = True
+            raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within the block a SIGTERM raises :class:`Terminated` in the main thread
+    (once: later ones are ignored while the clean-up runs) instead of killing the
+    process before its ``finally`` blocks and exit handlers run.  Yields an object
+    whose ``hit`` says whether one came.  Only the main thread may change signal
+    handlers: elsewhere this does nothing."""
+    state = _SigtermState()
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+    old = signal.signal(signal.SIGTERM, state.handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 _tracked: "weakref.WeakSet" = weakref.WeakSet()
 
 
@@ -308,5 +345,5 @@ class PipeQueue:
             self._join = None
 
 
-__all__ = ["PipeQueue", "die_with_parent", "expected_parent", "pid_alive", "children", "sigint_ignored", "start_child",
-           "terminate_children"]
+__all__ = ["PipeQueue", "Terminated", "die_with_parent", "expected_parent", "pid_alive", "children", "sigint_ignored",
+           "sigterm_interrupts", "start_child", "terminate_children"]

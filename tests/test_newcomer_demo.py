@@ -1,8 +1,9 @@
 """`embresume demo` as a new user meets it: a huge -n starts at once with flat
-memory and shows progress when piped, Ctrl-C is one line and exit 130, a dead
-encoder is one line and exit 1, and a `kill -9` of the whole process group
-leaves nothing named in /dev/shm.  Every wait is bounded; every process is
-killed on the way out, also when an assertion fails."""
+memory and shows progress when piped, Ctrl-C is one line and exit 130, a
+SIGTERM one line and exit 143, a dead encoder is one line and exit 1, and a
+`kill -9` of the whole process group leaves nothing named in /dev/shm.  Every
+wait is bounded; every process is killed on the way out, also when an
+assertion fails."""
 
 from __future__ import annotations
 
@@ -157,6 +158,53 @@ def test_kill_9_of_the_demo_group_leaves_nothing_named():
         assert not _gone(kids), "a child outlived kill -9 of its process group"
         left = _shm_left(named)
         assert not left, f"kill -9 of the demo's process group left these in /dev/shm: {left}"
+    finally:
+        run.kill()
+
+
+@pytest.mark.parametrize("target", ["group", "process"])
+def test_sigterm_is_one_line_143_and_leaves_nothing(target):
+    """``kill PID`` or ``kill -- -PGID`` (systemd, docker stop, timeout): the demo
+    cleans up as on Ctrl-C and says so in one line; exit 143 (128 + SIGTERM)."""
+    run, kids = _running_demo()
+    try:
+        named = _shm_mapped([run.p.pid, *kids])
+        if target == "group":
+            os.killpg(run.p.pid, signal.SIGTERM)
+        else:
+            os.kill(run.p.pid, signal.SIGTERM)
+        rc = run.finish(60)
+        assert rc == 143, (rc, run.err)
+        assert "Traceback" not in run.err and "resource_tracker" not in run.err and "leaked" not in run.err, run.err
+        assert run.err.strip().splitlines() == ["embresume: terminated (SIGTERM)"], run.err
+        assert not _gone(kids), "a child outlived the terminated demo"
+        left = _shm_left(named)
+        assert not left, f"the terminated demo left these in /dev/shm: {left}"
+    finally:
+        run.kill()
+
+
+def test_huge_demo_starts_at_once_shows_progress_and_ctrl_c_is_one_line():
+    run = Proc("demo", "-n", "100000000")
+    try:
+        first = run.wait_line(lambda s: True, timeout=60)
+        assert first.startswith("embresume demo: 100,000,000 requests"), first
+        assert all(len(x.rstrip("\n")) <= 80 for x in run.out)
+        enc_line = run.wait_line(lambda s: s.startswith("encoder pid"), timeout=90)
+        enc = _encoder_pid(enc_line)
+        # piped: a plain progress line with the rate and the time left every few seconds
+        prog = run.wait_line(lambda s: s.startswith("transferring "), timeout=60)
+        assert "requests/s" in prog and "ETA" in prog, prog
+        # memory stays flat: nothing of the 10**8 requests is built up front
+        assert _rss_mib(run.p.pid) < 1024, _rss_mib(run.p.pid)
+        os.killpg(run.p.pid, signal.SIGINT)            # what Ctrl-C at a terminal does
+        rc = run.finish(60)
+        assert rc == 130, (rc, run.err)
+        assert run.err.strip().splitlines() == ["embresume: interrupted"], run.err
+        deadline = time.monotonic() + 10
+        while pid_alive(enc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(enc), "the encoder child outlived the interrupted demo"
     finally:
         run.kill()
 

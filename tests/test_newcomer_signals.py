@@ -1,16 +1,20 @@
-"""The pieces behind "a killed demo leaves nothing": procutil.PipeQueue (the
-harness's queues: a pipe, no named semaphore in /dev/shm).  The end-to-end
-check is in test_newcomer_demo.py."""
+"""The pieces behind "a killed or terminated demo leaves nothing":
+procutil.PipeQueue (the harness's queues: a pipe, no named semaphore in
+/dev/shm) and SIGTERM handled like Ctrl-C by the command line (one line,
+exit 143).  The end-to-end checks are in test_newcomer_demo.py."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import signal
 import time
 
 import pytest
 
-from embresume.procutil import PipeQueue
+from embresume import cli
+from embresume.procutil import PipeQueue, Terminated, sigterm_interrupts
 
 
 def _shm_inodes() -> set:
@@ -72,3 +76,47 @@ def test_pipe_queue_put_does_not_block_without_a_reader():
     finally:
         q.close()
         q.cancel_join_thread()
+
+
+def test_sigterm_interrupts_raises_terminated_once_and_restores_the_handler():
+    old = signal.getsignal(signal.SIGTERM)
+    with sigterm_interrupts() as term:
+        with pytest.raises(Terminated):
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(5)                       # not reached: raised at once
+        assert term.hit and isinstance(Terminated(), KeyboardInterrupt)
+        signal.raise_signal(signal.SIGTERM)     # a second one while cleaning up: ignored
+    assert signal.getsignal(signal.SIGTERM) is old
+
+
+def test_sigterm_while_torch_imports_takes_effect_after():
+    with sigterm_interrupts():
+        with pytest.raises(Terminated):
+            with cli._SignalsDeferred():
+                signal.raise_signal(signal.SIGTERM)
+                done = True                     # the block runs to its end
+        assert done
+
+
+def test_cli_sigterm_is_one_line_and_143(monkeypatch, capsys):
+    def terminated(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                           # not reached
+        return 0
+
+    monkeypatch.setattr(cli, "_main", terminated)
+    old = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["demo"]) == 143
+    assert capsys.readouterr().err.splitlines() == ["embresume: terminated (SIGTERM)"]
+    assert signal.getsignal(signal.SIGTERM) is old
+
+    def reports_itself(argv):                   # as the bench does: its own line, 130
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except KeyboardInterrupt:
+            return 130
+        return 0
+
+    monkeypatch.setattr(cli, "_main", reports_itself)
+    assert cli.main(["bench"]) == 143
