@@ -737,3 +737,115 @@ def test_an_item_larger_than_the_landing_region_fails_at_once(producer, consumer
     assert not failed and done["lm-xl"] == ([], ["xl"])
     assert sched.stats["transfer_failures"] == 1 and sched.stats["recomputes"] == 1
     assert sched._lang.allocator.free_blocks == sched._lang.layout.num_blocks
+
+
+# ------------------------------------------------------------------ refusal codes
+def _in_process_producer():
+    """A producer's worker (encoder endpoint, publisher) and scheduler (params) in this process."""
+    pcfg = vllm_config("ec_producer", dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{free_port()}"))
+    return EmbresumeECConnector(pcfg, ECConnectorRole.WORKER), EmbresumeECConnector(pcfg, ECConnectorRole.SCHEDULER)
+
+
+def test_an_item_the_producer_let_go_of_is_given_up_at_once(consumer_parts, receive):
+    """The producer withdrew the item (producer_max_bytes) before the consumer asked: the
+    encoder answers NOT_PUBLISHED at once, and the consumer recomputes the item now, in one
+    attempt, instead of waiting out failover_timeout x max_attempts for data that is gone."""
+    from embresume.errors import FailCode, NotPublished
+    producer_worker, producer_sched = _in_process_producer()
+    try:
+        tensor = embedding("let-go", 30)
+        producer_worker.save_caches({"let-go": tensor}, "let-go")
+        deadline = time.monotonic() + 10
+        while producer_worker.stats["items_published"] < 1:
+            assert time.monotonic() < deadline, producer_worker.stats
+            time.sleep(0.01)
+        assert producer_worker._enc.withdraw("let-go")       # what the publisher does past its bound
+        _, params = producer_sched.request_finished(make_request("enc-lg", [("let-go", 30)]))
+        assert params["let-go"][adapter.PARAM_KEY]
+        # without the code this would wait 60 s per attempt: the step loop's deadline is far shorter
+        sched, ranks = consumer_parts({"failover_timeout": 60.0, "max_attempts": 3})
+        lang = receiving_endpoint(sched, ranks)
+        raised = []
+        orig = lang.result
+
+        def result(room):
+            try:
+                return orig(room)
+            except Exception as e:
+                raised.append(e)
+                raise
+        lang.result = result
+        done, failed = step_until(sched, ranks, [make_request("lm-lg", [("let-go", 30)], params=params)],
+                                  deadline_s=20)
+        assert not failed and done["lm-lg"] == ([], ["let-go"])        # recomputed locally
+        assert [type(e) for e in raised] == [NotPublished] and raised[0].code is FailCode.NOT_PUBLISHED
+        assert lang.stats["requests"] == 1                              # one attempt: no retry of a gone item
+        assert sched.stats["failovers"] == 0 and sched.stats["recomputes"] == 1
+        if sched._region is not None:
+            assert sched.stats["transfer_failures"] == 1
+    finally:
+        producer_worker.shutdown()
+        producer_sched.shutdown()
+
+
+def test_a_busy_room_is_asked_again_by_its_code_not_its_text(consumer_parts, monkeypatch):
+    """Instance A asked for an item before the producer published it (its room waits with A's
+    rank); instance B's request is refused (the room belongs to A's TP group).  B asks again
+    shortly, without counting a failed attempt, because of the refusal's code: the encoder's
+    reason texts are reworded here, so no text comparison could recognise them.  Once the item
+    is published both get it, none recomputes."""
+    from embresume.errors import FailCode, RoomBusy
+    from embresume.rooms import encoder as RE
+
+    orig_reject = RE.EncoderRooms._reject
+
+    def reworded(self, s, room, reason, out, *code):
+        return orig_reject(self, s, room, "refused (reworded: no known phrase here)", out, *code)
+    monkeypatch.setattr(RE.EncoderRooms, "_reject", reworded)
+    producer_worker, producer_sched = _in_process_producer()
+    try:
+        sched_a, ranks_a = consumer_parts({})
+        if sched_a._region is None:
+            pytest.skip("receive='worker' does not ask again within a step")
+        sched_b, ranks_b = consumer_parts({"failover_timeout": 60.0})
+        _, params = producer_sched.request_finished(make_request("enc-busy", [("busy", 40)]))
+        req_a = make_request("lm-a", [("busy", 40)], params=params)
+        req_b = make_request("lm-b", [("busy", 40)], params=params)
+        assert not sched_a.ensure_cache_available(req_a, 0)
+        rooms = producer_worker._enc._rooms
+        deadline = time.monotonic() + 20
+        while not ("busy" in rooms and len(rooms["busy"].ranks) == 1):
+            assert time.monotonic() < deadline, "instance A's request never reached the producer"
+            sched_a.ensure_cache_available(req_a, 0)
+            time.sleep(0.01)
+        lang_b = sched_b._lang
+        refusals = []
+        orig_result = lang_b.result
+
+        def result(room):
+            try:
+                return orig_result(room)
+            except Exception as e:
+                refusals.append(e)
+                raise
+        lang_b.result = result
+        deadline = time.monotonic() + 20
+        while len(refusals) < 3:                             # refused, asked again, refused again...
+            assert time.monotonic() < deadline, (refusals, sched_b._items)
+            assert not sched_b.ensure_cache_available(req_b, 0)
+            time.sleep(0.01)
+        assert all(type(e) is RoomBusy and e.code in (FailCode.TP_GROUP, FailCode.BUSY) for e in refusals)
+        assert all("reworded" in e.reason for e in refusals)
+        it = sched_b._items["busy"]
+        # none counted as an attempt (a refused one is handed back while it waits to ask again)
+        assert it.attempts <= 1 and sched_b.stats["failovers"] == 0 and sched_b.stats["transfer_failures"] == 0
+        # the item is published: A gets it, then B (the producer publishes it again after A's)
+        producer_worker.save_caches({"busy": embedding("busy", 40)}, "busy")
+        for name, sched, ranks, req in (("a", sched_a, ranks_a, req_a), ("b", sched_b, ranks_b, req_b)):
+            done, failed = step_until(sched, ranks, [req], deadline_s=30)
+            assert not failed and done[f"lm-{name}"] == (["busy"], []), name
+            assert same_bits(ranks[0][1]["busy"], embedding("busy", 40)), name
+            assert sched.stats["recomputes"] == 0 and sched.stats["transfer_failures"] == 0, sched.stats
+    finally:
+        producer_worker.shutdown()
+        producer_sched.shutdown()

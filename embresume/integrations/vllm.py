@@ -47,7 +47,13 @@ engine maps, :mod:`embresume.integrations._landing`):
    tried again (``max_attempts``); then the item is recomputed locally when
    the request still carries its media and the instance has its vision tower
    (``on_failure: "recompute"``, the default), else the request is failed
-   through ``take_unavailable_requests`` (a retryable error).
+   through ``take_unavailable_requests`` (a retryable error).  What a failure
+   means is read from its code (:class:`~embresume.errors.FailCode`), never
+   from its text: a room the producer is sending to another instance right
+   now (BUSY, TP_GROUP) is asked again shortly, not counted as an attempt; an
+   item the producer let go of (NOT_PUBLISHED: withdrawn past
+   ``producer_max_bytes``, or expired) is given up at once, without waiting
+   out ``failover_timeout`` or trying again.
 
 ``receive: "worker"`` keeps the direct path: each worker's own
 ``LanguageEndpoint`` receives its copy into its own pool (a GPU pool through
@@ -81,7 +87,7 @@ from vllm.distributed.ec_transfer.ec_connector.base import (
 from vllm.distributed.ec_transfer.ec_connector.metrics import ECConnectorPromMetrics, ECConnectorStats
 
 from ..config import parse_dtype
-from ..errors import ConfigError, EmbResumeError, InvalidArgument, TransferFailed
+from ..errors import ConfigError, EmbResumeError, FailCode, InvalidArgument, RoomInUse, TransferFailed
 from ..status import Status
 from ._common import ZeroSides, advertised_address, as_address_list, build_config, describe, pick_encoder
 
@@ -118,8 +124,8 @@ OWN_KEYS = {
 }
 
 #: the encoder's refusals of an INIT for a room another engine instance is being sent
-#: (the room is published again when that ends)
-_BUSY = ("belongs to another TP group", "room already", "more than required_dst_info_num")
+#: (the room is published again when that ends): asked again shortly, not a failed attempt
+BUSY_CODES = frozenset({FailCode.BUSY, FailCode.TP_GROUP})
 
 #: the widest item row a producer may announce, and how many widths (a receive pool each)
 #: one consumer takes
@@ -696,11 +702,11 @@ class EmbresumeECConnector(ECConnectorBase):
         try:
             ep = self._endpoint_for(it.width)
             ep.request(it.mm_hash, 1, encoder=it.encoder, expected_tokens=it.num_embeds or None)
+        except RoomInUse:
+            # the previous attempt has not ended here yet (its abort not confirmed, its
+            # copy being released): try again shortly
+            it.state, it.retry_at, it.attempts = RETRY, now + 0.05, it.attempts - 1
         except InvalidArgument as e:
-            if "abort" in str(e) or "in flight" in str(e) or "released" in str(e):
-                # the previous attempt's abort is not confirmed yet: try again shortly
-                it.state, it.retry_at, it.attempts = RETRY, now + 0.05, it.attempts - 1
-                return
             self._attempt_failed(it, describe(e), final=True)
         except EmbResumeError as e:
             self._attempt_failed(it, f"request to {it.encoder} not started: {describe(e)}")
@@ -735,20 +741,22 @@ class EmbresumeECConnector(ECConnectorBase):
             it.state = READY
             self._land(it)
         elif st is Status.Failed:
+            reason, code = lang.failure_reason(h) or "failed", lang.failure_code(h)
             try:
-                reason = lang.failure_reason(h) or "failed"
                 lang.result(h)
             except TransferFailed as e:
-                reason = e.reason
+                reason, code = e.reason, e.code
             except EmbResumeError:
                 pass
-            if any(b in reason for b in _BUSY) and now < it.deadline:
+            if code in BUSY_CODES and now < it.deadline:
                 # another engine instance is being sent this item right now: the producer
                 # publishes it again when that ends; wait a little, it is no failed attempt
                 it.state, it.retry_at, it.attempts = RETRY, now + 0.05, it.attempts - 1
                 it.reason = reason
                 return
-            self._attempt_failed(it, f"from {it.encoder}: {reason}")
+            # NOT_PUBLISHED: the producer let go of the item (withdrawn, expired); it will not
+            # come from there, so asking again is no use: recompute (or fail) now
+            self._attempt_failed(it, f"from {it.encoder}: {reason}", final=code is FailCode.NOT_PUBLISHED)
         elif now > it.deadline:
             self._give_up(it, f"not complete within load_timeout={self._load_timeout:g}s")
         elif st in (Status.Bootstrapping, Status.WaitingForInput) and now - it.started > self._failover:
@@ -1176,6 +1184,9 @@ class _Publisher:
         return self._bytes
 
     def submit(self, room: str, tensor: torch.Tensor) -> None:
+        # published on our thread a little later: a consumer's INIT that comes first waits for
+        # it, even if this item was withdrawn or expired before (not answered NOT_PUBLISHED)
+        self._enc.expect(room)
         event = None
         if tensor.is_cuda:
             event = torch.cuda.Event()
