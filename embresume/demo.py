@@ -27,7 +27,8 @@ requests whose token counts follow an image/video mix (28x28 patches) plus the
 edge cases (1 token, one more than the default allocation, several times it),
 verifies every merged result bit for bit and prints requests, resumes, bytes,
 GB/s, p50/p99 latency and "verified N/N".  Exits 1 on any mismatch or when
-the encoder process dies (one line says how), 130 on Ctrl-C.  Progress shows
+the encoder process dies (one line says how), 130 on Ctrl-C, 143 on SIGTERM
+(one line; the encoder is stopped, nothing is left behind).  Progress shows
 the rate and the time left; piped, a progress line every 5 seconds.  Token
 counts are drawn as the demo goes, so -n 100000000 needs no more memory than
 -n 200 (the latency percentiles then come from a uniform sample of 100,000)."""
