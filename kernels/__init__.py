@@ -34,5 +34,29 @@ if __name__ == "embresume.kernels":
 else:
     # imported by its folder's bare name, "kernels", because the repository root is on the
     # path (e.g. transformers probing for Hugging Face's "kernels" package from this
-    # directory): define nothing, import nothing, so the probe finds no usable package
+    # directory): define nothing, import nothing of embresume.  Where Hugging Face's package
+    # is installed, that import means it: load it in this module's place (the import
+    # returns what sys.modules holds once this body has run)
     __all__ = []
+
+    def _installed_kernels():
+        import importlib.machinery
+        import importlib.util
+        import os
+        import sys
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+        spec = importlib.machinery.PathFinder.find_spec(__name__, path)
+        if spec is None or spec.loader is None:
+            return None
+        mine = sys.modules[__name__]
+        module = sys.modules[__name__] = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules[__name__] = mine
+            raise
+        return module
+
+    if _installed_kernels() is None:
+        del _installed_kernels

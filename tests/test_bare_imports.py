@@ -20,22 +20,50 @@ from typing import Optional
 
 import pytest
 
+from conftest import FROM_CHECKOUT, child_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(code: str, cwd: Path = ROOT, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    if env is None:
+        # these children test the current directory on the path (where the suite tests an
+        # installed wheel it sets PYTHONSAFEPATH, which keeps it off)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_bare_kernels_and_ipc_define_nothing():
-    r = run("import sys, kernels, ipc\n"
+    bare = ("import sys, kernels, ipc\n"
             "assert kernels.__all__ == [] and ipc.__all__ == [], (kernels.__all__, ipc.__all__)\n"
             "assert not hasattr(kernels, 'scatter_chunk') and not hasattr(ipc, 'ShmRing')\n"
             "assert not any(m == 'embresume' or m.startswith('embresume.') for m in sys.modules), "
-            "sorted(m for m in sys.modules if m.startswith('embresume'))\n"
-            "import embresume.kernels, embresume.ipc\n"
-            "assert callable(embresume.kernels.scatter_chunk) and embresume.ipc.ShmRing\n")
+            "sorted(m for m in sys.modules if m.startswith('embresume'))\n")
+    installed = ("import embresume.kernels, embresume.ipc\n"
+                 "assert callable(embresume.kernels.scatter_chunk) and embresume.ipc.ShmRing\n")
+    if FROM_CHECKOUT:
+        r = run(bare + installed)
+    else:
+        # from the root the checkout's embresume/ would be imported, not the installed one
+        r = run(bare)
+        assert r.returncode == 0, r.stderr
+        r = run(installed, cwd=ROOT.parent, env=child_env())
     assert r.returncode == 0, r.stderr
+
+
+def test_bare_kernels_is_hugging_faces_package_where_that_is_installed(tmp_path):
+    """Where another "kernels" package is on the path, a bare ``import kernels``
+    from the repository root gets it (transformers then uses the real one),
+    not the repository's folder."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text('__version__ = "9.9"\n\n\ndef get_kernel(name):\n    return name\n')
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONSAFEPATH"}
+    env["PYTHONPATH"] = str(tmp_path)
+    r = run("import sys, kernels\n"
+            "assert sys.modules['kernels'] is kernels and kernels.get_kernel('x') == 'x'\n"
+            "print(kernels.__file__)\n", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(tmp_path / "kernels" / "__init__.py")
 
 
 PROBE = ("import importlib.util, json, sys\n"
