@@ -124,6 +124,7 @@ def repeats_for(nbytes: int, profile: dict) -> int:
 
 # ---------------------------------------------------------------- ports, shm
 from embresume.harness import free_port  # noqa: E402,F401  (re-exported for the bench modules)
+from embresume.procutil import PipeQueue  # noqa: E402
 
 
 def shm_objects() -> set[str]:
@@ -249,8 +250,8 @@ class Child:
         self.name = name
         self._ready = False
         ctx = ctx or mp.get_context("spawn")
-        self.cmd_q = ctx.Queue()
-        self.res_q = ctx.Queue()
+        self.cmd_q = PipeQueue(ctx)   # no named semaphore: a killed bench leaves nothing in /dev/shm
+        self.res_q = PipeQueue(ctx)
         self.proc = ctx.Process(target=_child_main, args=(target, self.cmd_q, self.res_q) + tuple(args), name=name,
                                 daemon=True)
         from embresume.procutil import start_child

@@ -38,6 +38,7 @@ from embresume.ipc import unix
 from embresume.ipc.ring import ShmRing
 from embresume.language import LanguageEndpoint
 from embresume.node import pid_alive
+from embresume.procutil import PipeQueue
 from embresume.synthetic import SyntheticData
 
 from conftest import fd_links, layout_dict, make_config, wait_until
@@ -140,7 +141,7 @@ def _foreign_encoder(uid, gid, cfg, res_q, cmd_q):
 
 def _run_child(target, args, timeout=60.0):
     ctx = mp.get_context("spawn")
-    res_q = ctx.Queue()
+    res_q = PipeQueue(ctx)
     p = ctx.Process(target=target, args=(*args, res_q), daemon=True)
     p.start()
     try:
@@ -186,7 +187,7 @@ def test_a_rank_refuses_an_encoder_of_another_uid(other_user):
     uid, gid = other_user
     cfg = make_config("shm")
     ctx = mp.get_context("spawn")
-    res_q, cmd_q = ctx.Queue(), ctx.Queue()
+    res_q, cmd_q = PipeQueue(ctx), PipeQueue(ctx)
     p = ctx.Process(target=_foreign_encoder, args=(uid, gid, cfg.replace(allowed_uids=(0,)), res_q, cmd_q),
                     daemon=True)
     p.start()
@@ -330,7 +331,7 @@ def test_kill_9_during_start_up_leaves_nothing():
     with EncoderEndpoint(cfg) as enc:
         base = _memfds()
         for delay in delays:
-            res_q = ctx.Queue()
+            res_q = PipeQueue(ctx)
             p = ctx.Process(target=_starting_rank, args=(cfg, res_q), daemon=True)
             p.start()
             try:
