@@ -39,7 +39,7 @@ class _EncoderServer:
     def op_open(self, cfg_kw: dict, data_spec: tuple) -> dict:
         from embresume.config import Config
         from embresume.encoder import EncoderEndpoint
-        from embresume.errors import PeerError
+        from embresume.errors import BindFailed
 
         self.op_close()
         hidden, max_tokens, dtype, seed, device = data_spec
@@ -55,10 +55,8 @@ class _EncoderServer:
             try:
                 self.enc = EncoderEndpoint(cfg)
                 break
-            except PeerError as e:
+            except BindFailed as e:    # the port was taken in between: another one
                 last = e
-                if "cannot bind" not in str(e):
-                    raise
         else:
             raise last
         return {"address": self.enc.address, "gen_s": gen_s}

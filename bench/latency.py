@@ -467,7 +467,7 @@ class EncoderServer:
     def op_open(self, cfg_kw: dict, max_tokens: int, seed: int) -> dict:
         from embresume.config import Config
         from embresume.encoder import EncoderEndpoint
-        from embresume.errors import PeerError
+        from embresume.errors import BindFailed
 
         self.data = make_data(HIDDEN, max_tokens, DTYPE, seed)
         si = (cfg_kw.get("extra") or {}).get("bench_switchinterval")
@@ -479,10 +479,8 @@ class EncoderServer:
             try:
                 self.enc = EncoderEndpoint(cfg)
                 break
-            except PeerError as e:
+            except BindFailed as e:    # the port was taken in between: another one
                 last = e
-                if "cannot bind" not in str(e):
-                    raise
         else:
             raise last
         self._install_hook()

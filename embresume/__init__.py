@@ -7,9 +7,9 @@ import Config`` works as usual."""
 
 import importlib
 
-from .errors import (AllocatorError, BlockSizeMismatch, ConfigError, EmbResumeError, EmbResumeTimeout,
-                     InvalidArgument, NotPublished, PeerError, ProtocolError, ResultReleased, RoomBusy, RoomInUse,
-                     TransferError, TransferFailed, TransportUnavailable, UnknownRoom)
+from .errors import (AllocatorError, BindFailed, BlockSizeMismatch, ConfigError, EmbResumeError, EmbResumeTimeout,
+                     FailCode, InvalidArgument, NoMemory, NotPublished, PeerError, ProtocolError, ResultReleased,
+                     RoomBusy, RoomInUse, TransferError, TransferFailed, TransportUnavailable, UnknownRoom)
 from .status import Status
 
 
@@ -32,7 +32,8 @@ __all__ = [
     "Config", "EncoderEndpoint", "LanguageEndpoint", "EmbeddingResult", "Status",
     "EmbResumeError", "ConfigError", "ProtocolError", "AllocatorError", "BlockSizeMismatch",
     "TransferError", "TransferFailed", "PeerError", "InvalidArgument", "UnknownRoom", "EmbResumeTimeout",
-    "ResultReleased", "TransportUnavailable", "RoomBusy", "NotPublished", "RoomInUse",
+    "ResultReleased", "TransportUnavailable", "RoomBusy", "NotPublished", "RoomInUse", "NoMemory", "BindFailed",
+    "FailCode",
 ]
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import zmq
 
 from . import protocol
-from .errors import PeerError, ProtocolError
+from .errors import BindFailed, PeerError, ProtocolError
 from .logutil import RateLimitedLog
 
 log = logging.getLogger("embresume.channel")
@@ -167,7 +167,7 @@ class ZmqHub:
                 self.sock.bind(bind)
             except zmq.ZMQError as e:
                 self.sock.close()
-                raise PeerError(f"cannot bind {bind}: {e}") from None
+                raise BindFailed(f"cannot bind {bind}: {e}") from None
             self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         else:
             self.sock.connect(connect)

@@ -66,7 +66,7 @@ def _first_line(e: BaseException) -> str:
 
 def run(args: argparse.Namespace, console=None) -> int:
     """Run the demo; runtime errors become one line on stderr (exit 1, 2 for configuration)."""
-    from .errors import ConfigError, EmbResumeError, InvalidArgument
+    from .errors import ConfigError, EmbResumeError, InvalidArgument, NoMemory
     verbose = getattr(args, "verbose", 0)
     try:
         return _run(args, console)
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, console=None) -> int:
         if verbose:
             traceback.print_exc()
         hint = ""
-        if "shared memory" in str(e):
+        if isinstance(e, NoMemory):
             hint = " (demo: use --cache-buffers 1, --pool-bytes 32M or --hidden 512)"
         return _error(f"{e}{hint}", 2)
     except EncoderDied as e:

@@ -209,7 +209,7 @@ class EncoderEndpoint:
         self._cond = threading.Condition(self._lock)      # a room became terminal
         self._tls = threading.local()
         #: counters of this endpoint; the events that have a process-wide series
-        #: (embresume.metrics.REGISTRY, Prometheus export there) are recorded in both at once
+        #: (prometheus_client's registry, see embresume.metrics) are recorded in both at once
         self.stats = EndpointStats(role="encoder")
         self.metrics = self.stats.metrics
         #: the rooms, their ranks and the per-session bounds (no I/O: this shell carries out its actions)

@@ -62,6 +62,11 @@ class ConfigError(EmbResumeError, ValueError):
     """A configuration value is missing, malformed or out of range."""
 
 
+class NoMemory(ConfigError):
+    """A pool or shared segment does not fit in the memory available (the
+    message names the size, what is available and how to make it fit)."""
+
+
 class InvalidArgument(EmbResumeError, ValueError):
     """A caller passed a bad argument (room key, token count, rank count, shape, ...).
 
@@ -108,6 +113,10 @@ class TransferError(EmbResumeError, RuntimeError):
 
 class PeerError(EmbResumeError, ConnectionError):
     """The peer is dead, unreachable or did not answer in time."""
+
+
+class BindFailed(PeerError):
+    """An endpoint could not bind its address (in use, not this host's, ...)."""
 
 
 class TransportUnavailable(TransferError):

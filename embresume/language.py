@@ -282,7 +282,7 @@ class LanguageEndpoint:
         self._closed = False
         self._stop = threading.Event()
         #: this endpoint's counters; the same calls feed the process-wide metrics
-        #: (embresume.metrics.REGISTRY, Prometheus export there): one source
+        #: (prometheus_client's registry, see embresume.metrics): one source
         self.stats = metrics.EndpointStats("language")
         self.stats.pool(0, self.layout.num_blocks)
         self._transports = select.TransportSet(c)

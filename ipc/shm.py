@@ -39,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from embresume.errors import ConfigError
+from embresume.errors import NoMemory
 
 log = logging.getLogger("embresume.shm")
 
@@ -180,14 +180,14 @@ class ShmSegment:
         what = what or ("a control ring" if tag.startswith("ring") else "a shared-memory segment")
         free = memory_free_bytes()
         if free is not None and free[0] < size:
-            raise ConfigError(no_space_message(size, what, free))
+            raise NoMemory(no_space_message(size, what, free))
         fd = os.memfd_create(f"embresume-{tag or 'seg'}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             try:
                 _reserve(fd, size)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-                    raise ConfigError(no_space_message(size, what)) from None
+                    raise NoMemory(no_space_message(size, what)) from None
                 raise
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
             mm = mmap.mmap(fd, size)
