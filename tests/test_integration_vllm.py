@@ -564,7 +564,9 @@ def test_finished_request_drops_its_transfer(consumer_parts):
     if sched._region is None:
         assert so.ec_connector_metadata.drops == ["gone-1"]
     finish_step(sched, run_workers(ranks, so, scheduled))
-    assert not worker._inflight and not worker._staged and not sched.has_pending_push_work()
+    if sched._region is None:                  # the workers receive: nothing left on them
+        assert not worker._inflight and not worker._staged
+    assert not sched.has_pending_push_work()
     assert not sched._items and (sched._region is None or "gone-1" not in sched._region)
 
 
@@ -849,3 +851,155 @@ def test_a_busy_room_is_asked_again_by_its_code_not_its_text(consumer_parts, mon
     finally:
         producer_worker.shutdown()
         producer_sched.shutdown()
+
+
+# ------------------------------------------------------------------ with vLLM's real encoder cache manager
+def ecm_schedule(sched, ecm, requests):
+    """One Scheduler.schedule() of vLLM 0.33 for one-step prompts, with the real
+    ``EncoderCacheManager``: ensure_cache_available, then per item (_try_schedule_encoder_inputs)
+    check_and_update_cache (a hit asks the connector nothing), can_allocate, has_cache_item,
+    then _allocate_encoder_inputs (allocate + update_state_after_alloc); the step's
+    SchedulerOutput carries get_freed_mm_hashes().  Returns (SchedulerOutput, scheduled)."""
+    scheduled = []
+    for req in requests:
+        if not sched.ensure_cache_available(req, req.num_computed_tokens):
+            continue
+        ext, local, alloc, budget = [], [], [], 10 ** 6
+        for i, f in enumerate(req.mm_features):
+            if ecm.check_and_update_cache(req, i):
+                continue
+            assert ecm.can_allocate(req, i, budget, 0)
+            (ext if sched.has_cache_item(f.identifier) else local).append(i)
+            alloc.append(i)
+        for i in alloc:
+            ecm.allocate(req, i)
+            sched.update_state_after_alloc(req, i)
+        scheduled.append((req, ext, local))
+    so = SchedulerOutput.make_empty()
+    so.free_encoder_mm_hashes = ecm.get_freed_mm_hashes()
+    so.ec_connector_metadata = sched.build_connector_meta(so)
+    return so, scheduled
+
+
+def ecm_run(sched, ranks, ecm, requests, *, finish=True, deadline_s=60.0):
+    """Step until every request ran its step; each then finishes (ecm.free +
+    request_finished) unless ``finish`` is false.  Returns {rid: (ext, local)}."""
+    done, pending = {}, list(requests)
+    deadline = time.monotonic() + deadline_s
+    while pending:
+        assert time.monotonic() < deadline, f"requests never scheduled: {[r.request_id for r in pending]}"
+        so, scheduled = ecm_schedule(sched, ecm, pending)
+        out = run_workers(ranks, so, scheduled)
+        assert not finish_step(sched, out)
+        for req, ext, local in scheduled:
+            done[req.request_id] = ([req.mm_features[i].identifier for i in ext],
+                                    [req.mm_features[i].identifier for i in local])
+            pending.remove(req)
+            if finish:
+                ecm.free(req)
+                sched.request_finished(req)
+        time.sleep(0.005)
+    # one more step: the last load reports unpin
+    finish_step(sched, run_workers(ranks, *ecm_schedule(sched, ecm, [])))
+    return done
+
+
+def _landing_consumer(consumer_parts, items_that_fit: int, tokens: int, **extra):
+    nbytes = -(-tokens * HIDDEN * 2 // 4096) * 4096
+    sched, ranks = consumer_parts({"landing_bytes": items_that_fit * nbytes + 1, **extra})
+    if sched._region is None:
+        pytest.skip("receive='worker' has no landing region")
+    return sched, ranks
+
+
+def test_many_requests_on_a_small_landing_region_one_transfer_per_item(producer, consumer_parts):
+    """12 one-image prompts, all waiting at once, on a landing region that holds 2 items:
+    nothing lands inside has_cache_item, an item reported present stays until the workers
+    loaded it, received items wait in the receive pool instead of evicting what is about to
+    be loaded: every item comes in one transfer, every load is one the workers make."""
+    from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
+    items = [(f"many-{i}", 100) for i in range(12)]
+    params = producer.encode("enc-many", items)
+    sched, ranks = _landing_consumer(consumer_parts, 2, 100)
+    ecm = EncoderCacheManager(cache_size=100 * 100)
+    reqs = [make_request(f"lm-many-{i}", [item], params=params) for i, item in enumerate(items)]
+    done = ecm_run(sched, ranks, ecm, reqs)
+    transfers = sched._lang.stats["requests"]
+    print(f"12 items on a 2-item landing region: {transfers} transfers, "
+          f"{sched._region.evictions} evictions, stats {sched.stats}")
+    assert all(done[r.request_id] == ([h], []) for r, (h, _) in zip(reqs, items)), done
+    for h, n in items:
+        assert same_bits(ranks[0][1][h], embedding(h, n)), h
+    assert transfers == len(items) and sched.stats["items_received"] == len(items)
+    assert sum(w.stats["items_loaded"] for w, _ in ranks) == len(items)
+    assert sched._region.pinned() == 0 and not sched.has_pending_push_work()
+
+
+def test_an_item_reported_present_is_not_evicted_in_the_same_step(producer, consumer_parts):
+    """A region that holds one item; two requests with an item each, both arrived.  The
+    first is reported present (has_cache_item); landing the second must not take its place
+    before update_state_after_alloc names it (vLLM would schedule a load no worker can make)."""
+    from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
+    items = [("same-step-a", 100), ("same-step-b", 100)]
+    params = producer.encode("enc-same-step", items)
+    sched, ranks = _landing_consumer(consumer_parts, 1, 100)
+    reqs = [make_request(f"lm-{h}", [(h, n)], params=params) for h, n in items]
+    for req in reqs:                          # both transfers start
+        assert not sched.ensure_cache_available(req, 0)
+    deadline = time.monotonic() + 30
+    while not all(sched._lang.poll(h) is Status.Success for h, _ in items):
+        assert time.monotonic() < deadline, "the items never arrived"
+        time.sleep(0.01)
+    ecm = EncoderCacheManager(cache_size=10 ** 4)
+    done = ecm_run(sched, ranks, ecm, reqs)
+    assert done == {f"lm-{h}": ([h], []) for h, _ in items}, done
+    assert sched.stats["local_encodes"] == 0 and sched._lang.stats["requests"] == 2
+
+
+def test_a_released_reference_is_no_eviction(producer, consumer_parts):
+    """update_state_after_free releases one request's reference; vLLM keeps the item while
+    another request references it (and after, until it needs the room).  A third request
+    then hits vLLM's encoder cache: no transfer for it, even though the landing region let
+    the item go."""
+    from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
+    items = [("ref-x", 100), ("ref-y", 100)]
+    params = producer.encode("enc-ref", items)
+    sched, ranks = _landing_consumer(consumer_parts, 1, 100)
+    ecm = EncoderCacheManager(cache_size=10 ** 4)
+    r1, r2, ry, r3 = (make_request(f"lm-ref-{n}", [it], params=params)
+                      for n, it in (("1", items[0]), ("2", items[0]), ("y", items[1]), ("3", items[0])))
+    assert ecm_run(sched, ranks, ecm, [r1], finish=False)["lm-ref-1"] == (["ref-x"], [])
+    assert ecm_run(sched, ranks, ecm, [r2], finish=False)["lm-ref-2"] == ([], [])   # vLLM's cache hit
+    ecm.free_encoder_input(r1, 0)                  # r1 is past its image: Scheduler._free_encoder_input
+    sched.update_state_after_free(r1, 0)
+    assert ecm_run(sched, ranks, ecm, [ry])["lm-ref-y"] == (["ref-y"], [])   # lands where ref-x was
+    assert "ref-x" not in sched._region
+    before = sched._lang.stats["requests"]
+    assert ecm_run(sched, ranks, ecm, [r3])["lm-ref-3"] == ([], [])          # vLLM still holds it
+    print(f"after a released reference: {sched._lang.stats['requests'] - before} transfer(s) for an item "
+          f"vLLM holds")
+    assert sched._lang.stats["requests"] == before, "a transfer for an item vLLM's encoder cache holds"
+
+
+def test_after_a_reset_a_metadata_only_item_is_received_again(producer, consumer_parts):
+    """reset_encoder_cache (weights updated) never reaches the connector.  An item vLLM held
+    before the reset, metadata only (what vLLM 0.33 gives EC consumers: nothing to encode
+    locally) and no longer landed, must be received again, not sent to local encoding."""
+    from vllm.v1.core.encoder_cache_manager import EncoderCacheManager
+    items = [("reset-x", 100), ("reset-y", 100)]
+    params = producer.encode("enc-reset", items)
+    sched, ranks = _landing_consumer(consumer_parts, 1, 100)
+    ecm = EncoderCacheManager(cache_size=10 ** 4)
+    r1 = make_request("lm-reset-1", [items[0]], params=params, media="meta")
+    ry = make_request("lm-reset-y", [items[1]], params=params, media="meta")
+    r2 = make_request("lm-reset-2", [items[0]], params=params, media="meta")
+    assert ecm_run(sched, ranks, ecm, [r1], finish=False)["lm-reset-1"] == (["reset-x"], [])
+    assert ecm_run(sched, ranks, ecm, [ry])["lm-reset-y"] == (["reset-y"], [])
+    assert "reset-x" not in sched._region
+    ecm.reset()                                     # Scheduler.reset_encoder_cache
+    for _, cache in ranks:
+        cache.clear()                               # the runner's reset_encoder_cache
+    done = ecm_run(sched, ranks, ecm, [r2])
+    print(f"after a reset: {done['lm-reset-2']} (external loads, local encodes), stats {sched.stats}")
+    assert done["lm-reset-2"] == (["reset-x"], []) and sched.stats["local_encodes"] == 0
+    assert same_bits(ranks[0][1]["reset-x"], embedding("reset-x", 100))

@@ -26,7 +26,7 @@ import bisect
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -81,9 +81,13 @@ class LandingRegion:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def alloc(self, key: str, shape: tuple, dtype: torch.dtype) -> Optional[Entry]:
+    def alloc(self, key: str, shape: tuple, dtype: torch.dtype,
+              evictable: Optional[Callable[[str], bool]] = None,
+              on_evict: Optional[Callable[[str], None]] = None) -> Optional[Entry]:
         """An entry for ``key`` (replacing none: the key must be new), evicting
-        unpinned entries as needed; None when the pinned ones leave no room."""
+        unpinned entries (least recently used first; only those ``evictable``
+        allows, when given; ``on_evict`` is told each) as needed; None when the
+        others leave no room."""
         if key in self._entries:
             raise ValueError(f"{key!r} has landed already")
         nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -94,11 +98,14 @@ class LandingRegion:
             off = self._first_fit(need)
             if off is not None:
                 break
-            victim = next((e for e in self._entries.values() if e.pins == 0), None)
+            victim = next((e for e in self._entries.values()
+                           if e.pins == 0 and (evictable is None or evictable(e.key))), None)
             if victim is None:
                 return None
             self.discard(victim.key)
             self.evictions += 1
+            if on_evict is not None:
+                on_evict(victim.key)
         e = Entry(key, off, need, tuple(int(s) for s in shape), str(dtype).replace("torch.", ""))
         self._entries[key] = e
         self.used += need
