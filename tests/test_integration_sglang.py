@@ -41,6 +41,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import socket
 import sys
 import time
 import types
@@ -49,6 +50,8 @@ import pytest
 import torch
 
 HIDDEN = 128
+#: the encoder addresses a language rank may dial (the plugin's allow-list, from the environment)
+ADDRESSES_ENV = "EMBRESUME_ENCODER_ADDRESSES"
 DTYPE = torch.bfloat16
 OPTIONS = {"block_size": 16, "default_allocate_tokens": 64, "pool_blocks": 256, "request_timeout": 20.0,
            "handshake_timeout": 3.0, "device": "cpu"}
@@ -111,6 +114,7 @@ try:
     from sglang.srt.disaggregation.encoder import receiver, server
     from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
     from sglang.srt.managers.schedule_batch import Modality
+    from sglang.srt.multimodal.processors.base_processor import BaseMultimodalProcessor
     from sglang.srt.plugins import hook_registry
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.srt.sampling.sampling_params import SamplingParams
@@ -213,12 +217,15 @@ def encoder_main(port: int, cmds, results) -> None:
                 return
             _, rid, parts, urls = cmd
             outcome = []
-            for part_idx, tokens in enumerate(parts):
+            for part_idx, spec in enumerate(parts):
+                # spec: rows, or (rows, placeholder tokens its grid gives, rows its metadata claims)
+                tokens, grid_tokens, claimed = spec if isinstance(spec, (list, tuple)) else (spec, spec, spec)
                 req_id = receiver.create_part_req_id(rid, part_idx)
                 state = server.ReqState(req_id=req_id)
                 state.embedding_data = receiver.EmbeddingData(
-                    req_id, len(parts), part_idx, torch.tensor([[1, 2, tokens * 2]]), Modality.IMAGE,
+                    req_id, len(parts), part_idx, torch.tensor([[1, 2, grid_tokens * 2]]), Modality.IMAGE,
                     embedding=embedding(req_id, tokens))
+                state.embedding_data.shape = [claimed, HIDDEN]
                 state.embedding_ready.set()
                 # MMEncoder.send_with_url: one send_to_destination per registered rank, then release
                 res = await asyncio.gather(*(delivery.send(state, server.SendDestination.from_url(u))
@@ -239,6 +246,7 @@ def encoder_main(port: int, cmds, results) -> None:
 class Encoder:
     def __init__(self):
         self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
         ctx = mp.get_context("spawn")
         self.cmds, self.results = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=encoder_main, args=(self.port, self.cmds, self.results), daemon=True)
@@ -277,30 +285,61 @@ def encoder():
 
 
 # ------------------------------------------------------------------ scheduler side
-class ProcessorStandIn:
-    """SGLang's multimodal processor, reduced to what assembly calls."""
+#: image start, placeholder (pad) and end token ids of the test prompts
+IM_START, IM_PAD, IM_END = 900, 901, 902
 
+
+class ProcessorStandIn(BaseMultimodalProcessor):
+    """SGLang's own BaseMultimodalProcessor (its get_validated_mm_data,
+    get_mm_data and build_input_ids: each image placeholder of the prompt
+    becomes prod(grid) / merge_size**2 tokens) without a model: __init__
+    loads none, the merge size is 2 and the embeddings it is given are
+    recorded."""
+
+    models = []
     prefer_tokenized_input = True
+    IM_START_TOKEN_ID, IM_TOKEN_ID, IM_END_TOKEN_ID = IM_START, IM_PAD, IM_END
 
     def __init__(self):
+        self.hf_config = types.SimpleNamespace(vision_config=types.SimpleNamespace(spatial_merge_size=2))
         self.embeddings = None
 
-    def get_validated_mm_data(self, prompt, recv_embedding, **kwargs):
-        self.embeddings, self.kwargs = recv_embedding, kwargs
-        return types.SimpleNamespace(input_ids=list(prompt))
+    async def process_mm_data_async(self, *args, **kwargs):  # pragma: no cover - not used in EPD assembly
+        raise NotImplementedError
+
+    def get_mm_data(self, prompt, embeddings, **kwargs):
+        self.embeddings, self.kwargs = embeddings, kwargs
+        return super().get_mm_data(prompt, embeddings, **kwargs)
+
+
+def prompt(images: int) -> list:
+    """A tokenized prompt with one image placeholder per part."""
+    return [1, *([IM_START, IM_PAD, IM_END] * images), 2]
+
+
+def expanded(parts) -> list:
+    """The prompt once SGLang's processor expanded each placeholder to its part's tokens."""
+    out = [1]
+    for n in parts:
+        out += [IM_START, *([IM_PAD] * n), IM_END]
+    return out + [2]
+
+
+def request(rid: str, images: int):
+    return TokenizedGenerateReqInput(
+        rid=rid, input_text=None, input_ids=prompt(images), input_embeds=None, mm_inputs=None,
+        token_type_ids=None, sampling_params=SamplingParams(), return_logprob=False, logprob_start_len=-1,
+        top_logprobs_num=0, token_ids_logprob=None, stream=False)
 
 
 @pytest.fixture
-def waiting(monkeypatch):
+def waiting(monkeypatch, encoder):
     made = []
 
-    def make(rid, receive_count=1, tp_rank=0):
+    def make(rid, receive_count=1, tp_rank=0, images=1):
         cls = plugin.waiting_class()
         monkeypatch.setattr(plugin, "current_tp_rank", lambda: tp_rank)
-        req = TokenizedGenerateReqInput(
-            rid=rid, input_text=None, input_ids=[1, 2, 3], input_embeds=None, mm_inputs=None,
-            token_type_ids=None, sampling_params=SamplingParams(), return_logprob=False, logprob_start_len=-1,
-            top_logprobs_num=0, token_ids_logprob=None, stream=False)
+        req = request(rid, images)
         proc = ProcessorStandIn()
         w = cls(rid=rid, recv_req=req, mm_processor=proc, encoder_urls=["http://127.0.0.1:1"],
                 model_type="qwen2_vl", host_name="127.0.0.1", receive_count=receive_count,
@@ -309,6 +348,7 @@ def waiting(monkeypatch):
         return w, proc
 
     monkeypatch.setenv(plugin.OPTIONS_ENV, json.dumps(OPTIONS))
+    monkeypatch.setenv(ADDRESSES_ENV, encoder.address)   # the encoders the schedulers may dial
     yield make
     for w in made:
         w.release_resources()
@@ -335,22 +375,22 @@ def expected(rid, parts):
 def test_two_processes_bit_exact(encoder, waiting):
     """Two parts of one request (one under a block, one several default allocations)
     cross processes through embresume and are assembled bit for bit."""
-    w, proc = waiting("req-1")
+    w, proc = waiting("req-1", images=2)
     parts = [5, 300]
     encoder.cmds.put(("send", "req-1", parts, [f"127.0.0.1:{w.embedding_port}"]))
     assert tick_until_done([w]) == [receiver.WaitingMMRequestStatus.SUCCESS], w.error_msg
     assert encoder.get(60) == ("sent", [[None], [None]])
     got = proc.embeddings[Modality.IMAGE]
     assert same_bits(got, expected("req-1", parts))
-    assert w.recv_req.mm_inputs is not None and list(w.recv_req.input_ids) == [1, 2, 3]
+    assert w.recv_req.mm_inputs is not None and list(w.recv_req.input_ids) == expanded(parts)
     ep = plugin._lang_endpoints[0]
     assert ep.stats["hinted"] == 2 and ep.stats["resumes"] == 0
     assert [e["transport"] for e in ep.encoders()] == ["shm"]
 
 
 def test_tensor_parallel_ranks_each_get_a_copy(encoder, waiting):
-    w0, p0 = waiting("req-tp", receive_count=2, tp_rank=0)
-    w1, p1 = waiting("req-tp", receive_count=2, tp_rank=1)
+    w0, p0 = waiting("req-tp", receive_count=2, tp_rank=0, images=2)
+    w1, p1 = waiting("req-tp", receive_count=2, tp_rank=1, images=2)
     parts = [70, 17]
     encoder.cmds.put(("send", "req-tp", parts, [f"127.0.0.1:{w0.embedding_port}",
                                                  f"127.0.0.1:{w1.embedding_port}"]))
@@ -362,6 +402,16 @@ def test_tensor_parallel_ranks_each_get_a_copy(encoder, waiting):
     assert p0.embeddings[Modality.IMAGE].data_ptr() != p1.embeddings[Modality.IMAGE].data_ptr()
 
 
+def marked_part(rid: str, tokens: int, encoder_address: str, width: int = HIDDEN, dtype=DTYPE):
+    """The metadata part a plugin encoder sends: its room and its encoder address."""
+    part = receiver.EmbeddingData(receiver.create_part_req_id(rid, 0), 1, 0, torch.tensor([[1, 2, tokens * 2]]),
+                                  Modality.IMAGE, embedding_shape=[tokens, width])
+    part.dtype = dtype
+    setattr(part, plugin.ROOM_ATTR, part.req_id)
+    setattr(part, plugin.ENCODER_ATTR, encoder_address)
+    return part
+
+
 def push(port: int, obj, payload: bytes = b"\0\0"):
     """Put one part on a receiver's socket as the encoder's _send does."""
     ctx = zmq.Context.instance()
@@ -371,15 +421,12 @@ def push(port: int, obj, payload: bytes = b"\0\0"):
     s.close(linger=2000)
 
 
-def test_failed_transfer_fails_the_request_not_the_scheduler(waiting):
-    """A part naming an encoder nobody runs: SGLang's FAIL status with the reason."""
+def test_failed_transfer_fails_the_request_not_the_scheduler(waiting, monkeypatch):
+    """A part naming an (allowed) encoder nobody runs: SGLang's FAIL status with the reason."""
     w, _ = waiting("req-dead")
-    part = receiver.EmbeddingData(receiver.create_part_req_id("req-dead", 0), 1, 0, torch.tensor([[1, 2, 8]]),
-                                  Modality.IMAGE, embedding_shape=[4, HIDDEN])
-    part.dtype = DTYPE
-    setattr(part, plugin.ROOM_ATTR, part.req_id)
-    setattr(part, plugin.ENCODER_ATTR, f"tcp://127.0.0.1:{free_port()}")
-    push(w.embedding_port, part)
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    monkeypatch.setenv(ADDRESSES_ENV, dead)
+    push(w.embedding_port, marked_part("req-dead", 4, dead))
     assert tick_until_done([w]) == [receiver.WaitingMMRequestStatus.FAIL]
     assert "embresume" in w.error_msg
 
@@ -395,6 +442,180 @@ def test_unmarked_parts_still_take_the_zeromq_path(waiting):
     assert same_bits(proc.embeddings[Modality.IMAGE], emb)
 
 
+# ------------------------------------------------------------------ untrusted parts
+FAIL, OK = receiver.WaitingMMRequestStatus.FAIL, receiver.WaitingMMRequestStatus.SUCCESS
+
+
+def url(w) -> str:
+    return f"127.0.0.1:{w.embedding_port}"
+
+
+def eventually(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def pool_is_full() -> bool:
+    """Every block of every language endpoint of this process is free again."""
+    return all(ep.allocator.used_blocks == 0 for ep in list(plugin._lang_endpoints.values()))
+
+
+class Listener:
+    """A TCP port that records whether anything connected to it."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.address = f"tcp://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def connections(self, settle: float = 0.5) -> int:
+        time.sleep(settle)
+        n = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return n
+            conn.close()
+            n += 1
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def listener():
+    lst = Listener()
+    yield lst
+    lst.close()
+
+
+@pytest.mark.parametrize("delta", [-1, 1], ids=["one-row-short", "one-row-long"])
+def test_an_embedding_that_does_not_fit_the_placeholders_fails_that_request_alone(encoder, waiting, delta):
+    """The encoder sends 8 + delta rows (its metadata says so too) for an image
+    whose grid gives the request 8 placeholder tokens: that request fails with
+    the reason before SGLang's model could see it; the other request, in
+    flight at the same time, gets its embedding bit for bit; every pool block
+    is free again."""
+    bad, _ = waiting(f"req-rows{delta:+d}")
+    good, proc = waiting(f"req-fits{delta:+d}")
+    encoder.cmds.put(("send", bad.rid, [(8 + delta, 8, 8 + delta)], [url(bad)]))
+    encoder.cmds.put(("send", good.rid, [8], [url(good)]))
+    assert tick_until_done([bad, good]) == [FAIL, OK], (bad.error_msg, good.error_msg)
+    print(f"\nrefused: {bad.error_msg}")
+    assert "placeholder" in bad.error_msg and str(8 + delta) in bad.error_msg, bad.error_msg
+    assert bad.recv_req.mm_inputs is None
+    assert same_bits(proc.embeddings[Modality.IMAGE], expected(good.rid, [8]))
+    assert list(good.recv_req.input_ids) == expanded([8])
+    assert [encoder.get(60), encoder.get(60)] == [("sent", [[None]])] * 2
+    assert eventually(pool_is_full), {r: ep.allocator.used_blocks for r, ep in plugin._lang_endpoints.items()}
+
+
+@pytest.mark.parametrize("delta", [-1, 1], ids=["one-row-short", "one-row-long"])
+def test_an_embedding_that_is_not_what_its_metadata_says_fails_that_request_alone(encoder, waiting, delta):
+    """The part's metadata says 8 rows (and the grid 8 placeholders), the
+    embresume transfer brings 8 + delta: that request fails, the other one
+    does not, no block is held."""
+    bad, _ = waiting(f"req-claims{delta:+d}")
+    good, proc = waiting(f"req-honest{delta:+d}")
+    encoder.cmds.put(("send", bad.rid, [(8 + delta, 8, 8)], [url(bad)]))
+    encoder.cmds.put(("send", good.rid, [8], [url(good)]))
+    assert tick_until_done([bad, good]) == [FAIL, OK], (bad.error_msg, good.error_msg)
+    print(f"\nrefused: {bad.error_msg}")
+    assert "embresume" in bad.error_msg and f"({8 + delta}, {HIDDEN})" in bad.error_msg, bad.error_msg
+    assert same_bits(proc.embeddings[Modality.IMAGE], expected(good.rid, [8]))
+    assert [encoder.get(60), encoder.get(60)] == [("sent", [[None]])] * 2
+    assert eventually(pool_is_full), {r: ep.allocator.used_blocks for r, ep in plugin._lang_endpoints.items()}
+
+
+@pytest.fixture
+def dialled(monkeypatch):
+    """The addresses LanguageEndpoint starts a connection to (its one connect path)."""
+    from embresume.language import LanguageEndpoint
+    seen = []
+    start = LanguageEndpoint._start_connecting
+
+    def spy(self, enc):
+        seen.append(enc.address)
+        return start(self, enc)
+
+    monkeypatch.setattr(LanguageEndpoint, "_start_connecting", spy)
+    return seen
+
+
+def test_an_encoder_address_outside_the_allow_list_is_never_dialled(encoder, waiting, listener, dialled):
+    """A part (pushed by anyone who reaches the scheduler's receive port) naming
+    an address that is not in the configured encoder addresses: no connection
+    to it, that request fails with the reason, the other request goes on."""
+    bad, _ = waiting("req-rogue")
+    good, proc = waiting("req-allowed")
+    push(bad.embedding_port, marked_part("req-rogue", 4, listener.address))
+    encoder.cmds.put(("send", good.rid, [4], [url(good)]))
+    assert tick_until_done([bad, good]) == [FAIL, OK], (bad.error_msg, good.error_msg)
+    assert listener.connections() == 0
+    assert set(dialled) == {encoder.address}, dialled
+    print(f"\nrefused: {bad.error_msg}")
+    assert listener.address in bad.error_msg and "encoder_addresses" in bad.error_msg, bad.error_msg
+    assert all(e["address"] != listener.address for ep in plugin._lang_endpoints.values() for e in ep.encoders())
+    assert same_bits(proc.embeddings[Modality.IMAGE], expected(good.rid, [4]))
+    assert encoder.get(60) == ("sent", [[None]])
+    assert eventually(pool_is_full)
+
+
+def test_the_allow_list_comes_from_the_options_too(encoder, waiting, listener, dialled, monkeypatch):
+    """encoder_addresses in EMBRESUME_SGLANG_OPTIONS (a list): the same refusal."""
+    monkeypatch.delenv(ADDRESSES_ENV)
+    monkeypatch.setenv(plugin.OPTIONS_ENV, json.dumps(dict(OPTIONS, encoder_addresses=[encoder.address])))
+    bad, _ = waiting("req-rogue-opts")
+    good, proc = waiting("req-allowed-opts")
+    push(bad.embedding_port, marked_part("req-rogue-opts", 4, listener.address))
+    encoder.cmds.put(("send", good.rid, [4], [url(good)]))
+    assert tick_until_done([bad, good]) == [FAIL, OK], (bad.error_msg, good.error_msg)
+    assert listener.connections() == 0 and set(dialled) == {encoder.address}, dialled
+    assert listener.address in bad.error_msg, bad.error_msg
+    assert same_bits(proc.embeddings[Modality.IMAGE], expected(good.rid, [4]))
+    assert encoder.get(60) == ("sent", [[None]])
+
+
+@pytest.mark.parametrize("field", ["tokens", "width", "dtype", "room"])
+def test_part_values_outside_the_configured_bounds_fail_that_request_alone(encoder, waiting, listener, dialled,
+                                                                           monkeypatch, field):
+    """A part from an allowed address whose token count, width or dtype is out
+    of bounds, or whose room is another request's: refused before any
+    connection or allocation (so it cannot size this rank's pool either); the
+    next request, from the real encoder, is received."""
+    bad, _ = waiting(f"req-bounds-{field}")
+    good, proc = waiting(f"req-in-bounds-{field}")
+    monkeypatch.setenv(ADDRESSES_ENV, f"{encoder.address},{listener.address}")
+    monkeypatch.setenv(plugin.OPTIONS_ENV, json.dumps(dict(OPTIONS, pool_blocks=8)))
+    part = marked_part(bad.rid, 4, listener.address)
+    if field == "tokens":
+        part.shape = [(1 << 20) + 1, HIDDEN]          # past the default max_part_tokens
+    elif field == "width":
+        part.shape = [4, (1 << 16) + 1]               # past the default max_hidden_size
+    elif field == "dtype":
+        part.dtype = torch.int32
+    else:
+        setattr(part, plugin.ROOM_ATTR, receiver.create_part_req_id(good.rid, 0))
+    push(bad.embedding_port, part)
+    assert tick_until_done([bad]) == [FAIL]
+    assert listener.connections() == 0 and dialled == []
+    print(f"\nrefused: {bad.error_msg}")
+    assert "embresume part refused" in bad.error_msg, bad.error_msg
+    encoder.cmds.put(("send", good.rid, [4], [url(good)]))
+    assert tick_until_done([good]) == [OK], good.error_msg
+    assert same_bits(proc.embeddings[Modality.IMAGE], expected(good.rid, [4]))
+    assert encoder.get(60) == ("sent", [[None]])
+    assert plugin._lang_endpoints[0].config.hidden_size == HIDDEN
+    assert eventually(pool_is_full)
+
+
 # ------------------------------------------------------------------ TP group of an instance
 def test_tp_group_override_from_the_environment_and_the_options(waiting, monkeypatch):
     """extra['tp_group'] in the options, or EMBRESUME_TP_GROUP, names the group instead."""
@@ -406,7 +627,7 @@ def test_tp_group_override_from_the_environment_and_the_options(waiting, monkeyp
     plugin.close_language_endpoints()
 
 
-def rank_main(dist_port: int, world: int, rank: int, rid: str, results) -> None:
+def rank_main(dist_port: int, world: int, rank: int, rid: str, encoder_address: str, results) -> None:
     """One scheduler rank of one SGLang instance: its own process in the
     instance's torch.distributed WORLD (gloo, as SGLang's scheduler initializes
     it before receiving), receiving ``rid`` through the plugin's real
@@ -417,14 +638,12 @@ def rank_main(dist_port: int, world: int, rank: int, rid: str, results) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         os.environ[plugin.OPTIONS_ENV] = json.dumps(OPTIONS)
+        os.environ[ADDRESSES_ENV] = encoder_address
         os.environ.pop(plugin.GROUP_ENV, None)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{dist_port}", world_size=world, rank=rank,
                                 timeout=datetime.timedelta(seconds=90))
         plugin.current_tp_rank = lambda: rank      # SGLang's runtime context is not published here
-        req = TokenizedGenerateReqInput(
-            rid=rid, input_text=None, input_ids=[1, 2, 3], input_embeds=None, mm_inputs=None,
-            token_type_ids=None, sampling_params=SamplingParams(), return_logprob=False, logprob_start_len=-1,
-            top_logprobs_num=0, token_ids_logprob=None, stream=False)
+        req = request(rid, 2)
         proc = ProcessorStandIn()
         w = plugin.waiting_class()(rid=rid, recv_req=req, mm_processor=proc, encoder_urls=["http://127.0.0.1:1"],
                                    model_type="qwen2_vl", host_name="127.0.0.1", receive_count=world,
@@ -453,7 +672,7 @@ def test_tp_group_is_shared_by_the_ranks_of_an_instance_and_differs_between_inst
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     rids = ["req-inst-a", "req-inst-b"]
-    procs = [ctx.Process(target=rank_main, args=(port, 2, rank, rid, results), daemon=True)
+    procs = [ctx.Process(target=rank_main, args=(port, 2, rank, rid, encoder.address, results), daemon=True)
              for rid, port in zip(rids, (free_port(), free_port())) for rank in (0, 1)]
     for p in procs:
         p.start()

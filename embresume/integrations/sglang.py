@@ -71,10 +71,10 @@ from typing import Optional
 
 import torch
 
-from ..config import parse_dtype
+from ..config import Config, parse_dtype
 from ..errors import EmbResumeError, TransferFailed
 from ..status import Status
-from ._common import ZeroSides, advertised_address, build_config, describe
+from ._common import ZeroSides, advertised_address, as_address_list, build_config, describe
 
 log = logging.getLogger("embresume.integrations.sglang")
 
@@ -89,7 +89,20 @@ OWN_KEYS = {
     "advertise_address": "encoder: the address the schedulers connect to (default: encoder_address, "
                          "0.0.0.0 replaced by this host's IP)",
     "send_timeout": "encoder: seconds a delivery waits for all ranks (default: request_timeout)",
+    "encoder_addresses": "language: the encoders' advertised addresses (a list or comma-separated) a "
+                         "scheduler may connect to; a part naming any other fails its request (default: "
+                         "EMBRESUME_ENCODER_ADDRESSES, else encoder_endpoint, tcp://127.0.0.1:17600)",
+    "max_part_tokens": "language: the most embedding rows one part may announce (default 1048576)",
+    "max_hidden_size": "language: the widest embedding a part may announce while hidden_size is not set "
+                       "(default 65536)",
 }
+
+#: the allow-list of encoder addresses, when the options do not set encoder_addresses
+ADDRESSES_ENV = "EMBRESUME_ENCODER_ADDRESSES"
+DEFAULT_MAX_PART_TOKENS = 1 << 20
+DEFAULT_MAX_HIDDEN_SIZE = 1 << 16
+#: the dtypes a part may announce (an embedding is a float tensor)
+PART_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 #: attributes added to SGLang's EmbeddingData metadata part
 ROOM_ATTR, ENCODER_ATTR = "embresume_room", "embresume_encoder"
@@ -352,6 +365,156 @@ def close_language_endpoints() -> None:
         ep.close()
 
 
+class PartRefused(ValueError):
+    """A part (or the embedding it brought) that this scheduler rank does not
+    take: its request fails with this reason, nothing else does."""
+
+
+def _address_key(address: str):
+    """``tcp://Host:port`` compared by scheme, lower-case host and port."""
+    from urllib.parse import urlsplit
+    try:
+        u = urlsplit(address.strip())
+        if u.scheme and u.hostname and u.port:
+            return u.scheme.lower(), u.hostname.lower(), u.port
+    except ValueError:
+        pass
+    return address.strip()
+
+
+def receive_limits() -> dict:
+    """What a scheduler rank accepts from a part, from the options and the
+    environment (read on every part: a part is never trusted to say it):
+    ``allowed`` (address key -> address: ``encoder_addresses``, else
+    ``EMBRESUME_ENCODER_ADDRESSES``, else ``encoder_endpoint``),
+    ``max_tokens``, ``hidden_size`` (exact, when the options set it) or
+    ``max_hidden``, and ``dtype`` (exact, when the options set it)."""
+    opts = options()
+    raw = opts.get("encoder_addresses")
+    if raw is None:
+        raw = os.environ.get(ADDRESSES_ENV, "").strip() or None
+    if raw is None:
+        raw = opts.get("encoder_endpoint") or Config.__dataclass_fields__["encoder_endpoint"].default
+    allowed = {_address_key(a): a for a in as_address_list(raw)}
+    hidden = opts.get("hidden_size")
+    dtype = opts.get("dtype")
+    return {"allowed": allowed,
+            "max_tokens": int(opts.get("max_part_tokens", DEFAULT_MAX_PART_TOKENS)),
+            "hidden_size": int(hidden) if hidden is not None else None,
+            "max_hidden": int(opts.get("max_hidden_size", DEFAULT_MAX_HIDDEN_SIZE)),
+            "dtype": parse_dtype(dtype) if dtype is not None else None}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_part(recv_obj, rid: str, limits: dict) -> tuple:
+    """``(room, encoder, tokens, width, dtype)`` of a marked part, or
+    :class:`PartRefused`: every value a part carries (it arrives on the
+    scheduler's ZeroMQ receive port, so anyone who reaches that port can
+    write it) is checked before it reaches a ``connect()`` or an allocation."""
+    from sglang.srt.disaggregation.encoder.receiver import create_part_req_id
+
+    room = getattr(recv_obj, ROOM_ATTR, None)
+    part_idx = getattr(recv_obj, "part_idx", None)
+    if not _is_int(part_idx) or part_idx < 0:
+        raise PartRefused(f"part_idx {part_idx!r} is not an index")
+    if not isinstance(room, str) or room != create_part_req_id(rid, part_idx):
+        raise PartRefused(f"the part names room {_short(room)}, not part {part_idx} of request {rid!r}")
+    encoder = getattr(recv_obj, ENCODER_ATTR, None)
+    if not isinstance(encoder, str) or len(encoder) > 512 or _address_key(encoder) not in limits["allowed"]:
+        log.info("embresume: allowed encoder addresses: %s", sorted(limits["allowed"].values()))
+        raise PartRefused(f"the part names the encoder {_short(encoder)}, which is not one of this instance's "
+                          f"encoder addresses (encoder_addresses in {OPTIONS_ENV}, or {ADDRESSES_ENV}); "
+                          "nothing was dialled")
+    shape = getattr(recv_obj, "shape", None)
+    if not isinstance(shape, (list, tuple)) or len(shape) != 2 or not all(_is_int(x) for x in shape):
+        raise PartRefused(f"the part's shape {_short(shape)} is not [tokens, width]")
+    tokens, width = shape
+    if not 1 <= tokens <= limits["max_tokens"]:
+        raise PartRefused(f"the part announces {tokens} embedding rows, the limit is {limits['max_tokens']} "
+                          "(max_part_tokens)")
+    if limits["hidden_size"] is not None:
+        if width != limits["hidden_size"]:
+            raise PartRefused(f"the part announces width {width}, this instance's hidden_size is "
+                              f"{limits['hidden_size']}")
+    elif not 1 <= width <= limits["max_hidden"]:
+        raise PartRefused(f"the part announces width {width}, the limit is {limits['max_hidden']} "
+                          "(max_hidden_size; or set hidden_size)")
+    dtype = getattr(recv_obj, "dtype", None)
+    if dtype not in PART_DTYPES or (limits["dtype"] is not None and dtype != limits["dtype"]):
+        want = limits["dtype"] or ", ".join(str(d) for d in PART_DTYPES)
+        raise PartRefused(f"the part announces dtype {_short(dtype)}, this instance takes {want}")
+    return room, encoder, tokens, width, dtype
+
+
+def _short(value, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_placeholders(output, embeddings, rid: str) -> None:
+    """The encoder's embedding rows against the request's placeholder tokens:
+    every multimodal item of the layout the processor built (one span of
+    placeholder tokens per item) gets exactly as many rows as it has tokens,
+    and the items of a modality take every row received for it.  Raises
+    :class:`PartRefused` otherwise, before the layout reaches SGLang's
+    scheduler (its model would fail on the mismatch, for the whole batch)."""
+    items = getattr(output, "mm_items", None)
+    if items is None:
+        raise PartRefused(f"embresume: the processor's layout of request {rid!r} has no multimodal items")
+    consumed = {m: 0 for m in embeddings}
+    for i, item in enumerate(items):
+        emb = getattr(item, "precomputed_embeddings", None)
+        if not isinstance(emb, torch.Tensor):
+            continue                                  # SGLang's own validation refuses it
+        rows, name = int(emb.shape[0]), getattr(item.modality, "name", str(item.modality)).lower()
+        offsets = getattr(item, "offsets", None)
+        if offsets:
+            want = sum(int(end) - int(start) + 1 for start, end in offsets)
+            if rows != want:
+                raise PartRefused(f"embresume: {name} item {i} of request {rid!r} has {want} placeholder tokens, "
+                                  f"the encoder's embedding gives it {rows} rows")
+        if item.modality in consumed:
+            consumed[item.modality] += rows
+    for modality, emb in embeddings.items():
+        if isinstance(emb, torch.Tensor) and consumed[modality] != int(emb.shape[0]):
+            name = getattr(modality, "name", str(modality)).lower()
+            raise PartRefused(f"embresume: the encoder sent {int(emb.shape[0])} {name} embedding rows for request "
+                              f"{rid!r}, its placeholder tokens take {consumed[modality]}")
+
+
+class _PlaceholderCheck:
+    """SGLang's multimodal processor as ``_finish_assemble`` sees it: its
+    ``get_validated_mm_data`` builds the layout with the processor's
+    ``get_mm_data``, runs :func:`check_placeholders`, then SGLang's own
+    validation (what ``BaseMultimodalProcessor.get_validated_mm_data`` does in
+    SGLang 0.5.23); everything else is the processor's."""
+
+    def __init__(self, processor, rid: str) -> None:
+        self._processor, self._rid = processor, rid
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+    def get_validated_mm_data(self, prompt, embeddings, **kwargs):
+        output = self._processor.get_mm_data(prompt, embeddings, **kwargs)
+        check_placeholders(output, embeddings, self._rid)
+        validate = getattr(self._processor, "_validate_precomputed_embedding_layout", None)
+        if validate is not None:
+            validate(output, embeddings)
+        return output
+
+
+def _release_quietly(res) -> None:
+    try:
+        if not res.released:
+            res.release()
+    except Exception as e:  # pragma: no cover - a release failing is a bug
+        log.warning("embresume: releasing a refused result failed: %s", describe(e))
+
+
 _waiting_cache: dict = {}
 
 
@@ -394,12 +557,20 @@ def _waiting_classes():
             room = getattr(recv_obj, ROOM_ATTR, None)
             if room is None:
                 return super().consume_parts(parts)
+            if not self._is_valid_embedding_part(recv_obj):
+                return
             try:
-                if not self._is_valid_embedding_part(recv_obj):
-                    return
-                encoder = str(getattr(recv_obj, ENCODER_ATTR))
-                tokens, width = (int(x) for x in recv_obj.shape)
-                ep = language_endpoint(self._er_tp_rank, width, recv_obj.dtype)
+                room, encoder, tokens, width, dtype = check_part(recv_obj, self.recv_req.rid, receive_limits())
+            except PartRefused as e:
+                log.warning("embresume part of %s refused: %s", self.rid, e)
+                self._fail_and_release(f"embresume part refused: {e}")
+                return
+            except Exception as e:                  # options that do not parse: this request fails
+                log.warning("embresume part of %s not checked: %s", self.rid, describe(e))
+                self._fail_and_release(f"embresume part not checked: {describe(e)}")
+                return
+            try:
+                ep = language_endpoint(self._er_tp_rank, width, dtype)
                 if ep.config.hidden_size != width or parse_dtype(ep.config.dtype) != recv_obj.dtype:
                     raise ValueError(f"part is [{tokens}, {width}] {recv_obj.dtype}, this rank's embresume pool "
                                      f"is [*, {ep.config.hidden_size}] {ep.config.dtype}")
@@ -435,19 +606,35 @@ def _waiting_classes():
                     return
                 try:
                     emb = res.embeddings
-                    if list(emb.shape) != [int(x) for x in recv_obj.shape]:
-                        raise ValueError(f"received {tuple(emb.shape)}, the part says {tuple(recv_obj.shape)}")
+                    if list(emb.shape) != list(recv_obj.shape) or emb.dtype != recv_obj.dtype:
+                        raise PartRefused(f"the transfer brought {tuple(emb.shape)} {emb.dtype}, the part's "
+                                          f"metadata says {tuple(recv_obj.shape)} {recv_obj.dtype}")
                     if ep.config.zero_copy:
                         emb = emb.clone()
                         res.release()
                     recv_obj.embedding = emb
                     self.recv_embedding_data = aggregate(self.recv_embedding_data, recv_obj, self.model_type)
                 except Exception as e:
-                    logging.getLogger(__name__).exception("embresume part %s not usable", room)
-                    self._fail_and_release(f"embresume part not usable: {describe(e)}")
+                    _release_quietly(res)
+                    if isinstance(e, PartRefused):
+                        log.warning("embresume part %s not usable: %s", room, e)
+                    else:
+                        log.exception("embresume part %s not usable", room)
+                    why = str(e) if isinstance(e, PartRefused) else describe(e)
+                    self._fail_and_release(f"embresume part not usable: {why}")
                     return
                 if self.recv_embedding_data.ready and self._assemble_mm_inputs_from_embeddings():
                     self.close_recv_socket()
+
+        def _finish_assemble(self, recv_embedding) -> None:
+            # the layout is checked against the embedding before SGLang publishes it
+            # (a failure goes SGLang's way: _fail_assemble, FAIL, the request aborted)
+            processor = self.mm_processor
+            self.mm_processor = _PlaceholderCheck(processor, self.rid)
+            try:
+                super()._finish_assemble(recv_embedding)
+            finally:
+                self.mm_processor = processor
 
         def release_resources(self):
             pending, self._er_pending = getattr(self, "_er_pending", {}), {}
