@@ -27,6 +27,24 @@ replaces only the payload:
   transfer fails that request through SGLang's own FAIL status (all-reduced
   over the TP group, then aborted with the reason) — never the scheduler.
 
+Untrusted parts (scheduler side): a part arrives on the scheduler's ZeroMQ
+receive port, which anyone who reaches it can write to, so nothing in it is
+trusted.  Before anything is dialled or allocated (:func:`check_part`): its
+encoder address must be one of the configured ``encoder_addresses`` (options,
+else ``EMBRESUME_ENCODER_ADDRESSES``, else ``encoder_endpoint``), its room
+must be this request's part, its row count at most ``max_part_tokens``, its
+width the configured ``hidden_size`` (else at most ``max_hidden_size``), its
+dtype a float one (the configured ``dtype`` if set).  The embedding a
+transfer brings must have the shape and dtype the part announced; at
+assembly the rows of each item must match the request's placeholder tokens
+(:func:`check_placeholders`, on the layout SGLang's processor builds) — on
+a mismatch the model path raises for the whole batch
+(``mm_schedule._adjust_embedding_length``) and the scheduler process exits,
+which SGLang 0.5.23 itself prevents only through its processors'
+``get_validated_mm_data``.  Any of these fails that request
+alone (SGLang's FAIL status, the reason sent to its client), with every
+pool block returned.
+
 TP group: the scheduler ranks of one language instance share one TP group
 identity (``LanguageEndpoint(tp_group=...)``; an encoder keeps a room to the
 group that asked first).  :func:`instance_group` makes it: the first rank of
