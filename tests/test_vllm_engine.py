@@ -230,7 +230,17 @@ def test_offline_pair_generates_the_reference_tokens(work, model, reference):
     assert_came_through_embresume(first["embresume"], IMAGES)
     assert second["tokens"] == ref
     assert_came_through_embresume(second["embresume"], IMAGES)
-    assert produced["embresume"].get("items_not_published", 0) == 0, produced
+    # the producer's publishing is counted in its worker, which vLLM's V1 runner never
+    # collects (get_metrics() has 0 there whatever happens): asked of the worker itself
+    published = produced.get("embresume_workers")
+    assert published is not None, produced.get("embresume_workers_error", produced)
+    assert published.get("items_not_published", 0) == 0, published
+    assert published.get("items_published", 0) >= len(IMAGES.split(",")), published
+    # every received item was copied into the consumer worker's encoder cache once
+    for run in (first, second):
+        loaded = run.get("embresume_workers")
+        assert loaded is not None, run.get("embresume_workers_error", run)
+        assert loaded.get("items_loaded") == len(IMAGES.split(",")), loaded
 
 
 def test_swapped_payload_swaps_the_tokens(work, model, reference):

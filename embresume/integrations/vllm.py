@@ -37,8 +37,11 @@ engine maps, :mod:`embresume.integrations._landing`):
    request while any is on its way.  Transfers progress on the endpoint's own
    threads, not in vLLM's steps; each call polls them.
 2. A finished transfer is copied into the landing region (written once per
-   host, whatever the TP size); ``has_cache_item`` is then true.
-3. ``update_state_after_alloc`` pins the landed item and names it in the next
+   host, whatever the TP size) when the region has room; otherwise it waits
+   in the receive pool.  Landing evicts only items no waiting request needs
+   and nobody has pinned.  ``has_cache_item`` is then true, lands nothing,
+   and pins the item it reports present until this step's loads are out.
+3. ``update_state_after_alloc`` names the pinned item in the next
    metadata; each worker copies it from the region into its
    ``encoder_cache`` in ``start_load_caches`` (a step that runs the request's
    tokens, so V1's runner calls it) and reports it; after every rank's report
@@ -59,6 +62,12 @@ engine maps, :mod:`embresume.integrations._landing`):
 ``LanguageEndpoint`` receives its copy into its own pool (a GPU pool through
 CUDA IPC when the worker is on a GPU), in ``start_load_caches``; this needs
 vLLM's V2 model runner, which calls EC connectors on every step.
+
+Structure: :class:`EmbresumeECConnector` is a facade over one role object per
+process (:mod:`embresume.integrations._vllm_roles`: producer scheduler and
+worker, landing consumer scheduler and worker, worker-receive consumer
+scheduler and worker); the landing scheduler's per-item state is the pure
+:class:`~embresume.integrations._items.ItemTracker`.
 
 Options (``ec_connector_extra_config``): see ``docs/integrations.md`` and
 :data:`OWN_KEYS`; every :class:`~embresume.Config` field is accepted too.

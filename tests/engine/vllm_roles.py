@@ -30,6 +30,9 @@ import time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# worker_counters sends a function to the workers (LLM.collective_rpc): vLLM's engine core
+# unpickles it only with this set (a test helper on one host, nothing else listens)
+os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 PROMPT = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
           "Describe this image.<|im_end|>\n<|im_start|>assistant\n")
@@ -102,6 +105,25 @@ def embresume_counters(llm) -> dict:
     return out
 
 
+def _connector_totals(worker) -> dict:
+    """Runs in each worker process: its EC connector's totals since start."""
+    from vllm.distributed.ec_transfer import ec_transfer_state
+    ec = getattr(ec_transfer_state, "_EC_CONNECTOR_AGENT", None)
+    return dict(getattr(ec, "stats", None) or {})
+
+
+def worker_counters(llm) -> dict:
+    """The worker-side connectors' totals, summed over workers, asked of the workers
+    themselves: vLLM's V1 runner never collects worker-side connector stats, so counters
+    kept there (the producer's items_published / items_not_published, the consumer's
+    items_loaded) are not in get_metrics()."""
+    out: dict = {}
+    for totals in llm.collective_rpc(_connector_totals, timeout=60):
+        for k, v in (totals or {}).items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("role", choices=["reference", "producer", "consumer"])
@@ -156,6 +178,11 @@ def main() -> int:
         result["embresume"] = embresume_counters(llm)
     except Exception as e:            # the counters are the proof: report why they are missing
         result["embresume_error"] = f"{type(e).__name__}: {e}"
+    if args.connector.startswith("embresume"):
+        try:
+            result["embresume_workers"] = worker_counters(llm)
+        except Exception as e:
+            result["embresume_workers_error"] = f"{type(e).__name__}: {e}"
     with open(args.out, "w") as f:
         json.dump(result, f)
     print(json.dumps({k: v for k, v in result.items() if k != "latency_s"}), flush=True)
