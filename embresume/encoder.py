@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -64,15 +63,16 @@ import torch
 import zmq
 
 from . import auth
-from .logutil import RateLimitedLog, clip
+from .logutil import RateLimitedLog
 from . import protocol as P
 from .blocks import BlockAllocator, BlockLayout, BlockPool
-from .channel import Channel, RateBucket, ZmqChannel, ZmqHub, noop_bucket
+from .channel import Channel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import (ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError, ProtocolError,
-                     TransportUnavailable)
-from .node import node_id, pid_alive as _pid_alive
+from .errors import ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError
+from .node import pid_alive as _pid_alive
+from .handshake.encoder import (MAX_GROUP, MAX_PENDING_HANDSHAKES, REFUSAL_BURST, REFUSAL_RATE,  # noqa: F401
+                                Handshakes, reply)
 from .metrics import EndpointStats
 from .planner import ChunkPlan
 from .rooms.encoder import (FINISHED_MEMORY, MAX_LIVE_BLOCKS_PER_SESSION, MAX_LIVE_ROOMS_PER_SESSION,  # noqa: F401
@@ -93,17 +93,10 @@ INLINE_WRITE_BYTES = 256 << 10
 #: pieces, none smaller than MIN_PIECE_BYTES of embeddings, none larger than pipeline_bytes
 PIPELINE_PIECES = 4
 MIN_PIECE_BYTES = 2 << 20
-#: hellos whose pool description has not come yet
-MAX_PENDING_HANDSHAKES = 256
+#: MAX_PENDING_HANDSHAKES, REFUSAL_RATE, REFUSAL_BURST, MAX_GROUP: the handshakes'
+#: (embresume.handshake.encoder), imported above
 #: FINISHED_MEMORY, MAX_LIVE_ROOMS_PER_SESSION, MAX_LIVE_BLOCKS_PER_SESSION,
 #: NOT_PUBLISHED_MEMORY: the room machine's (embresume.rooms.encoder), imported above
-#: refusals (a Bye) to tcp peers that are not registered (a keyless hello, an
-#: undecodable frame): at most REFUSAL_RATE a second after a burst of
-#: REFUSAL_BURST, for the whole endpoint; the rest are dropped and counted
-REFUSAL_RATE = 100.0
-REFUSAL_BURST = 200.0
-#: the longest TP group identity a rank may present
-MAX_GROUP = 256
 #: language sessions (ranks' connections) one encoder serves at once; each has its
 #: own worker and writer threads, rings and pool mapping: a hello past it is refused
 MAX_SESSIONS = 1024
@@ -151,40 +144,6 @@ class _Peer:
                 log.exception("peer job failed")
 
 
-def _reply(transport: str, desc: dict) -> P.Register:
-    """The encoder's handshake message (hello / retry / ready)."""
-    return P.Register(P.Role.ENCODER, "encoder", node_id(), os.getpid(), 0, transport, desc)
-
-
-class _HsZmq:
-    """A handshake that came over the ZeroMQ (tcp) socket: a peer elsewhere."""
-
-    same_host = False
-    conn = None
-    pid = 0
-
-    def __init__(self, endpoint: "EncoderEndpoint", ident: bytes):
-        self.key = ident
-        self._endpoint = endpoint
-
-    def reply(self, msg: P.Message) -> None:
-        self._endpoint._hub.send(self.key, P.encode(msg))
-
-
-class _HsUnix:
-    """A handshake that came over the Unix socket: a peer on this host whose
-    uid the kernel vouched for."""
-
-    same_host = True
-
-    def __init__(self, conn: unix.Conn):
-        self.key = self.conn = conn
-        self.pid = conn.pid
-
-    def reply(self, msg: P.Message) -> None:
-        self.conn.send(P.encode(msg))
-
-
 class EncoderEndpoint:
     """The encoder's side.  Binds ``config.encoder_endpoint`` (ZeroMQ) for the
     handshakes and control messages of peers on other hosts (with an
@@ -218,8 +177,6 @@ class EncoderEndpoint:
             self.stats.pool(0, pool_blocks)
         self._peers: dict[str, _Peer] = {}
         self._zmq_peers: dict[bytes, _Peer] = {}
-        self._handshakes: dict[bytes, dict] = {}
-        self._refusals = RateBucket(REFUSAL_RATE, REFUSAL_BURST)
         self._transports = select.TransportSet(self.config)
         self._closed = False
         self._stop = threading.Event()
@@ -230,14 +187,19 @@ class EncoderEndpoint:
                               "read the embeddings. Set Config(auth_key=...) or EMBRESUME_AUTH_KEY on both sides, "
                               "or bind a loopback address")
         self._keys = keys
+        #: the handshakes (embresume.handshake.encoder): hello, pool, ready / retry, refusals
+        self._hs = Handshakes(c, stats=self.stats, keys=keys, transports=self._transports,
+                              check_sessions=self._check_sessions, admit=self._admit_peer, peer_lost=self._peer_lost)
+        self._handshakes = self._hs.pending         # hellos waiting for their pool description
         self._hub = ZmqHub(zmq.ROUTER, bind=address, on_frames=self._on_frames, name="encoder",
                            on_send_error=self._on_send_error, curve_keys=keys, max_frame=MAX_FRAME)
+        self._hs.hub = self._hub
         self.address = self._hub.address
         self.unix_name = unix.socket_name(self.address)
         try:
-            self._unix = unix.Server(self.unix_name, allowed_uids=c.peer_uids, on_packet=self._on_unix_packet,
-                                     on_closed=self._on_unix_closed, on_bad=self._on_unix_bad,
-                                     on_refused=self._on_unix_refused, max_pending=MAX_PENDING_HANDSHAKES,
+            self._unix = unix.Server(self.unix_name, allowed_uids=c.peer_uids, on_packet=self._hs.on_unix_packet,
+                                     on_closed=self._hs.on_unix_closed, on_bad=self._hs.on_unix_bad,
+                                     on_refused=self._hs.on_unix_refused, max_pending=MAX_PENDING_HANDSHAKES,
                                      pending_timeout=c.handshake_timeout, thread_name="embresume-enc-unix")
         except OSError as e:
             self._hub.close()
@@ -422,181 +384,32 @@ class EncoderEndpoint:
                 raise PeerError("endpoint is closed")
             self._run(self._m.register(room, src, time.monotonic(), on_done, own_blocks))
 
-    # ------------------------------------------------------------ handshake
+    # ------------------------------------------------------------ handshakes (embresume.handshake.encoder)
     def _on_frames(self, ident: bytes, data: bytes) -> None:
         peer = self._zmq_peers.get(ident)
         if peer is not None:
             peer.channel.deliver(data)
             return
-        try:
-            msg = P.decode(data)
-        except ProtocolError as e:
-            self._warn_bad(f"bad handshake frame: {e}")
-            self._refuse(ident, f"bad handshake frame: {e}")
-            return
-        if not isinstance(msg, P.Register) or msg.role != P.Role.LANGUAGE:
-            log.debug("ignoring %s from an unregistered peer", type(msg).__name__)
-            return
-        if self._keys is None:
-            # without a key a tcp peer is anyone who reaches the port; peers on
-            # this host use the Unix socket, where the kernel vouches for them
-            self._warn_bad("tcp handshake refused: this encoder has no auth_key")
-            self._refuse(ident, "tcp handshakes need an auth_key (Config(auth_key=...) / EMBRESUME_AUTH_KEY on "
-                                "both sides); peers on the encoder's host connect over its Unix socket")
-            return
-        self._handshake_step(_HsZmq(self, ident), msg, [])
-
-    def _refuse(self, ident: bytes, reason: str) -> None:
-        """A Bye to an unregistered tcp peer, within the refusal rate (REFUSAL_RATE)."""
-        if self._refusals.take():
-            self.stats["refusals_sent"] += 1
-            try:
-                self._hub.send(ident, P.encode(P.Bye(clip(reason, 1000))))
-            except PeerError:
-                pass
-        else:
-            self.stats["refusals_dropped"] += 1
-
-    def _on_unix_packet(self, conn: unix.Conn, data: bytes, fds: list) -> None:
-        try:
-            if conn.established:
-                # after 'ready' the socket only marks liveness: a packet is a broken peer
-                peer = conn.owner
-                conn.close()
-                if peer is not None:
-                    self._peer_lost(peer, "unexpected packet on its handshake socket")
-                return
-            try:
-                msg = P.decode(data)
-            except ProtocolError as e:
-                self._warn_bad(f"bad handshake packet from {conn!r}: {e}")
-                self._bye(_HsUnix(conn), f"bad handshake packet: {e}")
-                conn.close()
-                return
-            if not isinstance(msg, P.Register) or msg.role != P.Role.LANGUAGE:
-                self._warn_bad(f"unexpected {type(msg).__name__} from {conn!r} during the handshake")
-                conn.close()
-                return
-            if not self._handshake_step(_HsUnix(conn), msg, fds):
-                conn.close()
-        finally:
-            unix.close_all(fds)             # what we keep, we duplicated (mmap, the rings' doorbells)
-
-    def _on_unix_closed(self, conn: unix.Conn) -> None:
-        self._handshakes.pop(conn, None)
-        peer = conn.owner
-        if isinstance(peer, _Peer):
-            self._peer_lost(peer, "its handshake socket closed (the process exited or closed the endpoint)",
-                            clean=True)
-
-    def _on_unix_bad(self, conn: unix.Conn, err: Exception) -> None:
-        self._warn_bad(f"bad handshake packet from {conn!r}: {err}")
-
-    def _on_unix_refused(self, cred: tuple) -> None:
-        self.stats["refused_uid"] += 1
-        plog(logging.WARNING, "refused", "refused a same-host connection from pid %d uid %d: not an allowed "
-             "uid %s (%d so far)", cred[0], cred[1], sorted(self.config.peer_uids), self.stats["refused_uid"])
-
-    def _bye(self, hs, reason: str) -> None:
-        if isinstance(hs, _HsZmq):
-            self._refuse(hs.key, reason)
-            return
-        try:
-            hs.reply(P.Bye(clip(reason, 1000)))
-        except Exception:
-            pass
-
-    def _handshake_step(self, hs, msg: P.Register, fds: list) -> bool:
-        """One handshake message; False when the handshake failed (the peer was told)."""
-        try:
-            self._handshake(hs, msg, fds)
-            return True
-        except Exception as e:
-            self._warn_bad(f"handshake with {msg.session_id!r} failed: {e}")
-            self._handshakes.pop(hs.key, None)
-            self._bye(hs, f"{type(e).__name__}: {e}")
-            return False
+        self._hs.on_frame(ident, data)
 
     def _on_send_error(self, ident: bytes, err: Exception) -> None:
         peer = self._zmq_peers.get(ident)
         if peer is not None:
             self._peer_lost(peer, f"control frame undeliverable: {err}")
 
-    def _handshake(self, hs, msg: P.Register, fds: list) -> None:
+    def _check_sessions(self) -> None:
+        """(handshake, hello) Refuse a session past MAX_SESSIONS."""
+        if len(self._peers) >= MAX_SESSIONS:
+            self.stats["refused_sessions"] += 1
+            raise PeerError(f"this encoder already serves {len(self._peers)} sessions "
+                            f"(at most {MAX_SESSIONS})")
+
+    def _admit_peer(self, hs, msg: P.Register, name: str, transport: Transport, pool: PeerPool, channel: Channel,
+                    pid: int, group: str) -> None:
+        """(handshake, pool description) The peer is set up: reply 'ready' and make it visible, or raise."""
         c = self.config
-        phase = msg.desc.get("phase")
-        if phase == "hello":
-            if hs.key in self._handshakes:
-                raise ProtocolError("desc.phase", "a second hello on one connection")
-            layout = BlockLayout.from_dict(msg.desc.get("layout", {}))
-            if layout.block_size != c.block_size or layout.hidden != c.hidden_size or layout.dtype != c.dtype:
-                raise ConfigError(f"pool layout mismatch: language block_size={layout.block_size} "
-                                  f"hidden={layout.hidden} dtype={layout.dtype}, encoder block_size={c.block_size} "
-                                  f"hidden={c.hidden_size} dtype={c.dtype}")
-            offered = msg.desc.get("offer")
-            if not isinstance(offered, list) or not all(isinstance(x, str) for x in offered[:16]):
-                raise ProtocolError("desc.offer", "expected a list of transport names")
-            group = msg.desc.get("group", "")
-            if not isinstance(group, str) or len(group) > MAX_GROUP:
-                raise ProtocolError("desc.group", f"expected a TP group identity of at most {MAX_GROUP} characters")
-            if len(self._peers) >= MAX_SESSIONS:
-                self.stats["refused_sessions"] += 1
-                raise PeerError(f"this encoder already serves {len(self._peers)} sessions "
-                                f"(at most {MAX_SESSIONS})")
-            chosen = select.choose(c, offered[:16], hs.same_host)
-            while len(self._handshakes) >= MAX_PENDING_HANDSHAKES:   # the oldest half-open hello goes
-                self._handshakes.pop(next(iter(self._handshakes)))
-            self._handshakes[hs.key] = {"transport": chosen, "t": time.monotonic(), "group": group}
-            hs.reply(_reply(chosen, {"phase": "hello"}))
-            return
-        if phase != "pool":
-            raise ProtocolError("desc.phase", f"unknown handshake phase {phase!r}")
-        state = self._handshakes.pop(hs.key, None)
-        if state is None or state["transport"] != msg.transport:
-            raise ProtocolError("transport", "pool description without a matching hello")
-        name = state["transport"]
-        try:
-            desc = unix.unpack_fds(msg.desc, fds)
-        except ValueError as e:
-            raise ProtocolError("desc", str(e)) from None
-        pdesc = desc.get("pool") or {}
-        if not isinstance(pdesc, dict):
-            raise ProtocolError("desc.pool", "expected an object")
-        transport = self._transports.for_desc(name, pdesc)
-        try:
-            pool = transport.open_peer(pdesc)
-        except TransportUnavailable as e:
-            # this pair of processes cannot use it: the language side offers the next one
-            log.info("transport %s unavailable for %s: %s", name, msg.session_id, e)
-            hs.reply(_reply(name, {"phase": "retry", "reason": str(e)[:1000]}))
-            return
-        try:
-            if hs.same_host:
-                from .ipc.channel import RingChannel
-                from .ipc.ring import ShmRing
-                rings = desc.get("rings")
-                if not isinstance(rings, dict) or not all(
-                        isinstance(rings.get(k), list) and all(isinstance(x, unix.Fd) for x in rings[k])
-                        for k in ("l2e", "e2l")):
-                    raise ProtocolError("desc.rings", "expected the two control rings as passed fds")
-                tx = ShmRing.from_handles(rings.get("e2l"))
-                try:
-                    rx = ShmRing.from_handles(rings.get("l2e"))
-                except BaseException:
-                    tx.close()
-                    raise
-                # no spinning for a rank in this very process: its answers need our GIL
-                channel: Channel = RingChannel(tx=tx, rx=rx, name=f"enc-{msg.session_id}",
-                                               spin_us=0 if hs.pid == os.getpid() else self.config.ring_spin_us)
-            else:
-                channel = ZmqChannel(self._hub, hs.key)
-        except BaseException:
-            transport.close_peer(pool)
-            raise
-        # a same-host peer's pid is the kernel's (SO_PEERCRED), not what it claims
-        pid = hs.pid if hs.same_host else msg.pid
         peer = _Peer(msg.session_id, msg.tp_rank, pid, transport, pool, channel, hs.same_host and pid > 0, hs.conn,
-                     group=state.get("group", ""), heartbeat_interval=c.heartbeat_interval)
+                     group=group, heartbeat_interval=c.heartbeat_interval)
         with self._lock:
             if self._closed or msg.session_id in self._peers or len(self._peers) >= MAX_SESSIONS:
                 channel.close()
@@ -609,7 +422,7 @@ class EncoderEndpoint:
             # 'ready' goes out before the peer is visible to the monitor, so
             # the first frame the language side sees on this socket is 'ready',
             # never a heartbeat
-            hs.reply(_reply(name, {"phase": "ready"}))
+            hs.reply(reply(name, {"phase": "ready"}))
             self._peers[msg.session_id] = peer
             if hs.conn is not None:
                 hs.conn.owner = peer
@@ -628,12 +441,6 @@ class EncoderEndpoint:
         peer.bad += 1
         plog(logging.WARNING, "bad_message", "bad message from %s: %s (%d from this peer so far)", peer.session_id,
              err, peer.bad)
-
-    def _warn_bad(self, text: str) -> None:
-        """Rate-limited warning about a frame from a not yet registered peer."""
-        self.stats["bad_handshakes"] += 1
-        plog(logging.WARNING, "bad_handshake", "%s (%d bad handshake frames so far)", text,
-             self.stats["bad_handshakes"])
 
     def _on_message(self, peer: _Peer, msg: P.Message) -> None:
         if not peer.alive:
@@ -899,9 +706,7 @@ class EncoderEndpoint:
                 self._peer_lost(p, f"no message for {now - p.last_seen:.1f}s")
             elif p.pid_check and not _pid_alive(p.pid):
                 self._peer_lost(p, f"process {p.pid} exited")
-        for ident, hs in list(self._handshakes.items()):     # hellos never followed by a pool
-            if now - hs["t"] > c.handshake_timeout:
-                self._handshakes.pop(ident, None)
+        self._hs.expire(now)                # hellos never followed by a pool description
         with self._lock:
             self._run(self._m.tick(now))
 

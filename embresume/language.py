@@ -50,11 +50,10 @@ convenience.  All network and copy work runs on threads the endpoint owns.
 from __future__ import annotations
 
 import _thread
+import functools
 import itertools
 import logging
 import os
-import queue
-import socket
 import threading
 import time
 import uuid
@@ -63,19 +62,19 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import torch
-import zmq
 
 from . import auth, metrics
 from .logutil import RateLimitedLog
 from . import protocol as P
 from .blocks import BlockLayout, BlockPool
-from .channel import Channel, ZmqChannel, ZmqHub, noop_bucket
+from .channel import Channel, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError, ProtocolError, UnknownRoom
+from .errors import ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError, UnknownRoom
 from .kernels.cpu import pool_arrays
 from .merge import EmbeddingResult, MergeBuffer, ResultArena
-from .node import node_id, pid_alive as _pid_alive
+from .node import pid_alive as _pid_alive
+from .handshake.language import Handshaker, Link
 from .rooms.language import (MAX_REQUEST_TOKENS, Complete, Connect, Copy, Discard, LanguageRooms, Notify, Req,
                              Send, TearDown, ZeroCopy)
 from .status import Status
@@ -83,14 +82,15 @@ from .transport import select
 
 __all__ = ["LanguageEndpoint", "MAX_REQUEST_TOKENS"]
 
+#: the link's old name (tests build fake links with it)
+_Link = Link
+
 log = logging.getLogger("embresume.language")
 #: what the encoder causes (bad messages): a bounded number of lines
 plog = RateLimitedLog(log)
 
 #: reconnect back-off after a failed connection attempt: doubles from BASE up to CAP
 BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
-#: the largest control frame accepted from an encoder
-MAX_FRAME = 1 << 20
 #: a quarantined room waits for the encoder's abort acknowledgement (and blocks
 #: held after a failed write wait) at most this many peer_timeouts; then the
 #: encoder counts as stuck: its connection is torn down (its rooms fail, all
@@ -134,36 +134,6 @@ class _Latch:
         return self._set
 
 
-class _Link:
-    """One live connection to an encoder: control channel and liveness."""
-
-    def __init__(self, channel: Channel, hub: Optional[ZmqHub], transport: str, peer_pid: int, pid_check: bool,
-                 session_id: str, sock: Optional[socket.socket] = None):
-        self.channel = channel
-        #: same host: the handshake's Unix socket, kept open (EOF: the encoder is gone)
-        self.sock = sock
-        self.session_id = session_id
-        self.hub = hub
-        self.transport = transport
-        self.peer_pid = peer_pid
-        self.pid_check = pid_check
-        self.last_seen = time.monotonic()
-        self.busy = False
-        self.alive = True
-        self.hb_seq = 0
-        self.noop = None        # the no-op frame bucket (set by the endpoint)
-
-    def close(self) -> None:
-        self.alive = False
-        try:
-            self.channel.close()
-        finally:
-            if self.hub is not None:
-                self.hub.close()
-            if self.sock is not None:
-                self.sock.close()
-
-
 class _Encoder:
     """An encoder this endpoint talks to (by address), across reconnections:
     its connection (the I/O side).  What its rooms hold (pending rooms,
@@ -173,7 +143,7 @@ class _Encoder:
         self.address = address
         self.rooms = rooms                  # the machine's record of it (rooms.language.Enc)
         self.state = "idle"                 # idle | connecting | up | down
-        self.link: Optional[_Link] = None
+        self.link: Optional[Link] = None
         self.transport = ""                 # of the last connection
         self.failures = 0                   # failed attempts in a row (back-off)
         self.connections = 0                # successful ones
@@ -189,14 +159,6 @@ class _Encoder:
     @property
     def held(self) -> dict:
         return self.rooms.held
-
-
-class _Retry(Exception):
-    """The encoder cannot use the transport it chose: offer the others."""
-
-    def __init__(self, transport: str, reason: str):
-        super().__init__(reason)
-        self.transport, self.reason = transport, reason
 
 
 #: the longest TP group identity
@@ -277,7 +239,6 @@ class LanguageEndpoint:
         self.arena = ResultArena(c.result_cache_bytes, c.block_size)
         self._lock = threading.RLock()
         self._encoders: dict[str, _Encoder] = {}
-        self._exports: dict[int, dict] = {}          # id(transport instance) -> pool description
         self._connections = itertools.count(1)
         self._closed = False
         self._stop = threading.Event()
@@ -289,6 +250,11 @@ class LanguageEndpoint:
         self._keys = auth.keys_for(c)
         backing, device = select.create_pool_backing(c, self.layout.nbytes)
         self.pool = BlockPool(self.layout, backing)
+        #: the handshakes (embresume.handshake.language): connect, offer, export the pool once per transport
+        self._handshaker = Handshaker(c, pool=self.pool, layout=self.layout, tp_rank=tp_rank, tp_group=self.tp_group,
+                                      new_session=lambda: self._session(), keys=self._keys,
+                                      transports=self._transports, stop=self._stop)
+        self._exports = self._handshaker.exports      # id(transport instance) -> pool description
         #: read once (torch attribute reads and torch.device() cost microseconds on every chunk)
         self._host_pool = not self.pool.is_cuda
         self._pool_device = str(self.pool.device)
@@ -369,6 +335,11 @@ class LanguageEndpoint:
         return copies
 
     # ------------------------------------------------------------ connections
+    def _session(self) -> str:
+        # one session id per connection: an encoder never confuses a reconnection
+        # with the connection it replaces, and never lets a session be taken over
+        return f"{self.session_id}-c{next(self._connections)}"
+
     def _encoder(self, address: Optional[str] = None) -> _Encoder:
         """The record of ``address`` (default: config.encoder_endpoint), created on first use."""
         address = self.config.encoder_endpoint if address is None else address
@@ -410,7 +381,7 @@ class LanguageEndpoint:
         link, err = None, None
         if not self._stop.is_set():
             try:
-                link = self._handshake(enc)
+                link = self._handshaker.handshake(enc.address, functools.partial(self._link_lost, enc))
             except Exception as e:  # any failure ends this attempt; the requests are told
                 err = e
         with self._lock:
@@ -438,214 +409,6 @@ class LanguageEndpoint:
                 "with back-off up to %.1fs)", self.tp_rank, enc.address, reason, BACKOFF_CAP)
             enc.connected.set()
             self._run(self._rooms.connect_failed(enc.address, reason))
-
-    def _export(self, transport) -> dict:
-        """The pool's description for ``transport`` (exported once per instance)."""
-        with self._lock:
-            desc = self._exports.get(id(transport))
-            if desc is None:
-                desc = self._exports[id(transport)] = transport.export_pool(self.pool)
-            return desc
-
-    def _handshake(self, enc: _Encoder) -> _Link:
-        exclude: list[str] = []
-        while True:
-            try:
-                return self._handshake_once(enc, exclude)
-            except _Retry as r:
-                log.warning("transport %s unavailable towards %s (%s); trying the next one", r.transport,
-                            enc.address, r.reason)
-                exclude.append(r.transport)
-
-    def _probe(self, enc: _Encoder) -> None:
-        """Fail fast when nothing listens at a tcp address (ZeroMQ itself would
-        queue the hello and wait out the whole handshake timeout)."""
-        if not enc.address.startswith("tcp://"):
-            return
-        u = urlsplit(enc.address)
-        try:
-            socket.create_connection((u.hostname, u.port), timeout=min(1.0, self.config.handshake_timeout)).close()
-        except OSError as e:
-            raise PeerError(f"nothing accepts connections at {enc.address}: {e.strerror or e}") from None
-
-    def _handshake_once(self, enc: _Encoder, exclude: list) -> _Link:
-        if select.is_local(enc.address):
-            return self._handshake_unix(enc, exclude)
-        if self._keys is None:
-            raise ConfigError(f"the encoder at {enc.address} is on another host: its tcp handshake needs an "
-                              "auth_key (Config(auth_key=...) / EMBRESUME_AUTH_KEY, the same on both sides)")
-        return self._handshake_zmq(enc, exclude)
-
-    def _session(self) -> str:
-        # one session id per connection: an encoder never confuses a reconnection
-        # with the connection it replaces, and never lets a session be taken over
-        return f"{self.session_id}-c{next(self._connections)}"
-
-    def _offer(self, peer_host: str, exclude: list) -> list:
-        offered = select.offer(self.config, self._transports, self.pool, peer_host, exclude)
-        if not offered:
-            raise ConfigError(f"no transport can export this endpoint's pool (transport={self.config.transport!r}"
-                              + (f", excluded {exclude}" if exclude else "") + ")")
-        return offered
-
-    def _hello(self, offered: list) -> dict:
-        return {"phase": "hello", "device": str(self.pool.device), "layout": self.layout.to_dict(),
-                "offer": offered, "group": self.tp_group}
-
-    def _handshake_unix(self, enc: _Encoder, exclude: list) -> _Link:
-        """Same host: over the encoder's abstract Unix socket, whose owner's uid
-        the kernel tells us; the pool and the rings go as fds of sealed memfds."""
-        c = self.config
-        name = unix.socket_name(enc.address)
-        try:
-            sock = unix.connect(name, timeout=min(1.0, c.handshake_timeout))
-        except OSError as e:
-            raise PeerError(f"nothing accepts connections at {enc.address} (no encoder listens on "
-                            f"{unix.display(name)}: {e.strerror or e})") from None
-        rings = None
-        try:
-            pid, uid, _ = unix.peer_cred(sock)
-            if uid not in c.peer_uids:
-                raise PeerError(f"the process at {unix.display(name)} (pid {pid}) runs as uid {uid}, which is not "
-                                f"an allowed uid {sorted(c.peer_uids)} (Config.allowed_uids)")
-            deadline = time.monotonic() + c.handshake_timeout
-            session = self._session()
-            offered = self._offer("127.0.0.1", exclude)
-            unix.send(sock, P.encode(self._register(session, "", self._hello(offered))))
-            reply = self._await_unix(sock, deadline, ("hello",), enc)
-            chosen = reply.transport
-            if chosen not in offered:
-                raise ProtocolError("transport", f"the encoder chose {chosen!r}, which was not offered")
-            transport = self._transports.get(chosen, "127.0.0.1")
-            from .ipc.channel import RingChannel
-            rings = RingChannel.create_pair(c.ring_bytes)
-            desc = {"phase": "pool", "pool": self._export(transport),
-                    "rings": {"l2e": [unix.Fd(x) for x in rings[0].handles()],
-                              "e2l": [unix.Fd(x) for x in rings[1].handles()]}}
-            desc, fds = unix.pack_fds(desc)
-            unix.send(sock, P.encode(self._register(session, chosen, desc)), fds)
-            ready = self._await_unix(sock, deadline, ("ready", "retry"), enc)
-            if ready.desc.get("phase") == "retry":
-                raise _Retry(chosen, str(ready.desc.get("reason", ""))[:1000])
-            # the language side never spins (ring_spin_us is the encoder's): its
-            # reader shares the GIL with the serving scheduler, which a spinner
-            # would slow down (measured: -10-15 % throughput with 32-64 requests
-            # in flight), and after a request's last message nothing is due
-            channel = RingChannel(tx=rings[0], rx=rings[1], name=f"lang-r{self.tp_rank}")
-            rings = None
-            log.info("rank %d connected to %s (pid %d) via %s", self.tp_rank, enc.address, pid, chosen)
-            return _Link(channel, None, chosen, pid, pid > 0, session, sock=sock)
-        except (BrokenPipeError, ConnectionResetError) as e:
-            if rings is not None:
-                for r in rings:
-                    r.close()
-            sock.close()
-            raise PeerError(f"the encoder at {enc.address} closed the handshake ({e.strerror}); is this "
-                            f"process's uid {os.getuid()} allowed there (its Config.allowed_uids)?") from None
-        except BaseException:
-            if rings is not None:
-                for r in rings:
-                    r.close()
-            sock.close()
-            raise
-
-    def _await_unix(self, sock: socket.socket, deadline: float, phases: tuple, enc: _Encoder) -> P.Register:
-        try:
-            data, fds = unix.recv_blocking(sock, deadline)
-        except TimeoutError:
-            raise PeerError(f"no handshake reply ({phases[0]}) from the encoder at {enc.address} "
-                            f"within {self.config.handshake_timeout}s") from None
-        unix.close_all(fds)                 # an encoder sends none
-        if not data:
-            raise PeerError(f"the encoder at {enc.address} closed the handshake; is this process's uid "
-                            f"{os.getuid()} allowed there (its Config.allowed_uids)?")
-        return self._check_reply(P.decode(data), phases)
-
-    def _check_reply(self, msg: P.Message, phases: tuple) -> P.Register:
-        if isinstance(msg, P.Bye):
-            raise PeerError(f"encoder refused the handshake: {msg.reason}")
-        if not isinstance(msg, P.Register) or msg.role != P.Role.ENCODER or msg.desc.get("phase") not in phases:
-            raise ProtocolError("handshake", f"expected the encoder's {phases[0]!r} register, got {msg!r}")
-        return msg
-
-    def _handshake_zmq(self, enc: _Encoder, exclude: list) -> _Link:
-        """Another host: over ZeroMQ tcp with CURVE keys derived from the auth_key."""
-        self._probe(enc)
-        inbox: "queue.Queue[bytes]" = queue.Queue(maxsize=64)
-        relay: dict = {"channel": None}
-
-        def on_frames(_ident: bytes, data: bytes) -> None:
-            ch = relay["channel"]
-            if ch is not None:
-                ch.deliver(data)
-            else:
-                try:
-                    inbox.put_nowait(data)
-                except queue.Full:          # a chatty or hostile peer: the handshake fails on its own
-                    pass
-
-        session = self._session()
-
-        def on_send_error(_ident: bytes, err: Exception) -> None:
-            lost = relay.get("lost")
-            if lost is not None:            # during the handshake the attempt times out on its own
-                lost(err)
-
-        hub: Optional[ZmqHub] = ZmqHub(zmq.DEALER, connect=enc.address, on_frames=on_frames,
-                                       name=f"lang-r{self.tp_rank}", curve_keys=self._keys, max_frame=MAX_FRAME,
-                                       on_send_error=on_send_error)
-        try:
-            peer_host = select.endpoint_host(enc.address)
-            offered = self._offer(peer_host, exclude)
-            hub.send(b"", P.encode(self._register(session, "", self._hello(offered))))
-            reply = self._await(inbox, ("hello",), enc)
-            chosen = reply.transport
-            if chosen not in offered:
-                raise ProtocolError("transport", f"the encoder chose {chosen!r}, which was not offered")
-            transport = self._transports.get(chosen, peer_host)
-            hub.send(b"", P.encode(self._register(session, chosen, {"phase": "pool", "pool": self._export(transport)})))
-            ready = self._await(inbox, ("ready", "retry"), enc)
-            if ready.desc.get("phase") == "retry":
-                raise _Retry(chosen, str(ready.desc.get("reason", ""))[:1000])
-            channel = ZmqChannel(hub)
-            link = _Link(channel, hub, chosen, reply.pid, False, session)
-            # the channel takes over the socket; until the caller starts it (before
-            # any INIT goes out) only the encoder's heartbeats can arrive, and they
-            # carry nothing to keep
-            relay["channel"] = channel
-            # frames to it pile up (it does not read): the link goes, like a full ring
-            relay["lost"] = lambda err: self._link_lost(enc, link, f"stuck: control frames to it queue up ({err}); "
-                                                                   "it does not read")
-            log.info("rank %d connected to %s via %s", self.tp_rank, enc.address, chosen)
-            return link
-        except BaseException:
-            hub.close()
-            raise
-
-    def _register(self, session: str, transport: str, desc: dict) -> P.Register:
-        return P.Register(P.Role.LANGUAGE, session, node_id(), os.getpid(), self.tp_rank, transport, desc)
-
-    def _await(self, inbox: "queue.Queue[bytes]", phases: tuple, enc: _Encoder) -> P.Register:
-        deadline = time.monotonic() + self.config.handshake_timeout
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0 or self._stop.is_set():
-                    raise queue.Empty
-                data = inbox.get(timeout=min(left, 0.25))
-            except queue.Empty:
-                if self._stop.is_set():
-                    raise PeerError("endpoint closed during the handshake") from None
-                if left > 0:
-                    continue
-                hint = (" (do both sides use the same auth_key?)" if self._keys is not None
-                        else " (does the encoder require an auth_key?)")
-                raise PeerError(f"no handshake reply ({phases[0]}) from the encoder at {enc.address} "
-                                f"within {self.config.handshake_timeout}s{hint}") from None
-            msg = P.decode(data)
-            if isinstance(msg, P.Heartbeat):
-                continue
-            return self._check_reply(msg, phases)
 
     # ------------------------------------------------------------ requests
     def request(self, room: P.Room, required_dst_info_num: int = 1, *, encoder: Optional[str] = None,
@@ -873,7 +636,7 @@ class LanguageEndpoint:
              enc.address)
         self._noop(enc, link)
 
-    def _noop(self, enc: _Encoder, link: _Link) -> None:
+    def _noop(self, enc: _Encoder, link: Link) -> None:
         """A frame that does nothing: within the link's no-op rate, or the link goes."""
         if link.noop is None:
             link.noop = noop_bucket(self.config.heartbeat_interval)
@@ -887,7 +650,7 @@ class LanguageEndpoint:
         plog(logging.WARNING, "bad_message", "bad control message from the encoder at %s: %s (%d so far)",
              enc.address, err, self.stats["bad_messages"])
 
-    def _link_lost(self, enc: _Encoder, link: _Link, reason: str, clean: bool = False) -> None:
+    def _link_lost(self, enc: _Encoder, link: Link, reason: str, clean: bool = False) -> None:
         """``link`` to ``enc`` is gone: the machine fails its rooms and frees what
         was parked for it; the link is closed.  The next request naming ``enc`` reconnects."""
         with self._lock:
@@ -1004,7 +767,7 @@ class _PoolLease:
         self.endpoint._release_pool_lease(self.lease)
 
 
-def _close_quietly(link: _Link) -> None:
+def _close_quietly(link: Link) -> None:
     try:
         link.close()
     except Exception:
