@@ -1003,3 +1003,62 @@ def test_after_a_reset_a_metadata_only_item_is_received_again(producer, consumer
     print(f"after a reset: {done['lm-reset-2']} (external loads, local encodes), stats {sched.stats}")
     assert done["lm-reset-2"] == (["reset-x"], []) and sched.stats["local_encodes"] == 0
     assert same_bits(ranks[0][1]["reset-x"], embedding("reset-x", 100))
+
+
+@pytest.mark.parametrize("runner", ["v1", "v2"])
+def test_pipeline_parallel_loads_are_unpinned(producer, runner, monkeypatch):
+    """Two pipeline stages, multiprocessing executor: only the first stage loads.  vLLM's V2
+    runner passes the first stage's EC output on from a non-last rank
+    (``with_ec_conn_output(with_kv_conn_output_only(..), ec_output)``); the V1 runner returns
+    ``with_kv_conn_output_only`` there and drops it, and its last stage never runs the EC
+    connector.  Either way the landed item's pin must end (it would hold its room forever)."""
+    from vllm.config import VllmConfig as _VC
+    monkeypatch.setattr(_VC, "use_v2_model_runner", property(lambda self: runner == "v2"))
+    params = producer.encode(f"enc-pp-{runner}", [(f"pp-{runner}", 20)])
+    cfg = vllm_config("ec_consumer", {**BASE_EXTRA, "landing_bytes": "4MiB"})
+    cfg.parallel_config.pipeline_parallel_size = 2
+    cfg.parallel_config.distributed_executor_backend = "mp"
+    sched = EmbresumeECConnector(cfg, ECConnectorRole.SCHEDULER)
+    stages = []
+    for first in (True, False):
+        orig = adapter._placement
+        adapter._placement = lambda first=first: (0, 1, first)
+        try:
+            stages.append((EmbresumeECConnector(cfg, ECConnectorRole.WORKER), {}))
+        finally:
+            adapter._placement = orig
+    try:
+        req = make_request(f"lm-pp-{runner}", [(f"pp-{runner}", 20)], params=params)
+        steps, loaded_at, reports = 0, None, 0
+        deadline = time.monotonic() + 30
+        while True:
+            assert time.monotonic() < deadline, (runner, sched._items)
+            so, scheduled = schedule(sched, [req] if loaded_at is None else [])
+            (w0, c0), (w1, c1) = stages
+            with active_for(w0, c0).maybe_get_output(so) as ec_out:
+                for r, ext, local in scheduled:
+                    assert ext == [0] and local == []
+            first_out = ModelRunnerOutput.with_kv_conn_output_only(None)
+            if runner == "v2":
+                first_out = ModelRunnerOutput.with_ec_conn_output(first_out, ec_out)
+            out = ECOutputAggregator().aggregate([first_out, EMPTY_MODEL_RUNNER_OUTPUT], 1)
+            if out is not None and out.ec_connector_output is not None:
+                reports += len(out.ec_connector_output.ec_connector_worker_meta.loaded)
+            finish_step(sched, out)
+            if scheduled:
+                loaded_at = steps
+                assert same_bits(c0[f"pp-{runner}"], embedding(f"pp-{runner}", 20))
+                sched.request_finished(req)
+            steps += 1
+            if loaded_at is not None and sched._region.pinned() == 0:
+                break
+            assert loaded_at is None or steps - loaded_at <= 8, f"{runner}: the pin never ends"
+            time.sleep(0.01)
+        print(f"{runner}: {reports} load report(s) reached the scheduler; unpinned "
+              f"{steps - loaded_at} step(s) after the load")
+        assert reports == (1 if runner == "v2" else 0)
+        assert not sched.has_pending_push_work()
+    finally:
+        for w, _ in stages:
+            w.shutdown()
+        sched.shutdown()

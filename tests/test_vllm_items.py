@@ -119,10 +119,11 @@ class ItemMachine(RuleBasedStateMachine):
             return
         h = data.draw(st.sampled_from(reserved))
         rid = data.draw(st.sampled_from(RIDS))
+        reports = data.draw(st.sampled_from([REPORTS, 0]))     # 0: nobody reports, a lease ends it
         load_id = self.h.next_load
         self.h.next_load += 1
-        self.h.handle(I.Alloc(rid, h, load_id, REPORTS))
-        self.loads += [load_id] * REPORTS
+        self.h.handle(I.Alloc(rid, h, load_id, reports, lease_steps=3))
+        self.loads += [load_id] * reports
 
     @rule(rid=st.sampled_from(RIDS), h=st.sampled_from(HASHES))
     def local_encode(self, rid, h):
@@ -212,6 +213,8 @@ class ItemMachine(RuleBasedStateMachine):
             self.h.handle(I.LoadReported(load_id))
         self.loads = []
         self.h.hold_landing = False
+        for _ in range(3):
+            self.step_end()                           # leases run out
         for _ in range(3):
             self.tick(40.0)
         for h in [h for h, it in self.t.items.items() if it.phase is P.TRANSFERRING]:

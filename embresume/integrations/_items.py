@@ -164,11 +164,15 @@ class Reserve:
 @dataclass(frozen=True)
 class Alloc:
     """``update_state_after_alloc`` of a reserved item: the workers load it under ``load_id``
-    (None: already named in this step's loads) and ``reports`` of them answer."""
+    (None: already named in this step's loads) and ``reports`` of them answer.  With no
+    reports to wait for (vLLM's V1 runner drops the EC output of pipeline stages other than
+    the last, and only the first loads), the load ends after ``lease_steps`` steps instead:
+    by then every stage has run the step that loaded it."""
     rid: str
     mm_hash: str
     load_id: Optional[int]
     reports: int
+    lease_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,7 @@ class ItemTracker:
         self.load_timeout = float(load_timeout)
         self.items: dict[str, Item] = {}
         self._loads: dict[int, str] = {}          # load id -> mm_hash
+        self._leases: dict[int, int] = {}         # load id -> steps left (loads nobody reports)
         self._handlers: dict[type, Callable] = {
             Need: self._need, Started: self._started, StartFailed: self._start_failed, Polled: self._polled,
             Landed: self._landed, NoRoom: self._no_room, Rejected: self._rejected, Evicted: self._evicted,
@@ -447,8 +452,10 @@ class ItemTracker:
             raise TransitionError(f"{it.mm_hash}: loaded while {it.phase.value} (not reported present)")
         it.waiting.discard(ev.rid)
         if ev.load_id is not None:
-            it.loads[ev.load_id] = max(1, int(ev.reports))
+            it.loads[ev.load_id] = max(0, int(ev.reports))
             self._loads[ev.load_id] = it.mm_hash
+            if ev.reports <= 0:
+                self._leases[ev.load_id] = max(1, int(ev.lease_steps))
 
     def _local(self, ev: LocalEncode, out: list) -> None:
         it = self.items.get(ev.mm_hash)
@@ -463,11 +470,18 @@ class ItemTracker:
             if it.reserved:
                 it.reserved = False
                 self._unpin_if_idle(it, out)
+        for load_id in list(self._leases):
+            self._leases[load_id] -= 1
+            if self._leases[load_id] <= 0:
+                del self._leases[load_id]
+                it = self.items[self._loads.pop(load_id)]
+                del it.loads[load_id]
+                self._unpin_if_idle(it, out)
 
     def _load_reported(self, ev: LoadReported, out: list) -> None:
         h = self._loads.get(ev.load_id)
         it = self.items.get(h) if h is not None else None
-        if it is None or ev.load_id not in it.loads:
+        if it is None or ev.load_id not in it.loads or ev.load_id in self._leases:
             return
         it.loads[ev.load_id] -= 1
         if it.loads[ev.load_id] <= 0:

@@ -193,6 +193,14 @@ class Options:
         # pipeline stage when the multiprocessing executor gathers every rank's output, else one
         pcp = int(getattr(pc, "prefill_context_parallel_size", 1) or 1)
         self.load_reports = (self.tp_size * pcp if pc.distributed_executor_backend == "mp" else 1)
+        # pipeline parallel: only the first stage loads (it gathers the embeddings).  The V2
+        # runner passes the first stage's EC output on; the V1 runner drops the output of
+        # every stage but the last, so no report ever comes: a load then ends after as many
+        # steps as the pipeline holds batches (and two for async scheduling)
+        pp = int(getattr(pc, "pipeline_parallel_size", 1) or 1)
+        self.load_lease_steps = pp + 2
+        if pp > 1 and not bool(getattr(vllm_config, "use_v2_model_runner", False)):
+            self.load_reports = 0
         mm = getattr(model, "multimodal_config", None) if model is not None else None
         self.has_vision_tower = not bool(getattr(mm, "language_model_only", False))
         self.group = group(ec)
@@ -455,8 +463,9 @@ class LandingScheduler(_ConsumerScheduler):
         self._next_load = 0
         self._region = LandingRegion(opts.landing_bytes)
         self._lang = self._endpoint_for(int(self.config.hidden_size))
-        log.info("embresume EC consumer: items land in %.0f MiB of shared memory for %d worker(s)",
-                 self._region.size / 2**20, opts.load_reports)
+        log.info("embresume EC consumer: items land in %.0f MiB of shared memory for %s",
+                 self._region.size / 2**20, f"{opts.load_reports} worker(s)" if opts.load_reports else
+                 f"the first pipeline stage (loads end after {opts.load_lease_steps} steps)")
 
     @property
     def _items(self) -> dict:
@@ -516,7 +525,8 @@ class LandingScheduler(_ConsumerScheduler):
             load_id = self._next_load
             self._next_load += 1
             self._landed_out[h] = (load_id, e.offset, e.shape, e.dtype)
-        self._run(self.tracker.handle(I.Alloc(rid, h, load_id, self.opts.load_reports)))
+        self._run(self.tracker.handle(I.Alloc(rid, h, load_id, self.opts.load_reports,
+                                              self.opts.load_lease_steps)))
 
     def build_connector_meta(self, scheduler_output) -> EmbresumeECMetadata:
         self._mirror_evicted(scheduler_output)
