@@ -517,19 +517,24 @@ def test_an_embedding_that_does_not_fit_the_placeholders_fails_that_request_alon
     assert eventually(pool_is_full), {r: ep.allocator.used_blocks for r, ep in plugin._lang_endpoints.items()}
 
 
-@pytest.mark.parametrize("delta", [-1, 1], ids=["one-row-short", "one-row-long"])
-def test_an_embedding_that_is_not_what_its_metadata_says_fails_that_request_alone(encoder, waiting, delta):
+@pytest.mark.parametrize("delta,zero_copy", [(-1, False), (1, False), (-1, True)],
+                         ids=["one-row-short", "one-row-long", "one-row-short-zero-copy"])
+def test_an_embedding_that_is_not_what_its_metadata_says_fails_that_request_alone(encoder, waiting, monkeypatch,
+                                                                                  delta, zero_copy):
     """The part's metadata says 8 rows (and the grid 8 placeholders), the
     embresume transfer brings 8 + delta: that request fails, the other one
-    does not, no block is held."""
-    bad, _ = waiting(f"req-claims{delta:+d}")
-    good, proc = waiting(f"req-honest{delta:+d}")
+    does not, no block is held (with zero_copy results too, which lend
+    their pool blocks until released)."""
+    monkeypatch.setenv(plugin.OPTIONS_ENV, json.dumps(dict(OPTIONS, zero_copy=zero_copy)))
+    bad, _ = waiting(f"req-claims{delta:+d}{'-zc' if zero_copy else ''}")
+    good, proc = waiting(f"req-honest{delta:+d}{'-zc' if zero_copy else ''}")
     encoder.cmds.put(("send", bad.rid, [(8 + delta, 8, 8)], [url(bad)]))
     encoder.cmds.put(("send", good.rid, [8], [url(good)]))
     assert tick_until_done([bad, good]) == [FAIL, OK], (bad.error_msg, good.error_msg)
     print(f"\nrefused: {bad.error_msg}")
     assert "embresume" in bad.error_msg and f"({8 + delta}, {HIDDEN})" in bad.error_msg, bad.error_msg
     assert same_bits(proc.embeddings[Modality.IMAGE], expected(good.rid, [8]))
+    assert plugin._lang_endpoints[0].config.zero_copy is zero_copy
     assert [encoder.get(60), encoder.get(60)] == [("sent", [[None]])] * 2
     assert eventually(pool_is_full), {r: ep.allocator.used_blocks for r, ep in plugin._lang_endpoints.items()}
 

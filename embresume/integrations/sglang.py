@@ -580,7 +580,7 @@ def _waiting_classes():
             try:
                 room, encoder, tokens, width, dtype = check_part(recv_obj, self.recv_req.rid, receive_limits())
             except PartRefused as e:
-                log.warning("embresume part of %s refused: %s", self.rid, e)
+                log.warning("embresume part of %s refused: %s", self.rid, str(e))
                 self._fail_and_release(f"embresume part refused: {e}")
                 return
             except Exception as e:                  # options that do not parse: this request fails
@@ -633,12 +633,15 @@ def _waiting_classes():
                     recv_obj.embedding = emb
                     self.recv_embedding_data = aggregate(self.recv_embedding_data, recv_obj, self.model_type)
                 except Exception as e:
+                    # no view of the pool may outlive the release (a log record
+                    # that keeps the traceback keeps this frame and its locals)
+                    emb = None
                     _release_quietly(res)
+                    why = str(e) if isinstance(e, PartRefused) else describe(e)
                     if isinstance(e, PartRefused):
-                        log.warning("embresume part %s not usable: %s", room, e)
+                        log.warning("embresume part %s not usable: %s", room, why)
                     else:
                         log.exception("embresume part %s not usable", room)
-                    why = str(e) if isinstance(e, PartRefused) else describe(e)
                     self._fail_and_release(f"embresume part not usable: {why}")
                     return
                 if self.recv_embedding_data.ready and self._assemble_mm_inputs_from_embeddings():
