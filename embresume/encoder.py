@@ -14,8 +14,8 @@ Two layers (docs/design.md, "Room state machines"):
   timeouts, and answers each event (``register`` / ``withdraw``, a rank's
   INIT / RESUME / ABORT, a write that landed, failed or was skipped, a lost
   peer, ``tick(now)``, ``close``) with actions: ``Write`` (start a transport
-  write), ``Send`` (a STATUS the writing thread sends after its chunk
-  landed), ``Post`` (a STATUS queued behind the rank's writes), ``Reject``
+  write), ``SendAfterWrite`` (a STATUS the writing thread sends after its
+  chunk landed), ``Send`` (a STATUS queued behind the rank's writes), ``Reject``
   (a refusal to one rank) and ``Done`` (a room ended: wake its waiters, free
   its blocks, call ``on_done``).  It records its counts once, in
   :attr:`EncoderEndpoint.stats` (a :class:`~embresume.metrics.EndpointStats`:
@@ -25,7 +25,7 @@ Two layers (docs/design.md, "Room state machines"):
   transports, heartbeats and the liveness monitor, the endpoint lock.  It
   feeds the machine under the lock and carries out its actions there, except
   the writes (on the rank's worker or reader thread, or the thread of
-  ``send`` for a small first chunk) and the ``Send`` of their STATUS, which
+  ``send`` for a small first chunk) and the ``SendAfterWrite`` of their STATUS, which
   happen once the lock is released: no blocking I/O under the lock.
 
 Rules (docs/design.md):
@@ -76,7 +76,8 @@ from .handshake.encoder import (MAX_GROUP, MAX_PENDING_HANDSHAKES, REFUSAL_BURST
 from .metrics import EndpointStats
 from .planner import ChunkPlan
 from .rooms.encoder import (FINISHED_MEMORY, MAX_LIVE_BLOCKS_PER_SESSION, MAX_LIVE_ROOMS_PER_SESSION,  # noqa: F401
-                            NOT_PUBLISHED_MEMORY, Done, EncoderRooms, Post, Reject, Room, Send, Session, Write)
+                            NOT_PUBLISHED_MEMORY, Done, EncoderRooms, Reject, Room, Send, SendAfterWrite, Session,
+                            Write)
 from .source import BlockSource, TensorSource, aux_record
 from .status import Status
 from .transport import select
@@ -496,14 +497,15 @@ class EncoderEndpoint:
     # ------------------------------------------------------------ the machine's actions
     def _run(self, acts: list, defer: bool = False) -> Optional[list]:
         """Carry out the machine's actions, in order, under the lock.  A
-        :class:`Send` is returned (with ``defer``, to the writing thread that
-        sends it once the lock is released) or else queued like a Post."""
+        :class:`SendAfterWrite` is returned (with ``defer``, to the writing
+        thread that sends it once the lock is released) or else sent like a
+        :class:`Send`."""
         sends = None
         for a in acts:
             t = type(a)
             if t is Write:
                 self._start_write(a)
-            elif t is Send:
+            elif t is SendAfterWrite:
                 if defer:
                     if sends is None:
                         sends = [a]
@@ -511,7 +513,7 @@ class EncoderEndpoint:
                         sends.append(a)
                 else:
                     self._post(a.session.peer, a.msg)
-            elif t is Post:
+            elif t is Send:
                 self._post(a.session.peer, a.msg)
             elif t is Done:
                 self._done(a.room)
@@ -527,7 +529,7 @@ class EncoderEndpoint:
         return sends
 
     def _send_all(self, sends: list) -> None:
-        """Send the machine's :class:`Send` actions, outside the lock, on this (the writing) thread."""
+        """Send the machine's :class:`SendAfterWrite` actions, outside the lock, on this (the writing) thread."""
         for a in sends:
             peer = a.session.peer
             try:
@@ -579,7 +581,7 @@ class EncoderEndpoint:
         or the thread of ``send`` for a small first chunk).
 
         While the rank is in flight, a failure of the room does not post the
-        rank's Failed status: the machine hands it back (a Send) once the
+        rank's Failed status: the machine hands it back (a SendAfterWrite) once the
         write is over, so the receiver never frees blocks still being written."""
         r, k, plan, src = a.room, a.rank, a.plan, a.source
         peer = k.session.peer

@@ -21,3 +21,20 @@ events their links bring, and carry out the actions it returns.  The machines
 are tested on their own (tests/test_rooms_*.py), with hypothesis driving
 random interleavings of events against their invariants.
 """
+
+from ..errors import EmbResumeError
+
+
+class PhaseError(EmbResumeError, RuntimeError):
+    """A machine tried a phase change its table does not hold: a bug in the
+    machine (no peer's message can cause one; peers' messages are checked first)."""
+
+    def __init__(self, what: str, old, new):
+        super().__init__(f"{what} phase transition {old.name} -> {new.name} is not in the table")
+        self.what, self.old, self.new = what, old, new
+
+
+def check_phase(table: dict, what: str, old, new) -> None:
+    """Raise :class:`PhaseError` unless ``table[old]`` holds ``new``."""
+    if new not in table[old]:
+        raise PhaseError(what, old, new)

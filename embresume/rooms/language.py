@@ -2,22 +2,29 @@
 
 :class:`LanguageRooms` holds every request (room) of one
 :class:`~embresume.language.LanguageEndpoint` and every block of its receive
-pool.  The endpoint feeds it events and carries out the actions it returns::
+pool.  The endpoint feeds it events through one entry,
+:meth:`LanguageRooms.handle` (an event dataclass in, the list of actions out;
+the method of each event's name is a thin wrapper of it), and carries out
+the actions it returns, in order::
 
-    event (a method call)                      actions it may return
-    ---------------------------------------    --------------------------------------------
-    request(room, address, ...)                Connect, Send(INIT), Notify
-    connected(address, session) / failed        Send(INIT) for the rooms that waited / Notify
-    status(address, StatusMsg)                 Copy, ZeroCopy, Complete, Send(RESUME/ABORT), Notify
-    progress(address, Progress)                Copy (part of a chunk, while the rest is written)
-    copied(req, tokens, end, error)            Complete, Send(RESUME), Notify
-    send_failed(address, msg)                  Notify (the room fails: unreachable)
-    abort(room) / tick(now) / link_lost(...)   Send(ABORT), Discard, Notify, TearDown
-    lease_returned(lease) / collect(room)      Send(INIT/RESUME) of rooms waiting for blocks
+    event (handle(...) / method)                    actions it may return
+    --------------------------------------------    --------------------------------------------
+    RequestRoom / request(room, address, ...)       Connect, Send(INIT), Notify
+    LinkUp / connected, LinkFailed / connect_failed Send(INIT) for the rooms that waited / Notify
+    StatusReceived / status(address, StatusMsg)     Copy, ZeroCopy, Complete, Send(RESUME/ABORT), Notify
+    ProgressReceived / progress(address, Progress)  Copy (part of a chunk, while the rest is written)
+    Copied / copied(req, tokens, end, error)        Complete, Send(RESUME), Notify
+    SendFailed / send_failed(address, msg)          Notify (the room fails: unreachable)
+    AbortRoom, Tick, LinkLost, Close                Send(ABORT), Discard, Notify, TearDown
+    LeaseReturned / lease_returned(lease)           Send(INIT/RESUME) of rooms waiting for blocks
 
 The endpoint runs every action under its lock except :class:`Copy`, which
-it runs on the link's reader thread outside the lock (the request is marked
-``copying`` meanwhile and owns its blocks until :meth:`LanguageRooms.copied`).
+it runs on the link's reader thread outside the lock (the request is in
+phase ``COPYING`` meanwhile and owns its blocks until :class:`Copied`).
+
+Each request has one :class:`Phase`, changed only by
+:meth:`LanguageRooms._set_phase` and only along :data:`TRANSITIONS` (a
+change the table lacks raises :class:`~embresume.rooms.PhaseError`).
 
 The block ledger (docs/design.md, section 5): every pool block has exactly
 one owner at each moment, and only this class moves blocks between owners::
@@ -43,6 +50,7 @@ or unreachable encoder, a bad message, a failed copy, an abort or a close;
 from __future__ import annotations
 
 import collections
+import enum
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -53,10 +61,149 @@ from ..errors import (AllocatorError, FailCode, InvalidArgument, PeerError, Prot
 from ..metrics import EndpointStats
 from ..planner import plan_chunk
 from ..status import Status, StatusTracker
+from . import check_phase
 
 #: sanity bound on a request's total tokens as read from aux (a corrupt or
 #: hostile aux record must not make us allocate terabytes); also the largest hint
 MAX_REQUEST_TOKENS = 1 << 24
+
+
+# ---------------------------------------------------------------- phases
+class Phase(enum.Enum):
+    """Where one request is (``Req.phase``).  Only
+    :meth:`LanguageRooms._set_phase` changes it, and only along
+    :data:`TRANSITIONS`; the public :class:`~embresume.status.Status`
+    (``Req.tracker``) is coarser and has its own table."""
+    BOOTSTRAPPING = "bootstrapping"     # created; its encoder's link is not up yet
+    WAITING_BLOCKS = "waiting_blocks"   # queued for pool blocks (its first chunk, or the rest after a chunk)
+    ASKED = "asked"                     # INIT / RESUME out with its blocks: waits for PROGRESS / STATUS
+    COPYING = "copying"                 # a Copy out of its blocks runs outside the lock
+    SUCCEEDED = "succeeded"             # terminal: its result is there (Complete or ZeroCopy)
+    FAILED = "failed"                   # terminal: failed; its blocks freed or parked
+    FAILED_COPYING = "failed_copying"   # failed while a Copy ran: its blocks go to ``Req.release`` when it ends
+
+
+_P = Phase
+#: every phase change a request may make, and what makes it (docs/design.md,
+#: "Room state machines" draws it); anything else raises PhaseError
+TRANSITIONS: dict[Phase, dict[Phase, str]] = {
+    _P.BOOTSTRAPPING: {
+        _P.ASKED: "connected / request: blocks allocated, INIT sent",
+        _P.WAITING_BLOCKS: "connected / request: no blocks (or others wait first): queued",
+        _P.FAILED: "connect_failed, link_lost, tick, abort, close, send_failed",
+    },
+    _P.WAITING_BLOCKS: {
+        _P.ASKED: "blocks freed (lease_returned, a chunk, a failure): INIT / RESUME sent",
+        _P.FAILED: "tick, abort, link_lost, close; the link went before the INIT",
+    },
+    _P.ASKED: {
+        _P.COPYING: "status (a chunk) / progress (part of it): Copy",
+        _P.SUCCEEDED: "status: the whole request in consecutive blocks, ZeroCopy",
+        _P.FAILED: "status Failed or a bad message, tick, abort, link_lost, close, send_failed",
+    },
+    _P.COPYING: {
+        _P.ASKED: "copied: a part (progress) landed, or the copy failed (then FAILED)",
+        _P.WAITING_BLOCKS: "copied: a chunk landed, the rest needs blocks (then ASKED at once when free)",
+        _P.SUCCEEDED: "copied: the last chunk landed, Complete",
+        _P.FAILED_COPYING: "a failure while the copy runs (status, tick, abort, link_lost, close)",
+    },
+    _P.FAILED_COPYING: {
+        _P.FAILED: "copied: the blocks go where the failure said (free, quarantine, held)",
+    },
+    _P.SUCCEEDED: {},
+    _P.FAILED: {},
+}
+
+
+# ---------------------------------------------------------------- events
+# what the endpoint feeds LanguageRooms.handle() (or the method of the same
+# name, a thin wrapper); ``now`` is the endpoint's monotonic clock
+@dataclass(slots=True)
+class RequestRoom:
+    """The application asks for ``room`` from the encoder at ``address`` (arguments checked by the endpoint)."""
+    room: P.Room
+    address: str
+    required_dst_info_num: int
+    hint: Optional[int]
+    now: float
+
+
+@dataclass(slots=True)
+class LinkUp:
+    """The handshake with ``address`` is done: a link with session id ``session``."""
+    address: str
+    session: str
+
+
+@dataclass(slots=True)
+class LinkFailed:
+    """The handshake with ``address`` failed."""
+    address: str
+    reason: str
+
+
+@dataclass(slots=True)
+class StatusReceived:
+    """A decoded STATUS from the encoder at ``address``."""
+    address: str
+    msg: P.StatusMsg
+    now: float
+
+
+@dataclass(slots=True)
+class ProgressReceived:
+    """A decoded PROGRESS (part of the current chunk landed) from ``address``."""
+    address: str
+    msg: P.Progress
+
+
+@dataclass(slots=True)
+class Copied:
+    """A :class:`Copy` ended (``error``: why it failed, None when it did not)."""
+    req: "Req"
+    tokens: int
+    end: Optional[tuple]
+    error: Optional[str]
+    now: float
+
+
+@dataclass(slots=True)
+class SendFailed:
+    """A :class:`Send` could not go out."""
+    address: str
+    msg: P.Message
+    reason: str
+
+
+@dataclass(slots=True)
+class AbortRoom:
+    """The application aborts ``room``."""
+    room: P.Room
+    reason: str
+
+
+@dataclass(slots=True)
+class Tick:
+    """The clock."""
+    now: float
+
+
+@dataclass(slots=True)
+class LinkLost:
+    """The link to ``address`` is gone (or was torn down)."""
+    address: str
+    reason: str
+
+
+@dataclass(slots=True)
+class Close:
+    """The endpoint closes."""
+
+
+@dataclass(slots=True)
+class LeaseReturned:
+    """A zero-copy result was released."""
+    lease: int
 
 
 # ---------------------------------------------------------------- actions
@@ -129,8 +276,8 @@ class Req:
     there."""
 
     __slots__ = ("room", "required_dst_info_num", "deadline", "enc", "nonce", "hint", "t0", "tracker", "blocks",
-                 "sent_tokens", "total_tokens", "chunks", "aux", "reason", "cause", "code", "waiting_alloc",
-                 "copying", "landed", "release", "merge", "result", "event")
+                 "sent_tokens", "total_tokens", "chunks", "aux", "reason", "cause", "code", "phase", "landed",
+                 "release", "merge", "result", "event")
 
     def __init__(self, room: P.Room, required_dst_info_num: int, now: float, deadline: float, enc: "Enc",
                  nonce: int, hint: Optional[int]):
@@ -150,13 +297,22 @@ class Req:
         self.reason = ""
         self.cause = ""
         self.code = FailCode.NONE   # why it failed: the encoder's code, or this side's own
-        self.waiting_alloc = False
-        self.copying = False
+        self.phase = Phase.BOOTSTRAPPING
         self.landed = 0        # tokens of the current chunk already copied (pipelined chunks)
         self.release = "free"  # where its blocks go when a copy running at its failure ends
         self.merge = None
         self.result = None
         self.event = None
+
+    @property
+    def waiting_alloc(self) -> bool:
+        """Queued for pool blocks."""
+        return self.phase is Phase.WAITING_BLOCKS
+
+    @property
+    def copying(self) -> bool:
+        """A Copy out of its blocks runs (the request owns them until it ends)."""
+        return self.phase is Phase.COPYING or self.phase is Phase.FAILED_COPYING
 
 
 class Enc:
@@ -213,12 +369,13 @@ class LanguageRooms:
         self._draining = False          # _drain_waiting is running (it is not re-entrant)
         self._capped = False            # the last _try_allocate was refused by the encoder's share
         self._drain_held = False        # a link's rooms are being failed: drain once at the end
-        self._out: list = []
         self.closed = False
 
-    def _take(self) -> list:
-        out, self._out = self._out, []
-        return out
+    @staticmethod
+    def _set_phase(req: Req, new: Phase) -> None:
+        """The one place a request's phase changes: along :data:`TRANSITIONS` only."""
+        check_phase(TRANSITIONS, "request", req.phase, new)
+        req.phase = new
 
     def enc(self, address: str) -> Enc:
         e = self.encs.get(address)
@@ -226,10 +383,61 @@ class LanguageRooms:
             e = self.encs[address] = Enc(address)
         return e
 
-    # ------------------------------------------------------------ requests
+    # ------------------------------------------------------------ events
+    def handle(self, ev) -> list:
+        """The one entry: feed one event (a dataclass of this module's
+        events), get the actions to carry out, in order.  A request that is
+        refused raises (RoomInUse, InvalidArgument, PeerError) and changes nothing."""
+        out: list = []
+        try:
+            on = self._HANDLERS[type(ev)]
+        except KeyError:
+            raise TypeError(f"not an event of the language machine: {ev!r}") from None
+        on(self, ev, out)
+        return out
+
+    # the per-event methods: thin wrappers of handle() for the endpoint and the tests
     def request(self, room: P.Room, address: str, required_dst_info_num: int, hint: Optional[int],
                 now: float) -> list:
+        return self.handle(RequestRoom(room, address, required_dst_info_num, hint, now))
+
+    def connected(self, address: str, session: str) -> list:
+        return self.handle(LinkUp(address, session))
+
+    def connect_failed(self, address: str, reason: str) -> list:
+        return self.handle(LinkFailed(address, reason))
+
+    def status(self, address: str, msg: P.StatusMsg, now: float) -> list:
+        return self.handle(StatusReceived(address, msg, now))
+
+    def progress(self, address: str, msg: P.Progress) -> list:
+        return self.handle(ProgressReceived(address, msg))
+
+    def copied(self, req: Req, tokens: int, end: Optional[tuple], error: Optional[str], now: float) -> list:
+        return self.handle(Copied(req, tokens, end, error, now))
+
+    def send_failed(self, address: str, msg: P.Message, reason: str) -> list:
+        return self.handle(SendFailed(address, msg, reason))
+
+    def abort(self, room: P.Room, reason: str) -> list:
+        return self.handle(AbortRoom(room, reason))
+
+    def tick(self, now: float) -> list:
+        return self.handle(Tick(now))
+
+    def link_lost(self, address: str, reason: str) -> list:
+        return self.handle(LinkLost(address, reason))
+
+    def close(self) -> list:
+        return self.handle(Close())
+
+    def lease_returned(self, lease: int) -> list:
+        return self.handle(LeaseReturned(lease))
+
+    # ------------------------------------------------------------ requests
+    def _on_request(self, ev: RequestRoom, out: list) -> None:
         """A new request for ``room`` from the encoder at ``address`` (arguments checked by the caller)."""
+        room, address, required_dst_info_num, hint, now = ev.room, ev.address, ev.required_dst_info_num, ev.hint, ev.now
         if self.closed:
             raise PeerError("endpoint is closed")
         old = self.reqs.get(room)
@@ -237,7 +445,7 @@ class LanguageRooms:
             raise RoomInUse(f"room {room!r} is already in flight")
         if old is not None and old.tracker.status is Status.Success:
             raise InvalidArgument(f"room {room!r} has a result nobody collected: call result() first")
-        if old is not None and old.copying:
+        if old is not None and old.phase is Phase.FAILED_COPYING:
             raise RoomInUse(f"room {room!r} is still being released after a failure")
         if any(room in e.quarantine or room in e.held for e in self.encs.values()):
             raise RoomInUse(f"room {room!r} still waits for an encoder to confirm an abort")
@@ -247,33 +455,32 @@ class LanguageRooms:
         self.reqs[room] = req
         self.stats.request_started(hinted=hint is not None)
         if enc.up:
-            self._admit(req)
+            self._admit(req, out)
         else:
             enc.pending.append(room)
-            self._out.append(Connect(address))
-        return self._take()
+            out.append(Connect(address))
 
-    def connected(self, address: str, session: str) -> list:
+    def _on_connected(self, ev: LinkUp, out: list) -> None:
         """A link to ``address`` is up: the rooms that waited for it are admitted."""
+        address, session = ev.address, ev.session
         enc = self.enc(address)
         enc.up, enc.session = True, session
         pending, enc.pending = enc.pending, []
         for room in pending:
             req = self.reqs.get(room)
-            if req is not None and req.enc is enc and req.tracker.status is Status.Bootstrapping:
-                self._admit(req)
-        return self._take()
+            if req is not None and req.enc is enc and req.phase is Phase.BOOTSTRAPPING:
+                self._admit(req, out)
 
-    def connect_failed(self, address: str, reason: str) -> list:
+    def _on_connect_failed(self, ev: LinkFailed, out: list) -> None:
         """The handshake with ``address`` failed: the rooms that waited for it fail."""
+        address, reason = ev.address, ev.reason
         enc = self.enc(address)
         pending, enc.pending = enc.pending, []
         for room in pending:
             req = self.reqs.get(room)
             if req is not None and req.enc is enc and not req.tracker.status.terminal:
-                self._fail(req, f"cannot connect to the encoder at {address}: {reason}", notify=False,
+                self._fail(req, f"cannot connect to the encoder at {address}: {reason}", out, notify=False,
                            cause="unreachable", code=FailCode.UNREACHABLE)
-        return self._take()
 
     def _first_tokens(self, req: Req) -> tuple[int, int]:
         """(tokens to ask for, the least worth taking) for a request's first chunk."""
@@ -286,15 +493,15 @@ class LanguageRooms:
         # a hint is served whole (no resume) unless the pool or max_chunk_tokens cannot hold it
         return want, min(want, cap)
 
-    def _admit(self, req: Req) -> None:
+    def _admit(self, req: Req, out: list) -> None:
         """The encoder is connected: allocate and send INIT, or queue."""
-        if self._waiting or not self._try_allocate(req, *self._first_tokens(req)):
-            req.waiting_alloc = True
+        if self._waiting or not self._try_allocate(req, out, *self._first_tokens(req)):
+            self._set_phase(req, Phase.WAITING_BLOCKS)
             self._waiting.append(req.room)
             if self.share_limit and len(self._waiting) > 1:
                 # requests at the head may wait for their encoder's share, not
                 # for the pool: this one may be servable now
-                self._drain_waiting()
+                self._drain_waiting(out)
 
     def charged(self, enc: Enc) -> int:
         """Blocks of the pool held for ``enc``: its requests', its quarantine, its held blocks."""
@@ -302,7 +509,7 @@ class LanguageRooms:
         n += sum(len(b) for b in enc.quarantine.values())
         return n + sum(len(b) for b in enc.held.values())
 
-    def _try_allocate(self, req: Req, tokens: int, min_tokens: int = 1) -> bool:
+    def _try_allocate(self, req: Req, out: list, tokens: int, min_tokens: int = 1) -> bool:
         """Allocate up to ``tokens`` tokens (at least ``min_tokens``) and send INIT/RESUME.
         False when the pool (or the encoder's share of it, ``_capped`` set) cannot."""
         self._capped = False
@@ -323,21 +530,22 @@ class LanguageRooms:
         allocated = self.allocator.allocated_tokens(blocks)  # rule 2: what was really allocated
         enc = req.enc
         if not enc.up:
-            self._fail(req, f"cannot reach the encoder at {enc.address}: not connected (connection lost)",
+            self._fail(req, f"cannot reach the encoder at {enc.address}: not connected (connection lost)", out,
                        notify=False, cause="unreachable", code=FailCode.UNREACHABLE)
             return True
         fields = dict(room=req.room, endpoint=enc.address, dst_port=self.tp_rank, session_id=enc.session,
                       dst_blocks=tuple(blocks), required_dst_info_num=req.required_dst_info_num,
                       allocated_tokens=allocated, nonce=req.nonce)
         msg = P.Init(**fields) if req.chunks == 0 else P.Resume(**fields, sent_tokens=req.sent_tokens)
-        self._out.append(Send(enc.address, msg))
+        out.append(Send(enc.address, msg))
+        self._set_phase(req, Phase.ASKED)
         if req.chunks == 0:
             req.tracker.set(Status.WaitingForInput)
         else:
             self.stats["resumes"] += 1
         return True
 
-    def _drain_waiting(self) -> None:
+    def _drain_waiting(self, out: list) -> None:
         """Serve queued allocations in FIFO order (resumes and inits alike).
 
         Not re-entrant: an allocation that fails its request frees blocks and
@@ -353,12 +561,12 @@ class LanguageRooms:
             while waiting:
                 room = waiting.popleft()
                 req = self.reqs.get(room)
-                if req is None or req.tracker.status.terminal or not req.waiting_alloc:
+                if req is None or req.phase is not Phase.WAITING_BLOCKS:
                     continue
                 if req.chunks == 0:
-                    ok = self._try_allocate(req, *self._first_tokens(req))
+                    ok = self._try_allocate(req, out, *self._first_tokens(req))
                 else:
-                    ok = self._try_allocate(req, req.total_tokens - req.sent_tokens)
+                    ok = self._try_allocate(req, out, req.total_tokens - req.sent_tokens)
                 if not ok:
                     if self._capped:
                         # its encoder used its share of the pool: it waits for
@@ -367,7 +575,6 @@ class LanguageRooms:
                         continue
                     waiting.appendleft(room)     # still first in line
                     return
-                req.waiting_alloc = False
         finally:
             waiting.extendleft(reversed(capped))
             self._draining = False
@@ -387,27 +594,27 @@ class LanguageRooms:
         del self.reqs[room]
         return req
 
-    def abort(self, room: P.Room, reason: str) -> list:
+    def _on_abort(self, ev: AbortRoom, out: list) -> None:
+        room, reason = ev.room, ev.reason
         req = self.reqs.get(room)
         if req is not None and not req.tracker.status.terminal:
-            self._fail(req, reason, notify=True, cause="aborted", code=FailCode.ABORTED)
-        return self._take()
+            self._fail(req, reason, out, notify=True, cause="aborted", code=FailCode.ABORTED)
 
-    def send_failed(self, address: str, msg: P.Message, reason: str) -> list:
+    def _on_send_failed(self, ev: SendFailed, out: list) -> None:
         """A Send could not go out (the link is gone or will not take it)."""
+        address, msg, reason = ev.address, ev.msg, ev.reason
         enc = self.enc(address)
         if isinstance(msg, P.Abort):
             self._release_quarantine(enc, msg.room)
-            self._drain_waiting()
+            self._drain_waiting(out)
         elif isinstance(msg, (P.Init, P.Resume)):
             req = self.reqs.get(msg.room)
             if req is not None and req.enc is enc and req.nonce == msg.nonce and not req.tracker.status.terminal:
-                self._fail(req, f"cannot reach the encoder at {address}: {reason}", notify=False,
+                self._fail(req, f"cannot reach the encoder at {address}: {reason}", out, notify=False,
                            cause="unreachable", code=FailCode.UNREACHABLE)
-        return self._take()
 
     # ------------------------------------------------------------ failure
-    def _fail(self, req: Req, reason: str, *, notify: bool, peer_dead: bool = False, hold: bool = False,
+    def _fail(self, req: Req, reason: str, out: list, *, notify: bool, peer_dead: bool = False, hold: bool = False,
               cause: str = "error", code: FailCode, now: Optional[float] = None) -> None:
         """Mark Failed (``code``: why) and release blocks.  When the encoder
         may still write into the blocks (it was told to abort, not dead),
@@ -416,14 +623,15 @@ class LanguageRooms:
         if not req.tracker.fail():
             return
         req.reason, req.cause, req.code = reason, cause, code
-        req.waiting_alloc = False
+        copying = req.phase is Phase.COPYING
+        self._set_phase(req, Phase.FAILED_COPYING if copying else Phase.FAILED)
         self.stats.request_failed(cause)
-        if req.merge is not None and not req.copying:
-            self._out.append(Discard(req))
+        if req.merge is not None and not copying:
+            out.append(Discard(req))
         enc = req.enc
         alive = enc.up and not peer_dead
         mode = "hold" if hold and alive else "quarantine" if notify and alive else "free"
-        if req.copying:
+        if copying:
             # the reader thread is copying out of these blocks: it releases them (copied())
             req.release = mode
         elif req.blocks or mode == "quarantine":
@@ -432,9 +640,9 @@ class LanguageRooms:
             self._park(enc, req.room, req.blocks, mode, now)
             req.blocks = []
         if notify and alive:
-            self._out.append(Send(enc.address, P.Abort(req.room, reason[:1000])))
-        self._out.append(Notify(req))
-        self._drain_waiting()
+            out.append(Send(enc.address, P.Abort(req.room, reason[:1000])))
+        out.append(Notify(req))
+        self._drain_waiting(out)
 
     def _park(self, enc: Enc, room, blocks: list, mode: str, now: Optional[float]) -> None:
         """Release a failed room's blocks: ``free`` now; ``quarantine`` until the
@@ -475,57 +683,57 @@ class LanguageRooms:
             return None
         return req
 
-    def status(self, address: str, msg: P.StatusMsg, now: float) -> list:
+    def _on_status(self, ev: StatusReceived, out: list) -> None:
         """A STATUS from the encoder at ``address``."""
+        address, msg, now = ev.address, ev.msg, ev.now
         enc = self.encs.get(address)
         if enc is None or not enc.up:
-            return []
+            return
         room = msg.room
         if room in enc.quarantine:
             # the encoder's answer to our abort (or its own failure of the
             # aborted attempt): nothing more will be written into those blocks
             if msg.status is Status.Failed:
                 self._release_quarantine(enc, room)
-                self._drain_waiting()
-            return self._take()
+                self._drain_waiting(out)
+            return
         if msg.flags & P.FLAG_ABORT_ACK:
-            return []  # a late acknowledgement: it never fails a newer request for the room
+            return  # a late acknowledgement: it never fails a newer request for the room
         req = self._live(enc, room)
         if req is None:
             self.stats["late_status"] += 1
-            return []
+            return
         if msg.status is Status.Failed:
             # the encoder's code says why (decoded, so a known FailCode); one that named none is ERROR
             code = msg.code or FailCode.ERROR
             if msg.flags & P.FLAG_BLOCKS_UNSAFE:
                 # a write into these blocks may still land: held until the link goes
                 self.stats["unsafe_blocks"] += len(req.blocks)
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, hold=True, cause="encoder",
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", out, notify=False, hold=True, cause="encoder",
                            code=code)
             else:
-                self._fail(req, f"encoder: {msg.reason or 'failed'}", notify=False, cause="encoder", code=code)
-            return self._take()
-        if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.waiting_alloc \
-                or req.copying:
-            self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}",
+                self._fail(req, f"encoder: {msg.reason or 'failed'}", out, notify=False, cause="encoder", code=code)
+            return
+        if msg.status not in (Status.Transferring, Status.Success) or not req.blocks or req.phase is not Phase.ASKED:
+            self._fail(req, f"unexpected status {msg.status.name} in state {req.tracker.status.name}", out,
                        notify=True, cause="bad_message", code=FailCode.BAD_MESSAGE)
-            return self._take()
+            return
         try:
-            self._check_chunk(req, msg, now)
+            self._check_chunk(req, msg, now, out)
         except (ValueError, ProtocolError, AllocatorError) as e:
-            self._fail(req, f"bad chunk: {e}", notify=True, cause="bad_message", code=FailCode.BAD_MESSAGE)
-        return self._take()
+            self._fail(req, f"bad chunk: {e}", out, notify=True, cause="bad_message", code=FailCode.BAD_MESSAGE)
 
-    def progress(self, address: str, msg: P.Progress) -> list:
+    def _on_progress(self, ev: ProgressReceived, out: list) -> None:
         """Part of the current chunk landed: copy it out while the rest is written."""
+        address, msg = ev.address, ev.msg
         enc = self.encs.get(address)
         if enc is None or not enc.up:
-            return []
+            return
         req = self._live(enc, msg.room)
         if req is None or msg.room in enc.quarantine:
-            return []
+            return
         try:
-            if not req.blocks or req.waiting_alloc or req.copying or msg.seq != req.chunks + 1:
+            if not req.blocks or req.phase is not Phase.ASKED or msg.seq != req.chunks + 1:
                 raise ProtocolError("seq", f"progress for chunk {msg.seq} while expecting {req.chunks + 1}")
             bs = self.block_size
             self._ensure_total(req, 0)
@@ -534,13 +742,13 @@ class LanguageRooms:
                 raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
                                               f"({req.landed}, {tokens})")
         except (ValueError, ProtocolError, AllocatorError) as e:
-            self._fail(req, f"bad progress report: {e}", notify=True, cause="bad_message",
+            self._fail(req, f"bad progress report: {e}", out, notify=True, cause="bad_message",
                        code=FailCode.BAD_MESSAGE)
-            return self._take()
+            return
         if self._zero_copy_candidate(req, tokens):
-            return []  # the whole request arrives in this chunk: it will not be copied at all
-        req.copying = True
-        return [Copy(req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None)]
+            return  # the whole request arrives in this chunk: it will not be copied at all
+        self._set_phase(req, Phase.COPYING)
+        out.append(Copy(req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None))
 
     def _ensure_total(self, req: Req, status_total: int) -> None:
         """On the first data of a request: read aux (rule 3: only the first
@@ -568,7 +776,7 @@ class LanguageRooms:
         b0 = req.blocks[0]
         return req.blocks[:need] == list(range(b0, b0 + need))
 
-    def _check_chunk(self, req: Req, msg: P.StatusMsg, now: float) -> None:
+    def _check_chunk(self, req: Req, msg: P.StatusMsg, now: float, out: list) -> None:
         """Validate a chunk's STATUS; queue its copy (or its zero-copy success)."""
         if msg.seq != req.chunks + 1:
             raise ProtocolError("seq", f"expected chunk {req.chunks + 1}, got {msg.seq}")
@@ -585,13 +793,13 @@ class LanguageRooms:
         if msg.sent_tokens != req.sent_tokens + tokens:
             raise ProtocolError("sent_tokens", f"expected {req.sent_tokens + tokens}, got {msg.sent_tokens}")
         if complete and self._zero_copy_candidate(req, tokens):
-            self._zero_copy(req, tokens, now)
+            self._zero_copy(req, tokens, now, out)
             return
-        req.copying = True
+        self._set_phase(req, Phase.COPYING)
         bs = self.block_size
-        self._out.append(Copy(req, req.blocks[req.landed // bs:], tokens - req.landed, (tokens, complete)))
+        out.append(Copy(req, req.blocks[req.landed // bs:], tokens - req.landed, (tokens, complete)))
 
-    def _zero_copy(self, req: Req, tokens: int, now: float) -> None:
+    def _zero_copy(self, req: Req, tokens: int, now: float, out: list) -> None:
         """Single-chunk request in consecutive blocks: the result is a view of
         the pool; the blocks move to a lease until the result is released."""
         need = -(-tokens // self.block_size)
@@ -605,49 +813,52 @@ class LanguageRooms:
         req.chunks = 1
         req.sent_tokens = tokens
         self.stats["zero_copy"] += 1
-        self._out.append(ZeroCopy(req, blocks, tokens, self._lease_ids))
-        self._succeed(req, tokens, wasted, now)
+        out.append(ZeroCopy(req, blocks, tokens, self._lease_ids))
+        self._succeed(req, tokens, wasted, now, out)
 
-    def _succeed(self, req: Req, last_tokens: int, wasted: int, now: float) -> None:
+    def _succeed(self, req: Req, last_tokens: int, wasted: int, now: float, out: list) -> None:
+        self._set_phase(req, Phase.SUCCEEDED)
         req.tracker.set(Status.Success)
         self.stats.chunk(last_tokens, self.row_bytes)
         self.stats.request_succeeded(resumes=req.chunks - 1, latency_s=now - req.t0, wasted_tokens=wasted)
         self.stats.pool(self.allocator.used_blocks)
-        self._out.append(Notify(req))
-        self._drain_waiting()
+        out.append(Notify(req))
+        self._drain_waiting(out)
 
-    def lease_returned(self, lease: int) -> list:
+    def _on_lease_returned(self, ev: LeaseReturned, out: list) -> None:
         """A zero-copy result was released: its blocks go back to the allocator."""
+        lease = ev.lease
         entry = self.leases.pop(lease, None)
         if entry is not None:
             self.allocator.free(entry[1], entry[0])
-            self._drain_waiting()
-        return self._take()
+            self._drain_waiting(out)
 
-    def copied(self, req: Req, tokens: int, end: Optional[tuple], error: Optional[str], now: float) -> list:
+    def _on_copied(self, ev: Copied, out: list) -> None:
         """A :class:`Copy` finished (``error``: why it failed)."""
-        req.copying = False
-        if req.tracker.status.terminal:
+        req, tokens, end, error, now = ev.req, ev.tokens, ev.end, ev.error, ev.now
+        if req.phase is Phase.FAILED_COPYING:
             # failed (abort, timeout, peer loss) while we copied: release now
+            self._set_phase(req, Phase.FAILED)
             if req.merge is not None:
-                self._out.append(Discard(req))
+                out.append(Discard(req))
             blocks, req.blocks = req.blocks, []
             mode = req.release if req.enc.up else "free"
             if blocks or mode == "quarantine":
                 self._park(req.enc, req.room, blocks, mode, now)
-                self._drain_waiting()
-            return self._take()
+                self._drain_waiting(out)
+            return
+        if error is not None or end is None:
+            self._set_phase(req, Phase.ASKED)       # the copy is over; the blocks are still the request's
         if error is not None:
-            self._fail(req, f"copying the chunk failed: {error}", notify=True, cause="copy", code=FailCode.COPY_FAILED,
-                       now=now)
-            return self._take()
+            self._fail(req, f"copying the chunk failed: {error}", out, notify=True, cause="copy",
+                       code=FailCode.COPY_FAILED, now=now)
+            return
         req.landed += tokens
         if end is not None:
             req.landed = 0
-            self._chunk_done(req, *end, now=now)
-        return self._take()
+            self._chunk_done(req, *end, now, out)
 
-    def _chunk_done(self, req: Req, tokens: int, complete: bool, now: float) -> None:
+    def _chunk_done(self, req: Req, tokens: int, complete: bool, now: float, out: list) -> None:
         wasted = self.allocator.allocated_tokens(req.blocks) - tokens if complete else 0
         self.allocator.free(req.blocks, req.room)
         req.blocks = []
@@ -655,25 +866,26 @@ class LanguageRooms:
         req.chunks += 1
         req.deadline = now + self.request_timeout
         if complete:
-            self._out.append(Complete(req))
-            self._succeed(req, tokens, wasted, now)
+            out.append(Complete(req))
+            self._succeed(req, tokens, wasted, now, out)
             return
         self.stats.chunk(tokens, self.row_bytes)
         req.tracker.set(Status.Transferring)
+        self._set_phase(req, Phase.WAITING_BLOCKS)      # the rest needs blocks
         # free first, then allocate the rest: a resume can always reuse its own
         # blocks, and it never queues behind new requests (with TP ranks that
         # would let two ranks wait on each other through the encoder's gate)
-        if not self._try_allocate(req, req.total_tokens - req.sent_tokens):
-            req.waiting_alloc = True
+        if not self._try_allocate(req, out, req.total_tokens - req.sent_tokens):
             self._waiting.append(req.room)
-            self._drain_waiting()
+            self._drain_waiting(out)
 
     # ------------------------------------------------------------ liveness
-    def link_lost(self, address: str, reason: str) -> list:
+    def _on_link_lost(self, ev: LinkLost, out: list) -> None:
         """The link to ``address`` is gone: fail its rooms, free what was parked for it."""
+        address, reason = ev.address, ev.reason
         enc = self.encs.get(address)
         if enc is None:
-            return []
+            return
         enc.up, enc.session = False, ""
         # every room of this encoder fails with the reason, and only then are the
         # freed blocks given to waiting requests (a waiting request of this
@@ -683,17 +895,17 @@ class LanguageRooms:
             self._release_parked(enc)
             for req in list(self.reqs.values()):
                 if req.enc is enc and not req.tracker.status.terminal:
-                    self._fail(req, f"encoder lost ({address}): {reason}", notify=False, peer_dead=True,
+                    self._fail(req, f"encoder lost ({address}): {reason}", out, notify=False, peer_dead=True,
                                cause="peer_lost", code=FailCode.PEER_LOST)
         finally:
             self._drain_held = False
-        self._drain_waiting()
-        return self._take()
+        self._drain_waiting(out)
 
-    def tick(self, now: float) -> list:
+    def _on_tick(self, ev: Tick, out: list) -> None:
         """The clock: requests past their deadline fail (and are aborted); an
         encoder that left an abort unanswered, or blocks held, longer than the
         quarantine timeout is torn down."""
+        now = ev.now
         for req in list(self.reqs.values()):
             if not req.tracker.status.terminal and now > req.deadline:
                 st = req.tracker.status
@@ -703,7 +915,7 @@ class LanguageRooms:
                                f"when all {req.required_dst_info_num} tensor-parallel ranks requested the room)")
                 elif st is Status.WaitingForInput:
                     reason += " (the encoder never sent this room)"
-                self._fail(req, reason, notify=True, cause="timeout", code=FailCode.TIMEOUT, now=now)
+                self._fail(req, reason, out, notify=True, cause="timeout", code=FailCode.TIMEOUT, now=now)
         limit = self.quarantine_timeout
         for enc in self.encs.values():
             if not enc.up:
@@ -718,9 +930,8 @@ class LanguageRooms:
                 room = self._overdue(since, now, limit)
                 if room is not None:
                     self.stats[counter] += 1
-                    self._out.append(TearDown(enc.address, why.format(room=room, limit=limit)))
+                    out.append(TearDown(enc.address, why.format(room=room, limit=limit)))
                     break
-        return self._take()
 
     @staticmethod
     def _overdue(since: dict, now: float, limit: float):
@@ -731,17 +942,18 @@ class LanguageRooms:
                 return room
         return None
 
-    def close(self) -> list:
+    def _on_close(self, ev: Close, out: list) -> None:
         """The endpoint closes: every live request fails, everything parked is freed."""
         self.closed = True
         for req in list(self.reqs.values()):
             if not req.tracker.status.terminal:
-                self._fail(req, "endpoint closed", notify=False, peer_dead=True, cause="closed",
+                self._fail(req, "endpoint closed", out, notify=False, peer_dead=True, cause="closed",
                            code=FailCode.CLOSED)
         for enc in self.encs.values():
             enc.up = False
             self._release_parked(enc)
-        return self._take()
+
+    _HANDLERS: dict = {}            # event type -> handler, filled in below the class
 
     # ------------------------------------------------------------ the ledger
     def ledger(self) -> dict:
@@ -766,3 +978,13 @@ class LanguageRooms:
             dup = sorted(b for b, n in collections.Counter(owned).items() if n > 1)
             lost = sorted(set(range(self.num_blocks)) - set(owned))
             raise AssertionError(f"block ledger broken: owned twice {dup[:20]}, owned by nobody {lost[:20]}")
+
+
+LanguageRooms._HANDLERS = {
+    RequestRoom: LanguageRooms._on_request, LinkUp: LanguageRooms._on_connected,
+    LinkFailed: LanguageRooms._on_connect_failed, StatusReceived: LanguageRooms._on_status,
+    ProgressReceived: LanguageRooms._on_progress, Copied: LanguageRooms._on_copied,
+    SendFailed: LanguageRooms._on_send_failed, AbortRoom: LanguageRooms._on_abort, Tick: LanguageRooms._on_tick,
+    LinkLost: LanguageRooms._on_link_lost, Close: LanguageRooms._on_close,
+    LeaseReturned: LanguageRooms._on_lease_returned,
+}
