@@ -24,7 +24,9 @@ except ImportError:              # without the metrics extra the machines count 
     def CollectorRegistry():     # noqa: N802
         return None
 from embresume.rooms import encoder as RE
-from embresume.rooms.encoder import Done, EncoderRooms, Post, Reject, Send, Session, Write
+from embresume.rooms import PhaseError
+from embresume.rooms.encoder import (TRANSITIONS, Done, EncoderRooms, Phase, Rank, Reject, Send, SendAfterWrite,
+                                     Session, Write)
 from embresume.status import Status
 
 from conftest import state_machine_tests
@@ -64,13 +66,35 @@ class Harness:
         self.stats = EndpointStats("encoder", CollectorRegistry())
         self.m = EncoderRooms(stats=self.stats, request_timeout=request_timeout)
         self.writes: list[Write] = []            # started, not yet reported
-        self.msgs: dict = {}                     # session -> [StatusMsg] it was sent (Send, Post or Reject)
+        self.msgs: dict = {}                     # session -> [StatusMsg] it was sent (Send, SendAfterWrite, Reject)
         self.rejects: list[Reject] = []
         self.done: list = []                     # rooms ended (Done)
         self.landed: dict = {}                   # Rank -> tokens written into its blocks
         self.wrote: dict = {}                    # Rank -> chunks started
         self.chunks = 0                          # writes that landed in a live room
         self.total: dict = {}                    # Rank -> total tokens of the source written to it
+        self.phase_changes: list = []            # (rank, old phase, new phase), as the machine made them
+        set_phase = self.m._set_phase
+
+        def recorded(k, new):
+            self.phase_changes.append((k, k.phase, new))
+            set_phase(k, new)
+        self.m._set_phase = recorded
+
+    def check_phases(self) -> None:
+        """Every phase change the machine made is in its table, and every live
+        rank's phase agrees with what the harness sees of it."""
+        for k, old, new in self.phase_changes:
+            assert isinstance(new, Phase) and new in TRANSITIONS[old], (k, old, new)
+        self.phase_changes.clear()
+        out = {id(w.rank) for w in self.writes}
+        for r in self.m.rooms.values():
+            for k in r.ranks.values():
+                assert isinstance(k.phase, Phase) and k.phase in TRANSITIONS, k.phase
+                assert k.phase is not Phase.FAILED, k        # a live room's ranks are not told Failed
+                assert (id(k) in out) == (k.phase in (Phase.WRITING, Phase.UNSAFE)), k
+        for w in self.writes:
+            assert w.rank.phase in (Phase.WRITING, Phase.UNSAFE), w.rank
 
     def run(self, actions: list) -> list:
         for a in actions:
@@ -82,9 +106,9 @@ class Harness:
                 self.wrote[k] = self.wrote.get(k, 0) + 1
                 self.total[k] = a.source.total_tokens
                 self.writes.append(a)
-            elif isinstance(a, Send):
+            elif type(a) is SendAfterWrite:     # the writing thread, once the lock is released
                 self._deliver(a.session, a.msg)
-            elif isinstance(a, Post):
+            elif type(a) is Send:               # at once, under the lock
                 self._deliver(a.session, a.msg)
             elif isinstance(a, Reject):
                 self.rejects.append(a)
@@ -649,6 +673,10 @@ class MachineRooms(RuleBasedStateMachine):
                 assert not (k.done and (k.pending or k.in_flight))
 
     @invariant()
+    def every_phase_change_is_in_the_table(self):
+        self.h.check_phases()
+
+    @invariant()
     def every_ended_room_is_counted_once(self):
         s = self.h.stats
         assert len(self.h.done) == s["success"] + s["failed"] + self.withdrawn
@@ -671,6 +699,54 @@ class MachineRooms(RuleBasedStateMachine):
         assert not [key for key in self.asked if key[0].alive], self.asked
         self.live_counts_agree_with_the_rooms()
         self.every_ended_room_is_counted_once()
+        self.h.check_phases()
 
 
 (TestMachineRooms,) = state_machine_tests(MachineRooms, examples=100, steps=40)
+
+
+def test_the_phase_table_is_closed_and_an_illegal_change_raises():
+    """Every phase has a row, every target is a phase, FAILED leads nowhere; a
+    change the table lacks raises PhaseError and changes nothing."""
+    assert set(TRANSITIONS) == set(Phase)
+    assert all(set(row) <= set(Phase) for row in TRANSITIONS.values())
+    assert TRANSITIONS[Phase.FAILED] == {}
+    h = Harness()
+    s = session("s0")
+    h.run(h.m.register(1, Src(3 * BS), 0.0))
+    h.run(h.m.init(s, init(s, 1, range(2)), 0.0))
+    (w,) = h.writes
+    k = w.rank
+    assert k.phase is Phase.WRITING and k.in_flight and not k.pending
+    for bad in (Phase.ASKED, Phase.WRITING):
+        with pytest.raises(PhaseError, match=f"WRITING -> {bad.name}"):
+            EncoderRooms._set_phase(k, bad)
+        assert k.phase is Phase.WRITING
+    h.complete(w)
+    assert k.phase is Phase.SENT
+    with pytest.raises(PhaseError):
+        EncoderRooms._set_phase(k, Phase.DONE)         # no chunk is out: it cannot be done
+    lone = Rank(s, 1, (0,), BS)
+    assert lone.phase is Phase.ASKED
+    with pytest.raises(PhaseError):
+        EncoderRooms._set_phase(lone, Phase.SENT)
+    h.check_phases()
+
+
+def test_handle_takes_the_events_and_the_methods_are_its_wrappers():
+    """One entry: an event dataclass in, the actions out; the per-event methods
+    give the same answers; an object that is no event raises TypeError."""
+    a, b = Harness(), Harness()
+    sa, sb = session("s0"), session("s0")
+    acts_a = a.run(a.m.handle(RE.Register(1, Src(3 * BS), 0.0)))
+    acts_b = b.run(b.m.register(1, Src(3 * BS), 0.0))
+    assert acts_a == acts_b == []
+    acts_a = a.run(a.m.handle(RE.InitReceived(sa, init(sa, 1, range(2)), 0.0)))
+    acts_b = b.run(b.m.init(sb, init(sb, 1, range(2)), 0.0))
+    assert [type(x) for x in acts_a] == [type(x) for x in acts_b] == [Write]
+    acts_a = a.complete(a.writes[0])
+    acts_b = b.complete(b.writes[0])
+    assert [type(x) for x in acts_a] == [type(x) for x in acts_b] == [SendAfterWrite]
+    assert acts_a[0].msg == acts_b[0].msg and acts_a[0].msg.status is Status.Transferring
+    with pytest.raises(TypeError, match="not an event"):
+        a.m.handle(P.Heartbeat(1, 0))

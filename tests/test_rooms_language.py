@@ -22,8 +22,10 @@ except ImportError:              # without the metrics extra the machines count 
     def CollectorRegistry():     # noqa: N802
         return None
 from embresume.planner import plan_chunk
-from embresume.rooms.language import (Complete, Connect, Copy, Discard, LanguageRooms, Notify, Send, TearDown,
-                                      ZeroCopy)
+from embresume.rooms import PhaseError
+from embresume.rooms import language as RL
+from embresume.rooms.language import (TRANSITIONS, Complete, Connect, Copy, Discard, LanguageRooms, Notify, Phase, Req,
+                                      Send, TearDown, ZeroCopy)
 from embresume.status import Status
 
 from conftest import state_machine_tests
@@ -49,6 +51,33 @@ class Harness:
         self.notified: list = []
         self.teardowns: list = []
         self.connects: list = []
+        self.phase_changes: list = []            # (request, old phase, new phase), as the machine made them
+        set_phase = self.m._set_phase
+
+        def recorded(req, new):
+            self.phase_changes.append((req, req.phase, new))
+            set_phase(req, new)
+        self.m._set_phase = recorded
+
+    def check_phases(self) -> None:
+        """Every phase change the machine made is in its table, and every
+        request's phase agrees with what the harness sees of it."""
+        for req, old, new in self.phase_changes:
+            assert isinstance(new, Phase) and new in TRANSITIONS[old], (req.room, old, new)
+        self.phase_changes.clear()
+        copying = {id(c.req) for c in self.copies}
+        for req in self.m.reqs.values():
+            assert isinstance(req.phase, Phase) and req.phase in TRANSITIONS, req.phase
+            assert (req.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.FAILED_COPYING)) == \
+                req.tracker.status.terminal, (req.phase, req.tracker.status)
+            assert (req.phase is Phase.SUCCEEDED) == (req.tracker.status is Status.Success)
+            assert (id(req) in copying) == (req.phase in (Phase.COPYING, Phase.FAILED_COPYING)), req.phase
+            if req.phase in (Phase.BOOTSTRAPPING, Phase.WAITING_BLOCKS):
+                assert not req.blocks
+            if req.phase is Phase.WAITING_BLOCKS:
+                assert req.room in self.m._waiting
+            if req.phase is Phase.ASKED:
+                assert req.blocks
 
     def _read_aux(self, block):
         return self.aux.get(block, 0), ("aux", block)
@@ -419,6 +448,10 @@ class MachineRooms(RuleBasedStateMachine):
         self.h.m.check_ledger()
 
     @invariant()
+    def every_phase_change_is_in_the_table(self):
+        self.h.check_phases()
+
+    @invariant()
     def no_result_before_all_its_tokens_landed(self):
         for room, req in self.h.m.reqs.items():
             if req.tracker.status is Status.Success:
@@ -452,6 +485,8 @@ class MachineRooms(RuleBasedStateMachine):
         assert m.allocator.free_blocks == BLOCKS
         assert not any(e.quarantine or e.held for e in m.encs.values())
         assert all(r.tracker.status.terminal for r in m.reqs.values())
+        self.h.check_phases()
+        assert all(r.phase in (Phase.SUCCEEDED, Phase.FAILED) for r in m.reqs.values())
 
 
 class MachineRoomsCapped(MachineRooms):
@@ -459,3 +494,53 @@ class MachineRoomsCapped(MachineRooms):
 
 
 TestMachineRooms, TestMachineRoomsCapped = state_machine_tests(MachineRooms, MachineRoomsCapped, examples=150, steps=60)
+
+
+def test_the_phase_table_is_closed_and_an_illegal_change_raises():
+    """Every phase has a row, every target is a phase, the terminal phases lead
+    nowhere; a change the table lacks raises PhaseError and changes nothing."""
+    assert set(TRANSITIONS) == set(Phase)
+    assert all(set(row) <= set(Phase) for row in TRANSITIONS.values())
+    assert TRANSITIONS[Phase.SUCCEEDED] == TRANSITIONS[Phase.FAILED] == {}
+    h = Harness()
+    h.run(h.m.connected("e", "s1"))
+    h.run(h.m.request(1, "e", 1, None, 0.0))
+    req = h.m.reqs[1]
+    assert req.phase is Phase.ASKED
+    for bad in (Phase.BOOTSTRAPPING, Phase.WAITING_BLOCKS, Phase.FAILED_COPYING, Phase.ASKED):
+        with pytest.raises(PhaseError, match=f"ASKED -> {bad.name}"):
+            LanguageRooms._set_phase(req, bad)
+        assert req.phase is Phase.ASKED
+    h.run(h.m.abort(1, "test"))
+    assert req.phase is Phase.FAILED
+    with pytest.raises(PhaseError):
+        LanguageRooms._set_phase(req, Phase.ASKED)
+    lone = Req(2, 1, 0.0, 1.0, h.m.enc("e"), 1, None)
+    assert lone.phase is Phase.BOOTSTRAPPING
+    with pytest.raises(PhaseError):
+        LanguageRooms._set_phase(lone, Phase.COPYING)
+    h.check_phases()
+
+
+def test_handle_takes_the_events_and_the_methods_are_its_wrappers():
+    """One entry: an event dataclass in, the actions out; the per-event methods
+    give the same answers; an object that is no event raises TypeError."""
+    a, b = Harness(), Harness()
+    a.run(a.m.handle(RL.LinkUp("e", "s1")))
+    b.run(b.m.connected("e", "s1"))
+    a.run(a.m.handle(RL.RequestRoom(1, "e", 1, None, 0.0)))
+    b.run(b.m.request(1, "e", 1, None, 0.0))
+    (ia,), (ib,) = a.take("e"), b.take("e")
+    assert ia == ib and isinstance(ia, P.Init)
+    a.aux[ia.dst_blocks[0]] = b.aux[ib.dst_blocks[0]] = 100
+    msg = P.StatusMsg(1, Status.Success, 1, 100, 100, 100)
+    a.run(a.m.handle(RL.StatusReceived("e", msg, 0.0)))
+    b.run(b.m.status("e", msg, 0.0))
+    (ca,), (cb,) = a.copies, b.copies
+    assert (ca.blocks, ca.tokens, ca.end) == (cb.blocks, cb.tokens, cb.end) == (list(ia.dst_blocks), 100, (100, True))
+    a.run(a.m.handle(RL.Copied(ca.req, ca.tokens, ca.end, None, 0.0)))
+    b.run(b.m.copied(cb.req, cb.tokens, cb.end, None, 0.0))
+    assert a.m.reqs[1].phase is b.m.reqs[1].phase is Phase.SUCCEEDED
+    with pytest.raises(TypeError, match="not an event"):
+        a.m.handle(msg)
+    a.m.check_ledger()
