@@ -506,7 +506,7 @@ class LanguageEndpoint:
             with self._lock:
                 req = self._rooms.reqs.get(room)
                 if req is not None and req.tracker.status is Status.Failed:
-                    del self._rooms.reqs[room]
+                    self._run(self._rooms.forget(room))
                     raise EmbResumeTimeout(f"room {room!r}: no result within {timeout}s "
                                            f"(it was {st.name}; aborted)")
         return self.result(room)

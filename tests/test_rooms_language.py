@@ -544,3 +544,18 @@ def test_handle_takes_the_events_and_the_methods_are_its_wrappers():
     with pytest.raises(TypeError, match="not an event"):
         a.m.handle(msg)
     a.m.check_ledger()
+
+
+def test_forget_drops_a_failed_request_and_nothing_else():
+    """The endpoint never deletes a machine record itself: Forget drops a failed
+    request uncollected, and leaves a live or succeeded one alone."""
+    h = Harness()
+    h.run(h.m.connected("e", "s1"))
+    h.run(h.m.request(1, "e", 1, None, 0.0))
+    assert h.m.forget(1) == [] and 1 in h.m.reqs                    # live: stays
+    h.run(h.m.abort(1, "test"))
+    h.run(h.m.handle(RL.Forget(1)))
+    assert 1 not in h.m.reqs
+    assert h.m.forget(1) == []                                      # unknown: nothing happens
+    h.m.check_ledger()
+    h.check_phases()

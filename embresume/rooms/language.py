@@ -17,6 +17,7 @@ the actions it returns, in order::
     SendFailed / send_failed(address, msg)          Notify (the room fails: unreachable)
     AbortRoom, Tick, LinkLost, Close                Send(ABORT), Discard, Notify, TearDown
     LeaseReturned / lease_returned(lease)           Send(INIT/RESUME) of rooms waiting for blocks
+    Forget / forget(room)                           (none: a failed request leaves uncollected)
 
 The endpoint runs every action under its lock except :class:`Copy`, which
 it runs on the link's reader thread outside the lock (the request is in
@@ -204,6 +205,13 @@ class Close:
 class LeaseReturned:
     """A zero-copy result was released."""
     lease: int
+
+
+@dataclass(slots=True)
+class Forget:
+    """The endpoint drops ``room``'s failed request without collecting it (it
+    reports its own error for it, e.g. the timeout of a blocking ``recv``)."""
+    room: P.Room
 
 
 # ---------------------------------------------------------------- actions
@@ -433,6 +441,9 @@ class LanguageRooms:
 
     def lease_returned(self, lease: int) -> list:
         return self.handle(LeaseReturned(lease))
+
+    def forget(self, room: P.Room) -> list:
+        return self.handle(Forget(room))
 
     # ------------------------------------------------------------ requests
     def _on_request(self, ev: RequestRoom, out: list) -> None:
@@ -825,6 +836,12 @@ class LanguageRooms:
         out.append(Notify(req))
         self._drain_waiting(out)
 
+    def _on_forget(self, ev: Forget, out: list) -> None:
+        """A failed request leaves the table uncollected (nothing else does)."""
+        req = self.reqs.get(ev.room)
+        if req is not None and req.tracker.status is Status.Failed:
+            del self.reqs[ev.room]
+
     def _on_lease_returned(self, ev: LeaseReturned, out: list) -> None:
         """A zero-copy result was released: its blocks go back to the allocator."""
         lease = ev.lease
@@ -986,5 +1003,5 @@ LanguageRooms._HANDLERS = {
     ProgressReceived: LanguageRooms._on_progress, Copied: LanguageRooms._on_copied,
     SendFailed: LanguageRooms._on_send_failed, AbortRoom: LanguageRooms._on_abort, Tick: LanguageRooms._on_tick,
     LinkLost: LanguageRooms._on_link_lost, Close: LanguageRooms._on_close,
-    LeaseReturned: LanguageRooms._on_lease_returned,
+    LeaseReturned: LanguageRooms._on_lease_returned, Forget: LanguageRooms._on_forget,
 }
