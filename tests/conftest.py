@@ -170,6 +170,26 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def record_phase_changes(machine) -> list:
+    """Wrap a room machine's ``_set_phase`` (its one choke point) so that every
+    change it makes is appended to the returned list as (record, old, new)."""
+    changes: list = []
+    set_phase = machine._set_phase
+
+    def recorded(record, new):
+        changes.append((record, record.phase, new))
+        set_phase(record, new)
+    machine._set_phase = recorded
+    return changes
+
+
+def check_phase_changes(changes: list, phase_type, transitions) -> None:
+    """Every recorded change is to a ``phase_type`` and in ``transitions``; the list is emptied."""
+    for record, old, new in changes:
+        assert isinstance(new, phase_type) and new in transitions[old], (getattr(record, "room", record), old, new)
+    changes.clear()
+
+
 def state_machine_tests(*machines, examples: int, steps: int) -> list:
     """The unittest TestCase of each hypothesis RuleBasedStateMachine, with the
     settings the stateful tests share: ``examples`` runs of up to ``steps``

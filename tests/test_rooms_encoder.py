@@ -29,7 +29,7 @@ from embresume.rooms.encoder import (TRANSITIONS, Done, EncoderRooms, Phase, Ran
                                      Session, Write)
 from embresume.status import Status
 
-from conftest import state_machine_tests
+from conftest import check_phase_changes, record_phase_changes, state_machine_tests
 
 BS, HIDDEN, NB = 4, 8, 8
 DTYPE = torch.bfloat16
@@ -73,20 +73,12 @@ class Harness:
         self.wrote: dict = {}                    # Rank -> chunks started
         self.chunks = 0                          # writes that landed in a live room
         self.total: dict = {}                    # Rank -> total tokens of the source written to it
-        self.phase_changes: list = []            # (rank, old phase, new phase), as the machine made them
-        set_phase = self.m._set_phase
-
-        def recorded(k, new):
-            self.phase_changes.append((k, k.phase, new))
-            set_phase(k, new)
-        self.m._set_phase = recorded
+        self.phase_changes = record_phase_changes(self.m)   # (rank, old, new), as the machine made them
 
     def check_phases(self) -> None:
         """Every phase change the machine made is in its table, and every live
         rank's phase agrees with what the harness sees of it."""
-        for k, old, new in self.phase_changes:
-            assert isinstance(new, Phase) and new in TRANSITIONS[old], (k, old, new)
-        self.phase_changes.clear()
+        check_phase_changes(self.phase_changes, Phase, TRANSITIONS)
         out = {id(w.rank) for w in self.writes}
         for r in self.m.rooms.values():
             for k in r.ranks.values():

@@ -28,7 +28,7 @@ from embresume.rooms.language import (TRANSITIONS, Complete, Connect, Copy, Disc
                                       Send, TearDown, ZeroCopy)
 from embresume.status import Status
 
-from conftest import state_machine_tests
+from conftest import check_phase_changes, record_phase_changes, state_machine_tests
 
 BS = 128
 
@@ -51,20 +51,12 @@ class Harness:
         self.notified: list = []
         self.teardowns: list = []
         self.connects: list = []
-        self.phase_changes: list = []            # (request, old phase, new phase), as the machine made them
-        set_phase = self.m._set_phase
-
-        def recorded(req, new):
-            self.phase_changes.append((req, req.phase, new))
-            set_phase(req, new)
-        self.m._set_phase = recorded
+        self.phase_changes = record_phase_changes(self.m)   # (request, old, new), as the machine made them
 
     def check_phases(self) -> None:
         """Every phase change the machine made is in its table, and every
         request's phase agrees with what the harness sees of it."""
-        for req, old, new in self.phase_changes:
-            assert isinstance(new, Phase) and new in TRANSITIONS[old], (req.room, old, new)
-        self.phase_changes.clear()
+        check_phase_changes(self.phase_changes, Phase, TRANSITIONS)
         copying = {id(c.req) for c in self.copies}
         for req in self.m.reqs.values():
             assert isinstance(req.phase, Phase) and req.phase in TRANSITIONS, req.phase
