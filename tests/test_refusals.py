@@ -31,7 +31,7 @@ from embresume.errors import FailCode
 from embresume.language import LanguageEndpoint
 from embresume.metrics import EndpointStats
 from embresume.rooms import encoder as RE
-from embresume.rooms.encoder import EncoderRooms, Post, Reject, Send, Session, Write
+from embresume.rooms.encoder import EncoderRooms, Reject, Send, Session, Write
 from embresume.rooms.language import Copy, LanguageRooms
 from embresume.status import Status
 from embresume.synthetic import SyntheticData
@@ -74,7 +74,7 @@ def failed_to(acts: list, s: Session) -> list:
     """The Failed STATUS the actions tell ``s`` (posted, sent, or a refusal's)."""
     out = []
     for a in acts:
-        msg = a.msg if isinstance(a, (Post, Send, Reject)) else None
+        msg = a.msg if isinstance(a, (Send, Reject)) else None
         if msg is not None and a.session is s and msg.status is Status.Failed:
             out.append(msg)
     return out

@@ -253,9 +253,6 @@ class SendAfterWrite(Send):
     the Failed of a rank whose write is over (rule 7)."""
 
 
-#: the old name of :class:`Send` (callers written before the rename)
-Post = Send
-
 
 @dataclass(slots=True)
 class Reject:
