@@ -186,7 +186,8 @@ def run_round(tree: Path, shim: Path, profile: str, out: Path, timeout: float) -
     """One ``embresume bench`` in ``tree``; returns its wall time, results and import records."""
     out.mkdir(parents=True, exist_ok=True)
     records = out / "imports"
-    records.mkdir(exist_ok=True)
+    shutil.rmtree(records, ignore_errors=True)     # an earlier run into the same --out left its own records
+    records.mkdir()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(shim), str(tree)])
     env[TREE_ENV], env[RECORD_ENV] = str(tree), str(records)

@@ -17,9 +17,12 @@ Two layers (docs/design.md, "Room state machines"):
   write), ``SendAfterWrite`` (a STATUS the writing thread sends after its
   chunk landed), ``Send`` (a STATUS queued behind the rank's writes), ``Reject``
   (a refusal to one rank) and ``Done`` (a room ended: wake its waiters, free
-  its blocks, call ``on_done``).  It records its counts once, in
+  its blocks, call ``on_done``).  It counts into its
+  :class:`~embresume.rooms.Tally`, which this shell records into
   :attr:`EncoderEndpoint.stats` (a :class:`~embresume.metrics.EndpointStats`:
-  the counters and the process-wide metrics in one call).
+  the counters and the process-wide metrics in one call) after each event.
+  What a writing thread needs without the lock is in its ``Write`` as data
+  (the chunk's ``seq``, the room's ``ended``).
 * :class:`EncoderEndpoint`, this module, is the I/O shell: handshakes (Unix
   socket and ZeroMQ), peers and their control channels, worker threads,
   transports, heartbeats and the liveness monitor, the endpoint lock.  It
@@ -69,16 +72,19 @@ from .blocks import BlockAllocator, BlockLayout, BlockPool
 from .channel import Channel, ZmqHub, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError
+from .errors import ConfigError, EmbResumeTimeout, FailCode, PeerError
 from .node import pid_alive as _pid_alive
 from .handshake.encoder import (MAX_GROUP, MAX_PENDING_HANDSHAKES, REFUSAL_BURST, REFUSAL_RATE,  # noqa: F401
                                 Handshakes, reply)
 from .metrics import EndpointStats
-from .planner import ChunkPlan
+from .inline_writes import INLINE_WRITE_BYTES, InlineWrites  # noqa: F401
+from .peer_table import PeerTable
+from .pieces import MIN_PIECE_BYTES, PIPELINE_PIECES, pieces  # noqa: F401
 from .rooms.encoder import (FINISHED_MEMORY, MAX_LIVE_BLOCKS_PER_SESSION, MAX_LIVE_ROOMS_PER_SESSION,  # noqa: F401
                             NOT_PUBLISHED_MEMORY, Done, EncoderRooms, Reject, Room, Send, SendAfterWrite, Session,
                             Write)
-from .source import BlockSource, TensorSource, aux_record
+from .send_args import check_delta, tensor_source
+from .source import BlockSource, aux_record
 from .status import Status
 from .transport import select
 from .transport.base import PeerPool, Transport
@@ -87,13 +93,8 @@ log = logging.getLogger("embresume.encoder")
 #: what peers cause (bad frames, rejected rooms, refusals): a bounded number of lines
 plog = RateLimitedLog(log)
 
-#: a chunk up to this many embedding bytes is written by the thread that
-#: registered it (send/send_tensors) when its INIT is already here
-INLINE_WRITE_BYTES = 256 << 10
-#: pipelined chunks (Config.pipeline_bytes): a chunk is cut into about this many
-#: pieces, none smaller than MIN_PIECE_BYTES of embeddings, none larger than pipeline_bytes
-PIPELINE_PIECES = 4
-MIN_PIECE_BYTES = 2 << 20
+#: INLINE_WRITE_BYTES (which thread writes a chunk: embresume.inline_writes) and
+#: PIPELINE_PIECES, MIN_PIECE_BYTES (pipelined chunks: embresume.pieces), imported above
 #: MAX_PENDING_HANDSHAKES, REFUSAL_RATE, REFUSAL_BURST, MAX_GROUP: the handshakes'
 #: (embresume.handshake.encoder), imported above
 #: FINISHED_MEMORY, MAX_LIVE_ROOMS_PER_SESSION, MAX_LIVE_BLOCKS_PER_SESSION,
@@ -103,7 +104,6 @@ MIN_PIECE_BYTES = 2 << 20
 MAX_SESSIONS = 1024
 #: the largest control frame accepted from any peer (an INIT of 1M blocks, a handshake description)
 MAX_FRAME = max(P.MAX_BLOB, 4 << 20) + 64 * 1024
-_INT32 = (-(1 << 31), (1 << 31) - 1)
 
 
 class _Peer:
@@ -144,6 +144,19 @@ class _Peer:
             except Exception:
                 log.exception("peer job failed")
 
+    def close(self) -> None:
+        """On the peer's worker, after its in-flight writes: its channel, socket and pool mapping."""
+        try:
+            self.channel.close()
+        except Exception:
+            pass
+        if self.conn is not None:
+            self.conn.close()
+        try:
+            self.transport.close_peer(self.pool)
+        except Exception:
+            log.debug("close_peer failed", exc_info=True)
+
 
 class EncoderEndpoint:
     """The encoder's side.  Binds ``config.encoder_endpoint`` (ZeroMQ) for the
@@ -167,7 +180,8 @@ class EncoderEndpoint:
             self.allocator = BlockAllocator(pool_blocks, c.block_size)
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)      # a room became terminal
-        self._tls = threading.local()
+        #: the writes a thread does itself once the lock is released (embresume.inline_writes)
+        self._inline = InlineWrites()
         #: counters of this endpoint; the events that have a process-wide series
         #: (prometheus_client's registry, see embresume.metrics) are recorded in both at once
         self.stats = EndpointStats(role="encoder")
@@ -176,8 +190,9 @@ class EncoderEndpoint:
         self._m = EncoderRooms(stats=self.stats, request_timeout=c.request_timeout)
         if self.allocator is not None:
             self.stats.pool(0, pool_blocks)
-        self._peers: dict[str, _Peer] = {}
-        self._zmq_peers: dict[bytes, _Peer] = {}
+        #: the connected ranks, by session id (``_peers``) and by ZeroMQ identity (``_zmq_peers``)
+        self._table = PeerTable(MAX_SESSIONS)
+        self._peers, self._zmq_peers = self._table.by_session, self._table.by_ident
         self._transports = select.TransportSet(self.config)
         self._closed = False
         self._stop = threading.Event()
@@ -198,15 +213,10 @@ class EncoderEndpoint:
         self.address = self._hub.address
         self.unix_name = unix.socket_name(self.address)
         try:
-            self._unix = unix.Server(self.unix_name, allowed_uids=c.peer_uids, on_packet=self._hs.on_unix_packet,
-                                     on_closed=self._hs.on_unix_closed, on_bad=self._hs.on_unix_bad,
-                                     on_refused=self._hs.on_unix_refused, max_pending=MAX_PENDING_HANDSHAKES,
-                                     pending_timeout=c.handshake_timeout, thread_name="embresume-enc-unix")
-        except OSError as e:
+            self._unix = self._hs.listen_unix(self.unix_name)
+        except ConfigError:
             self._hub.close()
-            raise ConfigError(f"cannot listen on the same-host handshake socket {unix.display(self.unix_name)} "
-                              f"({e.strerror or e}): another encoder of this host (or a squatter) holds it; "
-                              f"use another port") from None
+            raise
         self._monitor = threading.Thread(target=self._monitor_loop, name="embresume-enc-monitor", daemon=True)
         self._monitor.start()
 
@@ -214,10 +224,6 @@ class EncoderEndpoint:
     def _rooms(self) -> "dict[P.Room, Room]":
         """The live rooms (the machine's table): room -> Room, its ``ranks`` by session id."""
         return self._m.rooms
-
-    @property
-    def _finished(self):
-        return self._m.finished
 
     # ------------------------------------------------------------ public API
     def send_tensors(self, room: P.Room, embeddings: torch.Tensor, fill_ids: torch.Tensor,
@@ -229,26 +235,9 @@ class EncoderEndpoint:
         Bad arguments raise :class:`~embresume.errors.InvalidArgument` here,
         before anything is registered."""
         P.check_room(room)
-        self._check_delta(mrope_delta)
-        self._register(room, self._tensor_source(embeddings, fill_ids, mrope_positions, mrope_delta), on_done, None)
-
-    def _tensor_source(self, embeddings, fill_ids, mrope_positions, mrope_delta) -> TensorSource:
-        """``send_tensors``'s arguments checked against the Config, at the call
-        (InvalidArgument); the shapes are read once, by TensorSource."""
-        for name, t in (("embeddings", embeddings), ("fill_ids", fill_ids), ("mrope_positions", mrope_positions)):
-            if not isinstance(t, torch.Tensor):
-                raise InvalidArgument(f"{name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}"
-                                      + (" (wrap it with torch.from_numpy)" if type(t).__module__ == "numpy" else ""))
-        try:
-            src = TensorSource(embeddings, fill_ids, mrope_positions, int(mrope_delta))
-        except ConfigError as e:
-            raise InvalidArgument(str(e)) from None
-        c = self.config
-        if src.dtype != c.dtype:
-            raise InvalidArgument(f"embeddings dtype is {src.dtype}, the Config's dtype is {c.dtype}")
-        if src.hidden != c.hidden_size:
-            raise InvalidArgument(f"embeddings width is {src.hidden}, the Config's hidden_size is {c.hidden_size}")
-        return src
+        check_delta(mrope_delta)
+        self._register(room, tensor_source(self.config, embeddings, fill_ids, mrope_positions, mrope_delta), on_done,
+                       None)
 
     def send(self, room: P.Room, src_blocks: Sequence[int], total_tokens: int, mrope_delta: int = 0,
              on_done: Optional[Callable[[P.Room, Status], None]] = None, free_blocks: bool = True) -> None:
@@ -259,7 +248,7 @@ class EncoderEndpoint:
         if self.pool is None:
             raise ConfigError("this encoder has no local pool; create it with pool_blocks=N or use send_tensors")
         P.check_room(room)
-        self._check_delta(mrope_delta)
+        check_delta(mrope_delta)
         src = BlockSource(self.pool, list(src_blocks), total_tokens, int(mrope_delta))
         self._register(room, src, on_done, list(src_blocks) if free_blocks else None)
 
@@ -290,11 +279,6 @@ class EncoderEndpoint:
         with self._lock:
             self._m.expect(room)
 
-    @staticmethod
-    def _check_delta(delta) -> None:
-        if isinstance(delta, bool) or not isinstance(delta, int) or not _INT32[0] <= delta <= _INT32[1]:
-            raise InvalidArgument(f"mrope_delta must be an int32, got {delta!r}")
-
     def wait(self, room: P.Room, timeout: Optional[float] = None) -> Status:
         """Block until ``room`` is terminal (Success or Failed) or ``timeout``
         seconds passed; returns its status then (non-terminal on timeout).
@@ -302,16 +286,12 @@ class EncoderEndpoint:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                r = self._rooms.get(room)
-                if r is None:
-                    if room in self._finished:
-                        return self._finished[room]
+                st = self._m.status(room)       # the machine's answer: live, finished, or None
+                if st is None:
                     raise KeyError(f"unknown room {room!r}")
-                if r.tracker.status.terminal:
-                    return r.tracker.status
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return r.tracker.status
+                if st.terminal or left is not None and left <= 0:
+                    return st
                 self._cond.wait(left)
 
     def drain(self, timeout: Optional[float] = None) -> None:
@@ -340,12 +320,10 @@ class EncoderEndpoint:
 
     def poll(self, room: P.Room) -> Status:
         with self._lock:
-            r = self._rooms.get(room)
-            if r is not None:
-                return r.tracker.status
-            if room in self._finished:
-                return self._finished[room]
-        raise KeyError(f"unknown room {room!r}")
+            st = self._m.status(room)
+        if st is None:
+            raise KeyError(f"unknown room {room!r}")
+        return st
 
     def peers(self) -> list[dict]:
         with self._lock:
@@ -356,34 +334,23 @@ class EncoderEndpoint:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                if sum(p.alive for p in self._peers.values()) >= n:
+                if self._table.alive() >= n:
                     return
             time.sleep(0.005)
         raise PeerError(f"{n} language ranks did not connect within {timeout}s")
 
     def _register(self, room: P.Room, src, on_done, own_blocks) -> None:
-        t = self._tls
-        outer = getattr(t, "jobs", None) is None
-        if outer:
-            # a small first chunk whose INIT is already here is written by this
-            # thread once the lock is released (no hand-off to the peer's worker)
-            t.peer, t.jobs = None, []
+        # a small first chunk whose INIT is already here is written by this
+        # thread once the lock is released (no hand-off to the peer's worker)
+        outer = self._inline.open()
         try:
-            self._register_locked(room, src, on_done, own_blocks)
+            with self._lock:
+                if self._closed:
+                    raise PeerError("endpoint is closed")
+                self._run(self._m.register(room, src, time.monotonic(), on_done, own_blocks))
         finally:
             if outer:
-                jobs, t.jobs = t.jobs, None
-                for job in jobs:
-                    try:
-                        job()
-                    except Exception:   # _write reports its own failures; this is a bug
-                        log.exception("inline write failed")
-
-    def _register_locked(self, room: P.Room, src, on_done, own_blocks) -> None:
-        with self._lock:
-            if self._closed:
-                raise PeerError("endpoint is closed")
-            self._run(self._m.register(room, src, time.monotonic(), on_done, own_blocks))
+                self._inline.run(guard=True)
 
     # ------------------------------------------------------------ handshakes (embresume.handshake.encoder)
     def _on_frames(self, ident: bytes, data: bytes) -> None:
@@ -412,24 +379,16 @@ class EncoderEndpoint:
         peer = _Peer(msg.session_id, msg.tp_rank, pid, transport, pool, channel, hs.same_host and pid > 0, hs.conn,
                      group=group, heartbeat_interval=c.heartbeat_interval)
         with self._lock:
-            if self._closed or msg.session_id in self._peers or len(self._peers) >= MAX_SESSIONS:
+            refused = self._table.refusal(msg.session_id, self._closed)
+            if refused:
                 channel.close()
                 transport.close_peer(pool)
-                # a session id is bound to the connection that registered it
-                raise PeerError("encoder endpoint is closing" if self._closed
-                                else f"session {msg.session_id!r} is already connected"
-                                if msg.session_id in self._peers else
-                                f"this encoder already serves {MAX_SESSIONS} sessions")
+                raise PeerError(refused)
             # 'ready' goes out before the peer is visible to the monitor, so
             # the first frame the language side sees on this socket is 'ready',
             # never a heartbeat
             hs.reply(reply(name, {"phase": "ready"}))
-            self._peers[msg.session_id] = peer
-            if hs.conn is not None:
-                hs.conn.owner = peer
-                hs.conn.established = True
-            else:
-                self._zmq_peers[hs.key] = peer
+            self._table.add(peer, hs)
         peer.worker.start()
         channel.start(lambda ch, m: self._on_message(peer, m),
                       lambda ch, e: self._on_bad_message(peer, e),
@@ -451,22 +410,18 @@ class EncoderEndpoint:
             if not peer.noop.take():
                 self._noop_flood(peer)
             return
-        inline = peer.channel.dedicated
+        # a channel with its own reader thread (the same-host ring) does the
+        # write right after this message, saving a thread hand-off (the
+        # ZeroMQ reader is shared by all remote peers and never writes)
+        inline = peer.channel.dedicated and self._inline.open(peer)
         peer.busy = True            # the monitor does not count silence while we work
-        if inline:
-            # a channel with its own reader thread (the same-host ring) does the
-            # write right after this message, saving a thread hand-off (the
-            # ZeroMQ reader is shared by all remote peers and never writes)
-            self._tls.peer, self._tls.jobs = peer, []
         try:
             with self._lock:
                 self._handle(peer, msg)
         finally:
             try:
                 if inline:
-                    jobs, self._tls.jobs = self._tls.jobs, None
-                    for job in jobs:
-                        job()
+                    self._inline.run()
             finally:
                 peer.busy = False
                 peer.last_seen = time.monotonic()
@@ -499,7 +454,7 @@ class EncoderEndpoint:
         """Carry out the machine's actions, in order, under the lock.  A
         :class:`SendAfterWrite` is returned (with ``defer``, to the writing
         thread that sends it once the lock is released) or else sent like a
-        :class:`Send`."""
+        :class:`Send`.  Then the machine's tally is recorded into ``stats``."""
         sends = None
         for a in acts:
             t = type(a)
@@ -526,6 +481,9 @@ class EncoderEndpoint:
                     self._post(a.session.peer, a.msg)
             else:   # pragma: no cover - a machine action this shell does not know
                 raise AssertionError(f"unknown action {a!r}")
+        tally = self._m.stats
+        if tally:
+            tally.record()          # the machine's counts, into self.stats, after its events
         return sends
 
     def _send_all(self, sends: list) -> None:
@@ -540,15 +498,17 @@ class EncoderEndpoint:
     def _start_write(self, a: Write) -> None:
         peer = a.rank.session.peer
         job = functools.partial(self._write, a)
-        if self._here(peer, a.plan):
-            self._tls.jobs.append(job)      # run by this thread once the lock is released
+        if self._inline.here(peer, a.plan.tokens):
+            self._inline.add(job)       # run by this thread once the lock is released
         else:
             peer.jobs.put(job)
 
     def _done(self, r: Room) -> None:
         """A room is terminal (and out of the table): wake waiters, free its blocks, tell the application."""
         self._cond.notify_all()
-        if r.cause:
+        if r.cause == "expired":
+            log.debug("room %r: its embedding expired, nobody asked for it: %s", r.room, r.reason)
+        elif r.cause:
             plog(logging.WARNING, "room_failed", "room %r failed: %s", r.room, r.reason)
         if r.own_blocks and self.allocator is not None:
             self.allocator.free(r.own_blocks, r.room)
@@ -560,22 +520,6 @@ class EncoderEndpoint:
                 log.exception("on_done callback failed")
 
     # ------------------------------------------------------------ transfers
-    def _here(self, peer: _Peer, plan: ChunkPlan) -> bool:
-        """Whether the calling thread writes the chunk itself: the rank's own
-        ring reader always (it has nothing else to do), an application thread
-        in ``send``/``send_tensors`` when the chunk is small and goes to a
-        same-host peer (a memory copy: it returns a little later instead of
-        paying a thread hand-off; a network write to a stalled peer could hold
-        the caller, so those stay on the worker); anything else goes to the
-        peer's worker."""
-        t = self._tls
-        if getattr(t, "jobs", None) is None:
-            return False
-        if t.peer is peer:
-            return True
-        return (t.peer is None and peer.channel.dedicated
-                and plan.tokens * peer.sess.row_bytes <= INLINE_WRITE_BYTES)
-
     def _write(self, a: Write) -> None:
         """Runs on the rank's worker thread (or, same-host, its reader thread,
         or the thread of ``send`` for a small first chunk).
@@ -583,9 +527,9 @@ class EncoderEndpoint:
         While the rank is in flight, a failure of the room does not post the
         rank's Failed status: the machine hands it back (a SendAfterWrite) once the
         write is over, so the receiver never frees blocks still being written."""
-        r, k, plan, src = a.room, a.rank, a.plan, a.source
+        r, k, plan, src, ended = a.room, a.rank, a.plan, a.source, a.ended
         peer = k.session.peer
-        if r.tracker.status.terminal:
+        if ended.set:
             with self._lock:
                 sends = self._run(self._m.write_skipped(r, k), True)
             if sends:
@@ -593,14 +537,14 @@ class EncoderEndpoint:
             return
         try:
             aux = aux_record(src.total_tokens, src.mrope_delta, peer.pool.layout.aux_ints) if a.first else None
-            pieces = self._pieces(peer, plan)
-            for i, piece in enumerate(pieces):
-                if r.tracker.status.terminal:
+            parts = pieces(plan, peer.pool.layout, self.config.pipeline_bytes, peer.transport.pipelined)
+            for i, piece in enumerate(parts):
+                if ended.set:
                     break  # failed meanwhile: its Failed is sent below, after the write
                 peer.transport.write_chunk(peer.pool, src, piece, aux if i == 0 else None)
-                if i + 1 < len(pieces):
+                if i + 1 < len(parts):
                     landed = piece.sent_tokens_after - (plan.sent_tokens_after - plan.tokens)
-                    peer.channel.send(P.Progress(r.room, k.chunks + 1, landed))
+                    peer.channel.send(P.Progress(r.room, a.seq, landed))
         except Exception as e:
             with self._lock:
                 # the failed write may still land: this rank must keep its blocks
@@ -613,27 +557,6 @@ class EncoderEndpoint:
             sends = self._run(self._m.written(r, k, plan, time.monotonic()), True)
         if sends:
             self._send_all(sends)     # the chunk's STATUS: posted only after the data landed
-
-    def _pieces(self, peer: _Peer, plan: ChunkPlan) -> list[ChunkPlan]:
-        """Split a chunk into pieces for pipelined delivery: at most
-        ``pipeline_bytes`` each, and a chunk of a few of them into about
-        PIPELINE_PIECES pieces of at least MIN_PIECE_BYTES (a 1024-token chunk
-        at hidden 4096 is 8 MiB: four pieces overlap its two copies, one would
-        not overlap them at all)."""
-        bb = peer.pool.layout.emb_block_bytes
-        n = plan.src_block_end - plan.src_block_start
-        per = min(self.config.pipeline_bytes // bb, max(-(-n // PIPELINE_PIECES), -(-MIN_PIECE_BYTES // bb)))
-        if not peer.transport.pipelined or per <= 0 or n <= per:
-            return [plan]
-        bs = peer.pool.layout.block_size
-        start_tokens = plan.sent_tokens_after - plan.tokens
-        out = []
-        for i0 in range(0, n, per):
-            i1 = min(n, i0 + per)
-            tokens = min(plan.tokens, i1 * bs) - i0 * bs
-            out.append(ChunkPlan(plan.src_block_start + i0, plan.src_block_start + i1, plan.dst_blocks[i0:i1],
-                                 tokens, start_tokens + i0 * bs + tokens, plan.partial or i1 < n))
-        return out
 
     def _post(self, peer: _Peer, msg: P.StatusMsg) -> None:
         """Queue a status behind the peer's in-flight writes."""
@@ -655,27 +578,10 @@ class EncoderEndpoint:
 
     def _drop_peer(self, peer: _Peer, reason: str) -> None:
         peer.alive = False
-        if self._peers.get(peer.session_id) is peer:
-            del self._peers[peer.session_id]
-        for ident, p in list(self._zmq_peers.items()):
-            if p is peer:
-                del self._zmq_peers[ident]
+        self._table.remove(peer)
         self._run(self._m.peer_lost(peer.sess, reason))
-        peer.jobs.put(lambda: self._close_peer(peer))
+        peer.jobs.put(peer.close)       # on its worker, after its in-flight writes
         peer.jobs.put(None)
-
-    def _close_peer(self, peer: _Peer) -> None:
-        """On the peer's worker, after its in-flight writes."""
-        try:
-            peer.channel.close()
-        except Exception:
-            pass
-        if peer.conn is not None:
-            peer.conn.close()
-        try:
-            peer.transport.close_peer(peer.pool)
-        except Exception:
-            log.debug("close_peer failed", exc_info=True)
 
     def _monitor_loop(self) -> None:
         seq = 0

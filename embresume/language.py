@@ -26,7 +26,11 @@ the events its links bring (STATUS, PROGRESS, a copy that finished, a lost
 link, the clock) and carries out the actions it returns (send INIT, RESUME or
 ABORT, copy these blocks, hand out this result, tear that link down).  Which
 block belongs to whom at each moment is the machine's ledger
-(docs/design.md, section 5).
+(docs/design.md, section 5).  What the shell keeps per request (merge
+buffer, result, latch) is in its own table (:mod:`embresume.shell_rooms`),
+never in the machine's records; its reads out of the pool (the aux record,
+which it hands the machine as data, the copies, the results) are
+:mod:`embresume.pool_reads`.
 
 One endpoint owns ONE receive pool and ONE allocator, whatever the number of
 encoders: the pool is exported once per transport instance (shm: one segment
@@ -49,7 +53,6 @@ convenience.  All network and copy work runs on threads the endpoint owns.
 
 from __future__ import annotations
 
-import _thread
 import functools
 import itertools
 import logging
@@ -60,7 +63,6 @@ import uuid
 from typing import Optional
 from urllib.parse import urlsplit
 
-import numpy as np
 import torch
 
 from . import auth, metrics
@@ -70,13 +72,14 @@ from .blocks import BlockLayout, BlockPool
 from .channel import Channel, noop_bucket
 from .ipc import unix
 from .config import as_config, Config
-from .errors import ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError, UnknownRoom
-from .kernels.cpu import pool_arrays
-from .merge import EmbeddingResult, MergeBuffer, ResultArena
+from .errors import ConfigError, EmbResumeTimeout, FailCode, InvalidArgument, PeerError, TransferFailed, UnknownRoom
+from .merge import EmbeddingResult, ResultArena
 from .node import pid_alive as _pid_alive
 from .handshake.language import Handshaker, Link
-from .rooms.language import (MAX_REQUEST_TOKENS, Complete, Connect, Copy, Discard, LanguageRooms, Notify, Req,
-                             Send, TearDown, ZeroCopy)
+from .rooms.language import (MAX_REQUEST_TOKENS, Complete, Connect, Copy, Discard, LanguageRooms, Notify,
+                             Send, TearDown, ZeroCopy, check_request_args)
+from .pool_reads import PoolReads
+from .shell_rooms import FinishedRooms, RoomIO, ShellRooms
 from .status import Status
 from .transport import select
 
@@ -97,41 +100,6 @@ BACKOFF_BASE, BACKOFF_CAP = 0.05, 2.0
 #: that was parked for it is freed, the next request naming it reconnects).
 #: Config.extra["quarantine_timeout"] (seconds) overrides.
 QUARANTINE_TIMEOUT_FACTOR = 2.0
-
-
-class _Latch:
-    """A one-shot event on one bare lock: ``set`` is one release, a waiter one
-    acquire (threading.Event goes through a Condition: a fresh waiter lock per
-    wait, a notify loop per set)."""
-
-    __slots__ = ("_lock", "_set")
-
-    def __init__(self) -> None:
-        self._lock = _thread.allocate_lock()
-        self._lock.acquire()
-        self._set = False
-
-    def set(self) -> None:
-        if not self._set:
-            self._set = True
-            try:
-                self._lock.release()
-            except RuntimeError:        # a concurrent set() released it first
-                pass
-
-    def is_set(self) -> bool:
-        return self._set
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        if self._set:
-            return True
-        if self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-            try:
-                self._lock.release()    # let the next waiter through
-            except RuntimeError:
-                pass
-            return True
-        return self._set
 
 
 class _Encoder:
@@ -242,6 +210,8 @@ class LanguageEndpoint:
         self._connections = itertools.count(1)
         self._closed = False
         self._stop = threading.Event()
+        #: rooms that reached a terminal status, for take_finished (once track_finished was called)
+        self._finished = FinishedRooms()
         #: this endpoint's counters; the same calls feed the process-wide metrics
         #: (prometheus_client's registry, see embresume.metrics): one source
         self.stats = metrics.EndpointStats("language")
@@ -255,23 +225,21 @@ class LanguageEndpoint:
                                       new_session=lambda: self._session(), keys=self._keys,
                                       transports=self._transports, stop=self._stop)
         self._exports = self._handshaker.exports      # id(transport instance) -> pool description
-        #: read once (torch attribute reads and torch.device() cost microseconds on every chunk)
-        self._host_pool = not self.pool.is_cuda
-        self._pool_device = str(self.pool.device)
-        #: storage offsets of the pool's views (as_strided takes absolute offsets)
-        self._emb_off = self.pool.embeddings.storage_offset()
-        self._fill_off = self.pool.fill_ids.storage_offset()
         #: the pool stayed on the host for a GPU model (no transport could export a GPU pool)
         self._move_results = self.pool.device.type != torch.device(c.device).type
+        #: the reads out of the pool: aux records, copies into merge buffers, results
+        self._reads = PoolReads(self.pool, self.arena, c.device if self._move_results else None)
         #: the room state machine (no I/O): requests, resumes, timeouts, the block ledger
         self._rooms = LanguageRooms(
             num_blocks=self.layout.num_blocks, block_size=self.layout.block_size,
-            row_bytes=self.layout.emb_row_bytes, read_aux=self._read_aux, stats=self.stats,
+            row_bytes=self.layout.emb_row_bytes, stats=self.stats,
             default_allocate_tokens=c.default_allocate_tokens, max_chunk_tokens=c.max_chunk_tokens,
             request_timeout=c.request_timeout, quarantine_timeout=_quarantine_timeout(c),
             zero_copy=bool(c.zero_copy) and not self._move_results, share_limit=self._share_limit,
             tp_rank=tp_rank)
         self.allocator = self._rooms.allocator
+        #: this shell's own per-room state (merge buffer, result, latch), beside the machine's records
+        self._table = ShellRooms()
         log.info("rank %d: receive pool of %d blocks x %d tokens, %.1f MiB on %s", tp_rank,
                  self.layout.num_blocks, self.layout.block_size, self.layout.nbytes / 2**20, device)
         self._monitor = threading.Thread(target=self._monitor_loop, name=f"embresume-lang-r{tp_rank}-monitor",
@@ -286,14 +254,17 @@ class LanguageEndpoint:
 
     @property
     def _reqs(self) -> dict:
-        """room -> the machine's request record (read by tests and tools)."""
-        return self._rooms.reqs
+        """room -> the machine's record with this shell's result beside it (tests, tools: a snapshot)."""
+        return {room: _ReqView(e) for room, e in list(self._table.items())}
 
     # ------------------------------------------------------------ the machine's actions
     def _run(self, actions: list) -> list:
-        """(lock held) Carry out the machine's actions in order; returns the
-        :class:`Copy` jobs, which the caller runs outside the lock."""
+        """(lock held) Carry out the machine's actions in order, record the machine's
+        tally, then wake the waiters of the rooms a ``Notify`` named, last: a woken
+        caller goes straight for the lock (``result``).  Returns the :class:`Copy`
+        jobs with their entries of this shell's table, run outside the lock."""
         copies = []
+        wake, finished = [], []
         i = 0
         while i < len(actions):
             a = actions[i]
@@ -312,18 +283,18 @@ class LanguageEndpoint:
                 req = a.req
                 if req.tracker.status is Status.Failed:
                     log.warning("room %r failed: %s", req.room, req.reason)
-                if req.event is not None:
-                    req.event.set()
+                e = self._table.of(req)
+                if e is not None:
+                    wake.append(e.latch)
+                finished.append(req.room)
             elif t is Copy:
-                copies.append(a)
+                copies.append((a, self._table.of(a.req)))
             elif t is ZeroCopy:
-                self._zero_copy_result(a)
+                self._reads.zero_copy(self._table.of(a.req), a.blocks, a.tokens, _PoolLease(self, a.lease))
             elif t is Complete:
-                self._complete(a.req)
+                self._reads.complete(self._table.of(a.req))
             elif t is Discard:
-                if a.req.merge is not None:
-                    a.req.merge.discard()
-                    a.req.merge = None
+                self._table.discard(a.req)
             elif t is Connect:
                 self._start_connecting(self._encoders[a.address])
             elif t is TearDown:
@@ -332,6 +303,13 @@ class LanguageEndpoint:
                     self._link_lost(enc, enc.link, a.reason)
             else:  # pragma: no cover - a machine action this shell does not know is a bug
                 raise TypeError(f"unknown action {a!r}")
+        tally = self._rooms.stats
+        if tally:
+            tally.record()          # the machine's counts, into self.stats, after its events
+        for latch in wake:
+            latch.set()
+        if finished:
+            self._finished.add(finished)
         return copies
 
     # ------------------------------------------------------------ connections
@@ -422,30 +400,37 @@ class LanguageEndpoint:
         so a correct hint never needs a resume; a low hint resumes, a high one
         wastes only the difference.  Bad arguments raise
         :class:`~embresume.errors.InvalidArgument` before anything is allocated."""
-        P.check_room(room)
-        n = required_dst_info_num
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 0xFFFF:
-            raise InvalidArgument(f"required_dst_info_num must be an int in [1, 65535], got {n!r}")
-        if expected_tokens is not None and (isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int)
-                                            or not 1 <= expected_tokens <= MAX_REQUEST_TOKENS):
-            raise InvalidArgument(f"expected_tokens must be an int in [1, {MAX_REQUEST_TOKENS}], "
-                                  f"got {expected_tokens!r}")
+        n = check_request_args(room, required_dst_info_num, expected_tokens)
         enc = self._encoder(encoder)
         with self._lock:
             if self._closed:
                 raise PeerError("endpoint is closed")
             actions = self._rooms.request(room, enc.address, n, expected_tokens, time.monotonic())
-            req = self._rooms.reqs[room]
-            req.event = _Latch()
+            e = self._table.add(self._rooms.reqs[room])
             self._run(actions)
-            return req.tracker.status
+            return e.req.tracker.status
+
+    def track_finished(self) -> None:
+        """From now on, record every room whose request reaches Success or Failed,
+        for :meth:`take_finished` (:class:`~embresume.shell_rooms.FinishedRooms`)."""
+        with self._lock:
+            self._finished.track()
+
+    def finished_pending(self) -> bool:
+        """Whether :meth:`take_finished` has something (one read, no lock)."""
+        return self._finished.pending()
+
+    def take_finished(self) -> list:
+        """The rooms whose request reached Success or Failed since the last call,
+        in order (its :meth:`poll` tells a room's status now); never blocks."""
+        return self._finished.take()
 
     def poll(self, room: P.Room) -> Status:
         """Non-blocking: never waits for the endpoint's lock or a copy."""
-        req = self._rooms.reqs.get(room)
-        if req is None:
+        e = self._table.get(room)
+        if e is None:
             raise UnknownRoom(f"room {room!r} is not requested on this endpoint (or its result was collected)")
-        return req.tracker.status
+        return e.req.tracker.status
 
     def result(self, room: P.Room) -> EmbeddingResult:
         """Pop the merged result of a room that reached Success.  A room that
@@ -453,13 +438,18 @@ class LanguageEndpoint:
         (the subclass of its code: :class:`~embresume.errors.RoomBusy`,
         :class:`~embresume.errors.NotPublished`, ...)."""
         with self._lock:
-            return self._rooms.collect(room).result
+            try:
+                self._rooms.collect(room)
+            except TransferFailed:
+                self._table.drop(room)      # the machine let go of it too
+                raise
+            return self._table.drop(room).result
 
     def failure_reason(self, room: P.Room) -> str:
         """Why ``room`` failed, for people ("" unless it is here and failed)."""
         with self._lock:
-            req = self._rooms.reqs.get(room)
-            return req.reason if req else ""
+            e = self._table.get(room)
+            return e.req.reason if e else ""
 
     def failure_code(self, room: P.Room) -> FailCode:
         """Why ``room`` failed, for code: the encoder's
@@ -467,24 +457,19 @@ class LanguageEndpoint:
         (BUSY, TP_GROUP, NOT_PUBLISHED, ...), this endpoint's own otherwise
         (TIMEOUT, PEER_LOST, UNREACHABLE, ...); NONE unless it is here and failed."""
         with self._lock:
-            req = self._rooms.reqs.get(room)
-            return req.code if req else FailCode.NONE
+            e = self._table.get(room)
+            return e.req.code if e else FailCode.NONE
 
     def history(self, room: P.Room) -> list[Status]:
         with self._lock:
-            req = self._rooms.reqs.get(room)
-            if req is None:
-                raise UnknownRoom(f"room {room!r} is not requested on this endpoint")
-            return list(req.tracker.history)
+            return list(self._table.need(room).req.tracker.history)
 
     def wait(self, room: P.Room, timeout: Optional[float] = None) -> Status:
         """Block until ``room`` is terminal or ``timeout`` passed; returns its status."""
         with self._lock:
-            req = self._rooms.reqs.get(room)
-        if req is None:
-            raise UnknownRoom(f"room {room!r} is not requested on this endpoint")
-        req.event.wait(timeout)
-        return req.tracker.status
+            e = self._table.need(room)
+        e.latch.wait(timeout)
+        return e.req.tracker.status
 
     def recv(self, room: P.Room, timeout: Optional[float] = None, required_dst_info_num: int = 1, *,
              encoder: Optional[str] = None, expected_tokens: Optional[int] = None) -> EmbeddingResult:
@@ -494,19 +479,20 @@ class LanguageEndpoint:
         :class:`~embresume.errors.EmbResumeTimeout` (the room aborted) when
         ``timeout`` (default ``request_timeout``) ran out."""
         with self._lock:
-            req = self._rooms.reqs.get(room)
-            if req is not None and req.tracker.status is Status.Success:
+            e = self._table.get(room)
+            if e is not None and e.req.tracker.status is Status.Success:
                 return self.result(room)        # it arrived before we were asked
-        if req is None or req.tracker.status is Status.Failed:
+        if e is None or e.req.tracker.status is Status.Failed:
             self.request(room, required_dst_info_num, encoder=encoder, expected_tokens=expected_tokens)
         timeout = self.config.request_timeout if timeout is None else timeout
         st = self.wait(room, timeout)
         if not st.terminal:
             self.abort(room, f"no result within {timeout}s")
             with self._lock:
-                req = self._rooms.reqs.get(room)
-                if req is not None and req.tracker.status is Status.Failed:
+                e = self._table.get(room)
+                if e is not None and e.req.tracker.status is Status.Failed:
                     self._run(self._rooms.forget(room))
+                    self._table.drop(room)
                     raise EmbResumeTimeout(f"room {room!r}: no result within {timeout}s "
                                            f"(it was {st.name}; aborted)")
         return self.result(room)
@@ -535,67 +521,15 @@ class LanguageEndpoint:
     def encoders(self) -> list[dict]:
         """The encoders this endpoint knows, their state and transport."""
         with self._lock:
-            reqs = self._rooms.reqs.values()
             return [{"address": e.address, "state": e.state, "transport": e.link.transport if e.link else "",
-                     "rooms": sum(1 for r in reqs if r.enc is e.rooms and not r.tracker.status.terminal),
-                     "reason": e.reason} for e in self._encoders.values()]
+                     "rooms": self._rooms.live_rooms(e.address), "reason": e.reason}
+                    for e in self._encoders.values()]
 
     # ------------------------------------------------------------ pool reads and copies
-    def _read_aux(self, block: int):
-        """(total tokens, aux record) from the aux of ``block`` (the machine's one look at pool memory)."""
-        if self._host_pool:
-            # numpy: one small copy instead of three torch ops (index, clone, cpu) and a scalar read
-            a = pool_arrays(self.pool)[3][block].copy()
-            return int(a[0]), torch.from_numpy(a)
-        aux = self.pool.aux[block].clone().cpu()
-        return int(aux[0]), aux
-
-    def _copy(self, job: Copy) -> Optional[str]:
-        """Copy a job's tokens out of its blocks into the merge buffer (outside
-        the lock); returns why it failed, or None."""
-        req = job.req
-        try:
-            if req.merge is None:
-                req.merge = MergeBuffer(req.total_tokens, self.layout.hidden, self.layout.dtype, self._pool_device,
-                                        req.aux, self.arena)
-            if job.tokens:
-                req.merge.add(self.pool, job.blocks, job.tokens)
-            if not self._host_pool:
-                # gather kernels are asynchronous: the blocks are freed (and may be
-                # written by the encoder for another request) only after they finished
-                torch.cuda.current_stream(self.pool.device).synchronize()
-        except Exception as e:  # pragma: no cover - a copy failing is a bug or a dead device
-            return f"{type(e).__name__}: {e}"
-        return None
-
-    def _complete(self, req: Req) -> None:
-        """(lock held) All tokens landed in the merge buffer: it becomes the result."""
-        res = req.merge.result(req.room, list(req.tracker.history), req.chunks)
-        if self._move_results:
-            res.embeddings, res.fill_ids, res.mrope_positions = (
-                t.to(self.config.device) for t in (res.embeddings, res.fill_ids, res.mrope_positions))
-        req.result = res
-        req.merge = None
-
-    def _zero_copy_result(self, a: ZeroCopy) -> None:
-        """(lock held) A one-chunk request in consecutive blocks: its result is a
-        view of the pool (no gather copy); the blocks stay lent to it."""
-        req, tokens, blocks = a.req, a.tokens, a.blocks
-        bs = self.layout.block_size
-        need = len(blocks)
-        b0 = blocks[0]
-        pool, H = self.pool, self.layout.hidden
-        # one torch op per view (as_strided on the pool's own tensors: consecutive blocks are contiguous)
-        emb = pool.embeddings.as_strided((tokens, H), (H, 1), self._emb_off + b0 * bs * H)
-        fill = pool.fill_ids.as_strided((tokens,), (1,), self._fill_off + b0 * bs)
-        # mrope is [3, bs] per block: [3, T] needs this small copy (12 bytes a token)
-        if self._host_pool:
-            m = pool_arrays(pool)[2][b0:b0 + need].transpose(1, 0, 2).reshape(3, need * bs)[:, :tokens]
-            mrope = torch.from_numpy(np.ascontiguousarray(m))
-        else:
-            mrope = pool.mrope[b0:b0 + need].transpose(0, 1).reshape(3, need * bs)[:, :tokens].contiguous()
-        req.result = EmbeddingResult(req.room, emb, fill, mrope, req.aux, 1, list(req.tracker.history),
-                                     _PoolLease(self, a.lease))
+    def _copy(self, job: Copy, e: RoomIO) -> Optional[str]:
+        """Copy a job's tokens into the request's merge buffer (``e``: its entry
+        of this shell's table), outside the lock; returns why it failed, or None."""
+        return self._reads.copy(e, job.blocks, job.tokens)
 
     def _release_pool_lease(self, lease: int) -> None:
         with self._lock:
@@ -613,13 +547,16 @@ class LanguageEndpoint:
             with self._lock:
                 if enc.link is not link:
                     return
-                acts = (self._rooms.status(enc.address, msg, time.monotonic()) if t is P.StatusMsg
-                        else self._rooms.progress(enc.address, msg))
+                rooms = self._rooms
+                block = rooms.aux_block(enc.address, msg)
+                aux = None if block is None else self._reads.aux(block)     # the event takes it as data
+                acts = (rooms.status(enc.address, msg, time.monotonic(), aux) if t is P.StatusMsg
+                        else rooms.progress(enc.address, msg, aux))
                 jobs = self._run(acts)
-            for job in jobs:
+            for job, e in jobs:
                 link.busy = True  # the monitor does not count silence while we copy
                 try:
-                    err = self._copy(job)  # outside the lock: poll() never waits for it
+                    err = self._copy(job, e)  # outside the lock: poll() never waits for it
                 finally:
                     link.busy = False
                     link.last_seen = time.monotonic()
@@ -731,15 +668,8 @@ class LanguageEndpoint:
         if self._monitor is not threading.current_thread():
             self._monitor.join(timeout=2)
         for link in links:
-            try:
-                link.close()
-            except Exception:
-                log.debug("link close failed", exc_info=True)
-        for t in self._transports.instances():
-            try:
-                t.unexport_pool(self.pool)
-            except Exception:
-                log.debug("unexport failed", exc_info=True)
+            _close_quietly(link)
+        self._handshaker.unexport_all()
         self._transports.close()
         self.pool.close()
 
@@ -760,8 +690,7 @@ class _PoolLease:
 
     @property
     def blocks(self) -> list:
-        entry = self.endpoint._rooms.leases.get(self.lease)
-        return list(entry[1]) if entry else []
+        return self.endpoint._rooms.lease_blocks(self.lease)
 
     def give_back(self) -> None:
         self.endpoint._release_pool_lease(self.lease)
@@ -772,3 +701,24 @@ def _close_quietly(link: Link) -> None:
         link.close()
     except Exception:
         log.debug("closing a lost link failed", exc_info=True)
+
+
+class _ReqView:
+    """A machine's request record, read through, with the shell's ``result``
+    beside it (``LanguageEndpoint._reqs``: tests and tools).  A field set on
+    it is set on the record: a test that forces a timeout sets ``deadline``."""
+
+    __slots__ = ("_e",)
+
+    def __init__(self, e: RoomIO):
+        object.__setattr__(self, "_e", e)
+
+    @property
+    def result(self):
+        return self._e.result
+
+    def __getattr__(self, name: str):
+        return getattr(self._e.req, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._e.req, name, value)

@@ -271,3 +271,37 @@ def test_zero_copy_receive(encoder, data):
         assert r2.chunks == 2 and lang.stats["zero_copy"] == 2
         r2.release()
         check_clean(lang)
+
+
+def test_take_finished_reports_each_finished_room_once(encoder, data):
+    """track_finished / take_finished: the rooms whose request reached Success or Failed since
+    the last call, each once, failures included; nothing is recorded before track_finished,
+    and polling the open rooms is then unnecessary (the vLLM consumer reads only these)."""
+    cfg, enc = encoder
+    with LanguageEndpoint(cfg.replace(request_timeout=2.0)) as lang:
+        before = next(_rooms)
+        lang.request(before)
+        enc.send(before, 10)
+        assert lang.wait(before, 30) is Status.Success
+        assert lang.take_finished() == [] and not lang.finished_pending()    # not tracked yet
+        lang.result(before)
+        lang.track_finished()
+        rooms = [next(_rooms) for _ in range(6)]
+        for room in rooms:
+            lang.request(room)
+        enc.send_many((room, 50 + 37 * i) for i, room in enumerate(rooms[:5]))
+        lost = rooms[5]                                       # never sent: fails at request_timeout
+        got, deadline = [], time.monotonic() + 30
+        while len(got) < len(rooms) and time.monotonic() < deadline:
+            got += lang.take_finished()
+            time.sleep(0.005)
+        assert sorted(got) == sorted(rooms), got               # each once
+        assert lang.take_finished() == [] and not lang.finished_pending()
+        for i, room in enumerate(rooms[:5]):
+            assert lang.poll(room) is Status.Success
+            r = lang.result(room)
+            assert r.total_tokens == 50 + 37 * i and data.verify(room, r)
+        assert lang.poll(lost) is Status.Failed
+        with pytest.raises(Exception):
+            lang.result(lost)
+        check_clean(lang)

@@ -16,7 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from embresume import protocol as P
 from embresume.blocks import BlockLayout
-from embresume.errors import InvalidArgument
+from embresume.errors import FailCode, InvalidArgument
 from embresume.metrics import EndpointStats
 try:
     from prometheus_client import CollectorRegistry
@@ -63,8 +63,8 @@ class Harness:
     and checks what must hold of every action (rules 3 and 7)."""
 
     def __init__(self, request_timeout: float = TIMEOUT):
-        self.stats = EndpointStats("encoder", CollectorRegistry())
-        self.m = EncoderRooms(stats=self.stats, request_timeout=request_timeout)
+        self._stats = EndpointStats("encoder", CollectorRegistry())
+        self.m = EncoderRooms(stats=self._stats, request_timeout=request_timeout)
         self.writes: list[Write] = []            # started, not yet reported
         self.msgs: dict = {}                     # session -> [StatusMsg] it was sent (Send, SendAfterWrite, Reject)
         self.rejects: list[Reject] = []
@@ -74,6 +74,12 @@ class Harness:
         self.chunks = 0                          # writes that landed in a live room
         self.total: dict = {}                    # Rank -> total tokens of the source written to it
         self.phase_changes = record_phase_changes(self.m)   # (rank, old, new), as the machine made them
+
+    @property
+    def stats(self) -> EndpointStats:
+        """The endpoint's counters, with the machine's tally recorded into them (as the endpoint does after each event)."""
+        self.m.stats.record()
+        return self._stats
 
     def check_phases(self) -> None:
         """Every phase change the machine made is in its table, and every live
@@ -94,6 +100,7 @@ class Harness:
                 k = a.rank
                 assert k.in_flight and not any(w.rank is k for w in self.writes)
                 assert a.first == (self.wrote.get(k, 0) == 0)                          # rule 3
+                assert a.seq == k.chunks + 1 and a.ended is a.room.ended and not a.ended.set
                 assert set(a.plan.dst_blocks) <= set(k.dst_blocks)
                 self.wrote[k] = self.wrote.get(k, 0) + 1
                 self.total[k] = a.source.total_tokens
@@ -108,6 +115,7 @@ class Harness:
                     self._deliver(a.session, a.msg)
             elif isinstance(a, Done):
                 assert a.room.tracker.status.terminal and self.m.rooms.get(a.room.room) is not a.room
+                assert a.room.ended.set         # what its writers read outside the lock says so
                 if a.room.tracker.status is Status.Success:
                     # every rank got every token (a full copy each)
                     sent = {k.sent_tokens for k in a.room.ranks.values()}
@@ -134,6 +142,7 @@ class Harness:
 
     def complete(self, w: Write, how: str = "written", now: float = 0.0) -> list:
         self.writes.remove(w)
+        assert w.ended.set == w.room.tracker.status.terminal     # the writer's view agrees with the machine
         if how == "written":
             if not w.room.tracker.status.terminal:
                 self.landed[w.rank] = self.landed.get(w.rank, 0) + w.plan.tokens
@@ -433,6 +442,22 @@ def test_timeouts_and_close_leave_nothing():
     assert not h.m.rooms and s.live_rooms == s.live_blocks == 0
     assert [m.status for m in h.take(s)] == [Status.Transferring, Status.Failed]
     assert h.stats["failed"] == 2
+
+
+def test_an_embedding_nobody_asked_for_expires_a_room_asked_for_times_out():
+    """Past request_timeout, a registered embedding no rank asked for ends with cause
+    "expired" (the shell logs it at DEBUG: nobody failed), a room a rank asked for with
+    "timeout" (a WARNING); both are TIMEOUT on the wire and free what they held."""
+    h = Harness()
+    s = session("s")
+    h.run(h.m.register(1, Src(4), 0.0))                              # never asked for
+    h.run(h.m.register(2, Src(40), 0.0))
+    h.run(h.m.init(s, init(s, 2, [0]), 0.0))                          # asked for, never resumed
+    h.run(h.m.tick(100.0))
+    done = {r.room: r for r in h.done}
+    assert set(done) == {1, 2} and not h.m.rooms
+    assert (done[1].cause, done[2].cause) == ("expired", "timeout")
+    assert done[1].code is done[2].code is FailCode.TIMEOUT
 
 
 def test_layout_mismatch_fails_the_room():

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from embresume import protocol as P
-from embresume.errors import InvalidArgument, TransferFailed
+from embresume.errors import FailCode, InvalidArgument, TransferFailed
 from embresume.metrics import EndpointStats
 try:
     from prometheus_client import CollectorRegistry
@@ -38,11 +38,10 @@ class Harness:
 
     def __init__(self, num_blocks=8, **kw):
         self.aux: dict[int, int] = {}           # block -> total tokens written into its aux
-        self.stats = EndpointStats("language", CollectorRegistry())
+        self._stats = EndpointStats("language", CollectorRegistry())
         opts = dict(default_allocate_tokens=256, request_timeout=10.0, quarantine_timeout=4.0)
         opts.update(kw)
-        self.m = LanguageRooms(num_blocks=num_blocks, block_size=BS, row_bytes=8, read_aux=self._read_aux,
-                               stats=self.stats, **opts)
+        self.m = LanguageRooms(num_blocks=num_blocks, block_size=BS, row_bytes=8, stats=self._stats, **opts)
         self.sent: dict[str, list] = {}          # address -> messages that went out
         self.down: set = set()                   # addresses whose sends fail
         self.copies: list[Copy] = []
@@ -71,8 +70,22 @@ class Harness:
             if req.phase is Phase.ASKED:
                 assert req.blocks
 
-    def _read_aux(self, block):
-        return self.aux.get(block, 0), ("aux", block)
+    @property
+    def stats(self) -> EndpointStats:
+        """The endpoint's counters, with the machine's tally recorded into them (as the endpoint does after each event)."""
+        self.m.stats.record()
+        return self._stats
+
+    def read_aux(self, address: str, msg):
+        """What the endpoint does before a STATUS or PROGRESS: read the aux the machine names, hand it in as data."""
+        block = self.m.aux_block(address, msg)
+        return None if block is None else (self.aux.get(block, 0), ("aux", block))
+
+    def status(self, address: str, msg: P.StatusMsg, now: float) -> list:
+        return self.m.handle(RL.StatusReceived(address, msg, now, self.read_aux(address, msg)))
+
+    def progress(self, address: str, msg: P.Progress) -> list:
+        return self.m.handle(RL.ProgressReceived(address, msg, self.read_aux(address, msg)))
 
     def run(self, actions: list) -> None:
         i = 0
@@ -117,7 +130,7 @@ def _chunk(h: Harness, address: str, msg, total: int, seq: int, now: float = 0.0
     if seq == 1:
         h.aux[msg.dst_blocks[0]] = total
     status = Status.Transferring if plan.partial else Status.Success
-    h.run(h.m.status(address, P.StatusMsg(msg.room, status, seq, plan.sent_tokens_after, plan.tokens, total), now))
+    h.run(h.status(address, P.StatusMsg(msg.room, status, seq, plan.sent_tokens_after, plan.tokens, total), now))
     return plan
 
 
@@ -161,7 +174,7 @@ def test_an_abort_during_a_copy_quarantines_the_blocks_when_the_copy_ends():
     assert h.m.ledger()["quarantine"] == {("e", 1): list(init.dst_blocks)}
     with pytest.raises(InvalidArgument, match="confirm an abort"):
         h.m.request(1, "e", 1, None, 0.0)
-    h.run(h.m.status("e", P.StatusMsg(1, Status.Failed, flags=P.FLAG_ABORT_ACK), 0.0))
+    h.run(h.status("e", P.StatusMsg(1, Status.Failed, flags=P.FLAG_ABORT_ACK), 0.0))
     assert h.m.allocator.free_blocks == 8
     with pytest.raises(TransferFailed):
         h.m.collect(1)
@@ -175,7 +188,7 @@ def test_held_blocks_have_a_deadline():
     h.run(h.m.connected("e", "s1"))
     h.run(h.m.request(1, "e", 1, None, 0.0))
     (init,) = h.take("e")
-    h.run(h.m.status("e", P.StatusMsg(1, Status.Failed, reason="write timed out", flags=P.FLAG_BLOCKS_UNSAFE), 0.0))
+    h.run(h.status("e", P.StatusMsg(1, Status.Failed, reason="write timed out", flags=P.FLAG_BLOCKS_UNSAFE), 0.0))
     assert h.m.ledger()["held"] == {("e", 1): list(init.dst_blocks)}
     h.run(h.m.tick(1.0))                # the clock starts at the first tick
     h.run(h.m.tick(4.5))
@@ -194,7 +207,7 @@ def test_an_unanswered_abort_tears_the_encoder_down():
     h.take("e"), h.take("f")
     h.run(h.m.tick(2.0))                # both time out: ABORTs go out, blocks quarantined
     assert [type(m) for m in h.take("e")] == [P.Abort] and [type(m) for m in h.take("f")] == [P.Abort]
-    h.run(h.m.status("f", P.StatusMsg(2, Status.Failed, flags=P.FLAG_ABORT_ACK), 2.5))     # f answers
+    h.run(h.status("f", P.StatusMsg(2, Status.Failed, flags=P.FLAG_ABORT_ACK), 2.5))     # f answers
     h.run(h.m.tick(6.5))
     assert h.teardowns == ["e"] and h.stats["stuck_encoders"] == 1
     assert h.m.allocator.free_blocks == 8 and h.m.encs["f"].up
@@ -237,8 +250,8 @@ def test_another_encoders_status_never_touches_a_room():
     h.run(h.m.request(1, "e", 1, None, 0.0))
     (init,) = h.take("e")
     h.aux[init.dst_blocks[0]] = 100
-    h.run(h.m.status("f", P.StatusMsg(1, Status.Success, 1, 100, 100, 100), 0.0))
-    h.run(h.m.status("f", P.StatusMsg(1, Status.Failed, reason="not yours"), 0.0))
+    h.run(h.status("f", P.StatusMsg(1, Status.Success, 1, 100, 100, 100), 0.0))
+    h.run(h.status("f", P.StatusMsg(1, Status.Failed, reason="not yours"), 0.0))
     assert h.m.reqs[1].tracker.status is Status.WaitingForInput and not h.copies
 
 
@@ -248,7 +261,7 @@ def test_a_corrupt_aux_fails_the_room_with_an_abort():
     h.run(h.m.request(1, "e", 1, None, 0.0))
     (init,) = h.take("e")
     h.aux[init.dst_blocks[0]] = 1 << 30
-    h.run(h.m.status("e", P.StatusMsg(1, Status.Success, 1, 100, 100, 100), 0.0))
+    h.run(h.status("e", P.StatusMsg(1, Status.Success, 1, 100, 100, 100), 0.0))
     assert h.m.reqs[1].cause == "bad_message" and "aux" in h.m.reqs[1].reason
     assert [type(m) for m in h.take("e")] == [P.Abort]
 
@@ -345,10 +358,10 @@ class MachineRooms(RuleBasedStateMachine):
         nblocks = plan.src_block_end - plan.src_block_start
         if progress and nblocks >= 2:
             k = data.draw(st.integers(1, nblocks - 1))
-            self._run(self.h.m.progress(a, P.Progress(room, seq, k * BS)))
+            self._run(self.h.progress(a, P.Progress(room, seq, k * BS)))
         status = Status.Transferring if plan.partial else Status.Success
-        self._run(self.h.m.status(a, P.StatusMsg(room, status, seq, plan.sent_tokens_after, plan.tokens, total),
-                                  self.now))
+        self._run(self.h.status(a, P.StatusMsg(room, status, seq, plan.sent_tokens_after, plan.tokens, total),
+                                self.now))
 
     @precondition(lambda self: self.h.copies)
     @rule(data=st.data(), fails=st.booleans())
@@ -363,21 +376,21 @@ class MachineRooms(RuleBasedStateMachine):
     def encoder_fails_a_room(self, data, unsafe):
         a, room = data.draw(st.sampled_from(sorted(self.asked)))
         self.asked.pop((a, room))
-        self._run(self.h.m.status(a, P.StatusMsg(room, Status.Failed, reason="encoder failed it",
-                                                 flags=P.FLAG_BLOCKS_UNSAFE if unsafe else 0), self.now))
+        self._run(self.h.status(a, P.StatusMsg(room, Status.Failed, reason="encoder failed it",
+                                               flags=P.FLAG_BLOCKS_UNSAFE if unsafe else 0), self.now))
 
     @precondition(lambda self: self.asked)
     @rule(data=st.data())
     def encoder_sends_a_wrong_status(self, data):
         a, room = data.draw(st.sampled_from(sorted(self.asked)))
-        self._run(self.h.m.status(a, P.StatusMsg(room, Status.Transferring, 99, 1, 1, 1), self.now))
+        self._run(self.h.status(a, P.StatusMsg(room, Status.Transferring, 99, 1, 1, 1), self.now))
 
     @rule(i=st.integers(0, ENCS - 1))
     def encoder_acknowledges_aborts(self, i):
         a = ADDRS[i]
         for room in sorted(self.aborted[a]):
             self.aborted[a].discard(room)
-            self._run(self.h.m.status(a, P.StatusMsg(room, Status.Failed, flags=P.FLAG_ABORT_ACK), self.now))
+            self._run(self.h.status(a, P.StatusMsg(room, Status.Failed, flags=P.FLAG_ABORT_ACK), self.now))
 
     @rule(room=st.integers(0, ROOMS - 1))
     def scheduler_aborts(self, room):
@@ -526,8 +539,8 @@ def test_handle_takes_the_events_and_the_methods_are_its_wrappers():
     assert ia == ib and isinstance(ia, P.Init)
     a.aux[ia.dst_blocks[0]] = b.aux[ib.dst_blocks[0]] = 100
     msg = P.StatusMsg(1, Status.Success, 1, 100, 100, 100)
-    a.run(a.m.handle(RL.StatusReceived("e", msg, 0.0)))
-    b.run(b.m.status("e", msg, 0.0))
+    a.run(a.m.handle(RL.StatusReceived("e", msg, 0.0, a.read_aux("e", msg))))
+    b.run(b.m.status("e", msg, 0.0, b.read_aux("e", msg)))
     (ca,), (cb,) = a.copies, b.copies
     assert (ca.blocks, ca.tokens, ca.end) == (cb.blocks, cb.tokens, cb.end) == (list(ia.dst_blocks), 100, (100, True))
     a.run(a.m.handle(RL.Copied(ca.req, ca.tokens, ca.end, None, 0.0)))
@@ -551,3 +564,50 @@ def test_forget_drops_a_failed_request_and_nothing_else():
     assert h.m.forget(1) == []                                      # unknown: nothing happens
     h.m.check_ledger()
     h.check_phases()
+
+
+def test_the_aux_record_comes_in_the_event_as_data():
+    """The machine never reads pool memory: ``aux_block`` names the block whose
+    aux a STATUS or PROGRESS needs, the endpoint reads it and hands it in the
+    event; a first chunk's STATUS without it fails the room as a bad message."""
+    h = Harness()
+    h.run(h.m.connected("e", "s1"))
+    h.run(h.m.request(1, "e", 1, None, 0.0))
+    (init,) = h.take("e")
+    msg = P.StatusMsg(1, Status.Success, 1, 100, 100, 100)
+    assert h.m.aux_block("e", msg) == init.dst_blocks[0]
+    assert h.m.aux_block("e", P.Progress(1, 1, BS)) == init.dst_blocks[0]
+    assert h.m.aux_block("f", msg) is None                                  # not asked of that encoder
+    assert h.m.aux_block("e", P.StatusMsg(1, Status.Failed)) is None        # a failure reads nothing
+    h.run(h.m.handle(RL.StatusReceived("e", msg, 0.0, (100, "the aux record"))))
+    assert h.m.reqs[1].aux == "the aux record" and h.m.reqs[1].total_tokens == 100
+    assert h.m.aux_block("e", msg) is None                                  # read once, kept for the request
+    _finish_copies(h)
+    h.run(h.m.request(2, "e", 1, None, 0.0))
+    h.take("e")
+    h.run(h.m.handle(RL.StatusReceived("e", P.StatusMsg(2, Status.Success, 1, 100, 100, 100), 0.0)))
+    req = h.m.reqs[2]
+    assert req.code is FailCode.BAD_MESSAGE and "aux" in req.reason
+    assert [type(m) for m in h.take("e")] == [P.Abort]
+    h.m.check_ledger()
+    h.check_phases()
+
+
+def test_the_machine_counts_as_data_and_the_endpoint_records_them():
+    """Counts are data in the machine's Tally during its events: the endpoint's
+    EndpointStats sees nothing until the tally is recorded, then all of it."""
+    stats = EndpointStats("language", CollectorRegistry())
+    m = LanguageRooms(num_blocks=8, block_size=BS, row_bytes=8, default_allocate_tokens=256, stats=stats)
+    m.connected("e", "s1")
+    (send,) = m.request(1, "e", 1, None, 0.0)
+    copy = next(a for a in m.status("e", P.StatusMsg(1, Status.Success, 1, 100, 100, 100), 0.0, (100, None))
+                if isinstance(a, Copy))
+    m.copied(copy.req, copy.tokens, copy.end, None, 1.0)
+    m.request(2, "e", 1, None, 1.0)
+    m.abort(2, "test")
+    assert dict(stats) == {} and m.stats                                    # nothing recorded inside the events
+    m.stats.record()
+    assert (stats["requests"], stats["success"], stats["failed"], stats["chunks"]) == (2, 1, 1, 1)
+    assert stats["bytes"] == 100 * 8 and not m.stats                        # the tally is empty again
+    m.stats.record()
+    assert stats["requests"] == 2

@@ -101,6 +101,20 @@ class Handshakes:
         self.pending: dict = {}                             # hellos waiting for their pool description
         self.refusals = RateBucket(REFUSAL_RATE, REFUSAL_BURST)
 
+    def listen_unix(self, name: str) -> unix.Server:
+        """Listen on the same-host handshake socket ``name`` (its packets come
+        here); ConfigError when it cannot (the name is taken)."""
+        c = self.config
+        try:
+            return unix.Server(name, allowed_uids=c.peer_uids, on_packet=self.on_unix_packet,
+                               on_closed=self.on_unix_closed, on_bad=self.on_unix_bad, on_refused=self.on_unix_refused,
+                               max_pending=MAX_PENDING_HANDSHAKES, pending_timeout=c.handshake_timeout,
+                               thread_name="embresume-enc-unix")
+        except OSError as e:
+            raise ConfigError(f"cannot listen on the same-host handshake socket {unix.display(name)} "
+                              f"({e.strerror or e}): another encoder of this host (or a squatter) holds it; "
+                              f"use another port") from None
+
     def expire(self, now: float) -> None:
         """Forget the hellos never followed by a pool description in time."""
         for key, hs in list(self.pending.items()):

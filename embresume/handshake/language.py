@@ -107,6 +107,14 @@ class Handshaker:
                 desc = self.exports[id(transport)] = transport.export_pool(self.pool)
             return desc
 
+    def unexport_all(self) -> None:
+        """(At close) Withdraw the pool from every transport instance that may have exported it."""
+        for t in self._transports.instances():
+            try:
+                t.unexport_pool(self.pool)
+            except Exception:
+                log.debug("unexport failed", exc_info=True)
+
     def handshake(self, address: str, on_lost: Callable) -> Link:
         exclude: list[str] = []
         while True:

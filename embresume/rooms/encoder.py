@@ -54,8 +54,9 @@ or RESUME for one of them is answered at once with Failed, code
 NOT_PUBLISHED, instead of waiting as an empty room for an embedding that is
 gone, until the room is registered again (or announced: :meth:`EncoderRooms.expect`).
 
-Counts are recorded once, in the endpoint's
-:class:`~embresume.metrics.EndpointStats`.
+Counts are kept as data in the machine's :class:`~embresume.rooms.Tally`
+(``stats``), which the endpoint records into its
+:class:`~embresume.metrics.EndpointStats` after each event.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from ..errors import BlockSizeMismatch, FailCode, InvalidArgument, ProtocolError
 from ..metrics import EndpointStats
 from ..planner import ChunkPlan, check_block_size, plan_chunk
 from ..status import Status, StatusTracker
-from . import check_phase
+from . import Tally, check_phase
 
 #: finished rooms (their final status, for wait/poll) and finished INITs
 #: (session, room, nonce: a replay is a duplicate) remembered
@@ -229,12 +230,20 @@ class Close:
 class Write:
     """Write ``plan`` of ``source`` (``room``'s) into ``rank``'s blocks (with
     the aux record when ``first``), outside the lock; then report
-    :meth:`EncoderRooms.written` (or ``write_failed`` / ``write_skipped``)."""
+    :meth:`EncoderRooms.written` (or ``write_failed`` / ``write_skipped``).
+
+    What the writing thread reads, without the lock, is in here as data:
+    ``seq`` (the chunk's number, for its PROGRESS reports) and ``ended``
+    (the room's :class:`Ended`, set by the machine when the room ends: the
+    write is skipped or cut short then).  ``room`` and ``rank`` are handed
+    back in the report, not read."""
     room: "Room"
     rank: "Rank"
     plan: ChunkPlan
     first: bool
     source: object
+    seq: int = 1
+    ended: Optional["Ended"] = None
 
 
 @dataclass(slots=True)
@@ -342,11 +351,22 @@ class Rank:
         return f"Rank({self.session.id!r}, {self.phase.name})"
 
 
+class Ended:
+    """Whether a room ended (Success or Failed), published to the threads that
+    write it outside the lock (:attr:`Write.ended`).  Only the machine sets it,
+    under the lock, when the room leaves the table; a writer reads ``set``."""
+
+    __slots__ = ("set",)
+
+    def __init__(self) -> None:
+        self.set = False
+
+
 class Room:
     """One room: its source (once registered), its ranks by session id."""
 
     __slots__ = ("room", "deadline", "tracker", "source", "required", "ranks", "on_done", "own_blocks",
-                 "reason", "cause", "code", "t0", "group")
+                 "reason", "cause", "code", "t0", "group", "ended")
 
     def __init__(self, room: P.Room, now: float, deadline: float):
         self.room = room
@@ -362,6 +382,7 @@ class Room:
         self.code = FailCode.NONE            # why it failed (the code its ranks were told)
         self.t0 = now
         self.group: Optional[str] = None     # the TP group of its ranks (set by the first INIT)
+        self.ended = Ended()                 # set when it ends (read by its writers, outside the lock)
 
     @property
     def status(self) -> Status:
@@ -372,10 +393,14 @@ class EncoderRooms:
     """The encoder side's room state machine (see the module docstring).
 
     Sources are duck-typed: ``total_tokens``, ``hidden``, ``dtype`` and
-    ``mrope_delta`` are read, nothing else."""
+    ``mrope_delta`` are read, nothing else.  ``stats`` (``machine.stats``) is
+    a :class:`~embresume.rooms.Tally`: the machine's counts as data, which the
+    endpoint records into its :class:`~embresume.metrics.EndpointStats`
+    (``stats=``, bound here) after each event."""
 
-    def __init__(self, *, stats: EndpointStats, request_timeout: float = 60.0):
-        self.stats = stats
+    def __init__(self, *, stats: Optional[EndpointStats] = None, request_timeout: float = 60.0):
+        #: the machine's counts, recorded by the endpoint outside its events
+        self.stats = Tally(stats)
         self.request_timeout = request_timeout
         self.rooms: dict[P.Room, Room] = {}
         #: final statuses of finished rooms (for wait / poll)
@@ -674,10 +699,13 @@ class EncoderRooms:
         now = ev.now
         for r in list(self.rooms.values()):
             if now > r.deadline:
+                # an embedding registered that no rank asked for within request_timeout
+                # expired (cause "expired": no failure of anyone's); anything else timed out
+                unasked = r.source is not None and not r.ranks
                 if r.source is not None:
                     self._let_go(r.room)     # its embedding expired: nobody will be sent it now
                 self._fail(r, f"timed out in {r.tracker.status.name} after {self.request_timeout}s", out,
-                           cause="timeout", code=FailCode.TIMEOUT)
+                           cause="expired" if unasked else "timeout", code=FailCode.TIMEOUT)
 
     def _on_close(self, ev: Close, out: list) -> None:
         for r in list(self.rooms.values()):
@@ -736,7 +764,7 @@ class EncoderRooms:
                 self._fail(r, str(e), out, cause="bad_message", code=FailCode.BAD_REQUEST)
                 return
             self._set_phase(k, Phase.WRITING)
-            out.append(Write(r, k, plan, k.chunks == 0, src))
+            out.append(Write(r, k, plan, k.chunks == 0, src, k.chunks + 1, r.ended))
 
     @staticmethod
     def _count(k: Rank) -> None:
@@ -806,6 +834,7 @@ class EncoderRooms:
         while len(self.finished_inits) > FINISHED_MEMORY:
             self.finished_inits.popitem(last=False)
         r.source = None                 # a Write still out holds its own reference
+        r.ended.set = True              # a Write still out stops at its next piece
         out.append(Done(r))
 
 

@@ -13,6 +13,7 @@ the actions it returns, in order::
     LinkUp / connected, LinkFailed / connect_failed Send(INIT) for the rooms that waited / Notify
     StatusReceived / status(address, StatusMsg)     Copy, ZeroCopy, Complete, Send(RESUME/ABORT), Notify
     ProgressReceived / progress(address, Progress)  Copy (part of a chunk, while the rest is written)
+      (both with ``aux``: the aux record the endpoint read from :meth:`LanguageRooms.aux_block`)
     Copied / copied(req, tokens, end, error)        Complete, Send(RESUME), Notify
     SendFailed / send_failed(address, msg)          Notify (the room fails: unreachable)
     AbortRoom, Tick, LinkLost, Close                Send(ABORT), Discard, Notify, TearDown
@@ -22,6 +23,11 @@ the actions it returns, in order::
 The endpoint runs every action under its lock except :class:`Copy`, which
 it runs on the link's reader thread outside the lock (the request is in
 phase ``COPYING`` meanwhile and owns its blocks until :class:`Copied`).
+The machine takes data, never callbacks that do I/O: what it needs of pool
+memory comes in the events, and its counts are kept in its
+:class:`~embresume.rooms.Tally`, which the endpoint records after the event.
+A request's record (:class:`Req`) is the machine's alone; what the endpoint
+keeps for it is in the endpoint's own table (:mod:`embresume.shell_rooms`).
 
 Each request has one :class:`Phase`, changed only by
 :meth:`LanguageRooms._set_phase` and only along :data:`TRANSITIONS` (a
@@ -62,7 +68,7 @@ from ..errors import (AllocatorError, FailCode, InvalidArgument, PeerError, Prot
 from ..metrics import EndpointStats
 from ..planner import plan_chunk
 from ..status import Status, StatusTracker
-from . import check_phase
+from . import Tally, check_phase
 
 #: sanity bound on a request's total tokens as read from aux (a corrupt or
 #: hostile aux record must not make us allocate terabytes); also the largest hint
@@ -145,17 +151,22 @@ class LinkFailed:
 
 @dataclass(slots=True)
 class StatusReceived:
-    """A decoded STATUS from the encoder at ``address``."""
+    """A decoded STATUS from the encoder at ``address``; ``aux``: ``(total
+    tokens, aux record)`` as the endpoint read it from the block
+    :meth:`LanguageRooms.aux_block` named (None when it named none)."""
     address: str
     msg: P.StatusMsg
     now: float
+    aux: Optional[tuple] = None
 
 
 @dataclass(slots=True)
 class ProgressReceived:
-    """A decoded PROGRESS (part of the current chunk landed) from ``address``."""
+    """A decoded PROGRESS (part of the current chunk landed) from ``address``
+    (``aux`` as in :class:`StatusReceived`)."""
     address: str
     msg: P.Progress
+    aux: Optional[tuple] = None
 
 
 @dataclass(slots=True)
@@ -259,7 +270,7 @@ class Complete:
 
 @dataclass(slots=True)
 class Discard:
-    """The request failed: drop its merge buffer."""
+    """The request failed: drop its merge buffer (if the endpoint made one)."""
     req: "Req"
 
 
@@ -277,15 +288,29 @@ class TearDown:
     reason: str
 
 
+
+def check_request_args(room, required_dst_info_num, expected_tokens) -> int:
+    """A request's arguments, checked before anything is allocated
+    (:class:`~embresume.errors.InvalidArgument`); returns ``required_dst_info_num``."""
+    P.check_room(room)
+    n = required_dst_info_num
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 0xFFFF:
+        raise InvalidArgument(f"required_dst_info_num must be an int in [1, 65535], got {n!r}")
+    if expected_tokens is not None and (isinstance(expected_tokens, bool) or not isinstance(expected_tokens, int)
+                                        or not 1 <= expected_tokens <= MAX_REQUEST_TOKENS):
+        raise InvalidArgument(f"expected_tokens must be an int in [1, {MAX_REQUEST_TOKENS}], "
+                              f"got {expected_tokens!r}")
+    return n
+
 # ---------------------------------------------------------------- state
 class Req:
-    """One request's state.  ``merge``, ``result`` and ``event`` belong to the
-    endpoint (buffers and a latch); the machine only reads whether a result is
-    there."""
+    """One request's state, the machine's alone.  What the endpoint keeps for
+    it (its merge buffer, its result, its latch) is in the endpoint's own
+    table (:class:`~embresume.shell_rooms.ShellRooms`), never here."""
 
     __slots__ = ("room", "required_dst_info_num", "deadline", "enc", "nonce", "hint", "t0", "tracker", "blocks",
                  "sent_tokens", "total_tokens", "chunks", "aux", "reason", "cause", "code", "phase", "landed",
-                 "release", "merge", "result", "event")
+                 "release")
 
     def __init__(self, room: P.Room, required_dst_info_num: int, now: float, deadline: float, enc: "Enc",
                  nonce: int, hint: Optional[int]):
@@ -308,9 +333,6 @@ class Req:
         self.phase = Phase.BOOTSTRAPPING
         self.landed = 0        # tokens of the current chunk already copied (pipelined chunks)
         self.release = "free"  # where its blocks go when a copy running at its failure ends
-        self.merge = None
-        self.result = None
-        self.event = None
 
     @property
     def waiting_alloc(self) -> bool:
@@ -346,12 +368,22 @@ class Enc:
 class LanguageRooms:
     """The language side's room state machine (see the module docstring).
 
-    ``read_aux(block) -> (total_tokens, aux)`` reads the aux record of a
-    pool block (the first block of a request's first chunk carries it); the
-    only look at pool memory the machine needs, done by the endpoint."""
+    The one look at pool memory the machine needs, the aux record of a
+    request's first block (rule 3), comes in as data: before it feeds a
+    STATUS or PROGRESS, the endpoint asks :meth:`aux_block` which block's aux
+    that message needs (None: none) and passes ``(total tokens, aux
+    record)`` read from it in the event's ``aux``.  ``read_aux(block)``
+    does that read for a driver without a pool of its own to read (a test):
+    the :meth:`status` and :meth:`progress` wrappers call it, before the
+    event, when they are given no ``aux``; the endpoint gives none.
 
-    def __init__(self, *, num_blocks: int, block_size: int, row_bytes: int, read_aux: Callable,
-                 stats: EndpointStats, default_allocate_tokens: int, max_chunk_tokens: int = 0,
+    ``stats`` (``machine.stats``) is a :class:`~embresume.rooms.Tally`: the
+    machine's counts as data, which the endpoint records into its
+    :class:`~embresume.metrics.EndpointStats` (``stats=``, bound here) after
+    each event."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, row_bytes: int, read_aux: Optional[Callable] = None,
+                 stats: Optional[EndpointStats] = None, default_allocate_tokens: int, max_chunk_tokens: int = 0,
                  request_timeout: float = 60.0, quarantine_timeout: float = 60.0, zero_copy: bool = False,
                  share_limit: int = 0, tp_rank: int = 0):
         self.tp_rank = tp_rank
@@ -359,7 +391,8 @@ class LanguageRooms:
         self.block_size = block_size
         self.row_bytes = row_bytes
         self.read_aux = read_aux
-        self.stats = stats
+        #: the machine's counts, recorded by the endpoint outside its events
+        self.stats = Tally(stats)
         self.default_allocate_tokens = default_allocate_tokens
         self.max_chunk_tokens = max_chunk_tokens
         self.request_timeout = request_timeout
@@ -415,11 +448,22 @@ class LanguageRooms:
     def connect_failed(self, address: str, reason: str) -> list:
         return self.handle(LinkFailed(address, reason))
 
-    def status(self, address: str, msg: P.StatusMsg, now: float) -> list:
-        return self.handle(StatusReceived(address, msg, now))
+    def status(self, address: str, msg: P.StatusMsg, now: float, aux: Optional[tuple] = None) -> list:
+        if aux is None:
+            aux = self._read_aux_for(address, msg)
+        return self.handle(StatusReceived(address, msg, now, aux))
 
-    def progress(self, address: str, msg: P.Progress) -> list:
-        return self.handle(ProgressReceived(address, msg))
+    def progress(self, address: str, msg: P.Progress, aux: Optional[tuple] = None) -> list:
+        if aux is None:
+            aux = self._read_aux_for(address, msg)
+        return self.handle(ProgressReceived(address, msg, aux))
+
+    def _read_aux_for(self, address: str, msg) -> Optional[tuple]:
+        """(The wrappers, before the event) ``read_aux`` of the block the message needs, for a driver without a pool."""
+        if self.read_aux is None:
+            return None
+        block = self.aux_block(address, msg)
+        return None if block is None else self.read_aux(block)
 
     def copied(self, req: Req, tokens: int, end: Optional[tuple], error: Optional[str], now: float) -> list:
         return self.handle(Copied(req, tokens, end, error, now))
@@ -444,6 +488,31 @@ class LanguageRooms:
 
     def forget(self, room: P.Room) -> list:
         return self.handle(Forget(room))
+
+    # ------------------------------------------------------------ queries (the endpoint reads, under its lock)
+    def aux_block(self, address: str, msg) -> Optional[int]:
+        """The pool block whose aux record the STATUS or PROGRESS ``msg`` from
+        ``address`` needs (the first block of the request's first chunk, while
+        its aux is unread), or None; the endpoint reads it and passes it in the event."""
+        if type(msg) is P.StatusMsg and msg.status is not Status.Transferring and msg.status is not Status.Success:
+            return None
+        enc = self.encs.get(address)
+        if enc is None or not enc.up or msg.room in enc.quarantine:
+            return None
+        req = self._live(enc, msg.room)
+        if req is None or req.aux is not None or not req.blocks or req.phase is not Phase.ASKED:
+            return None
+        return req.blocks[0]
+
+    def live_rooms(self, address: str) -> int:
+        """Requests asked of the encoder at ``address`` that are not terminal yet."""
+        enc = self.encs.get(address)
+        return sum(1 for r in self.reqs.values() if r.enc is enc and not r.tracker.status.terminal) if enc else 0
+
+    def lease_blocks(self, lease: int) -> list:
+        """The blocks lent to a zero-copy result under ``lease`` (none once it is returned)."""
+        entry = self.leases.get(lease)
+        return list(entry[1]) if entry else []
 
     # ------------------------------------------------------------ requests
     def _on_request(self, ev: RequestRoom, out: list) -> None:
@@ -637,8 +706,8 @@ class LanguageRooms:
         copying = req.phase is Phase.COPYING
         self._set_phase(req, Phase.FAILED_COPYING if copying else Phase.FAILED)
         self.stats.request_failed(cause)
-        if req.merge is not None and not copying:
-            out.append(Discard(req))
+        if not copying:
+            out.append(Discard(req))        # the merge buffer, if a copy made one
         enc = req.enc
         alive = enc.up and not peer_dead
         mode = "hold" if hold and alive else "quarantine" if notify and alive else "free"
@@ -730,7 +799,7 @@ class LanguageRooms:
                        notify=True, cause="bad_message", code=FailCode.BAD_MESSAGE)
             return
         try:
-            self._check_chunk(req, msg, now, out)
+            self._check_chunk(req, msg, ev.aux, now, out)
         except (ValueError, ProtocolError, AllocatorError) as e:
             self._fail(req, f"bad chunk: {e}", out, notify=True, cause="bad_message", code=FailCode.BAD_MESSAGE)
 
@@ -747,7 +816,7 @@ class LanguageRooms:
             if not req.blocks or req.phase is not Phase.ASKED or msg.seq != req.chunks + 1:
                 raise ProtocolError("seq", f"progress for chunk {msg.seq} while expecting {req.chunks + 1}")
             bs = self.block_size
-            self._ensure_total(req, 0)
+            self._ensure_total(req, 0, ev.aux)
             tokens = self._plan(req).tokens
             if msg.landed % bs or not req.landed < msg.landed < tokens:
                 raise ProtocolError("landed", f"{msg.landed} tokens landed: must be whole blocks within "
@@ -761,12 +830,15 @@ class LanguageRooms:
         self._set_phase(req, Phase.COPYING)
         out.append(Copy(req, req.blocks[req.landed // bs:msg.landed // bs], msg.landed - req.landed, None))
 
-    def _ensure_total(self, req: Req, status_total: int) -> None:
-        """On the first data of a request: read aux (rule 3: only the first
-        block of the first chunk carries it) and keep it for the whole request."""
+    def _ensure_total(self, req: Req, status_total: int, read: Optional[tuple]) -> None:
+        """On the first data of a request: take its aux (rule 3: only the first
+        block of the first chunk carries it; ``read`` is the event's ``(total,
+        aux record)``) and keep it for the whole request."""
         if req.aux is not None:
             return
-        total, aux = self.read_aux(req.blocks[0])
+        if read is None:
+            raise ProtocolError("aux", "no aux record was read for the first chunk")
+        total, aux = read
         if not 0 < total <= MAX_REQUEST_TOKENS:
             raise ProtocolError("aux", f"total token count {total} is outside [1, {MAX_REQUEST_TOKENS}]")
         if status_total and status_total != total:
@@ -787,11 +859,11 @@ class LanguageRooms:
         b0 = req.blocks[0]
         return req.blocks[:need] == list(range(b0, b0 + need))
 
-    def _check_chunk(self, req: Req, msg: P.StatusMsg, now: float, out: list) -> None:
+    def _check_chunk(self, req: Req, msg: P.StatusMsg, aux: Optional[tuple], now: float, out: list) -> None:
         """Validate a chunk's STATUS; queue its copy (or its zero-copy success)."""
         if msg.seq != req.chunks + 1:
             raise ProtocolError("seq", f"expected chunk {req.chunks + 1}, got {msg.seq}")
-        self._ensure_total(req, msg.total_tokens)
+        self._ensure_total(req, msg.total_tokens, aux)
         if msg.total_tokens and msg.total_tokens != req.total_tokens:
             raise ProtocolError("total_tokens", f"status says {msg.total_tokens}, aux said {req.total_tokens}")
         plan = self._plan(req)          # the encoder's decision, recomputed by the same function
@@ -856,8 +928,7 @@ class LanguageRooms:
         if req.phase is Phase.FAILED_COPYING:
             # failed (abort, timeout, peer loss) while we copied: release now
             self._set_phase(req, Phase.FAILED)
-            if req.merge is not None:
-                out.append(Discard(req))
+            out.append(Discard(req))
             blocks, req.blocks = req.blocks, []
             mode = req.release if req.enc.up else "free"
             if blocks or mode == "quarantine":
