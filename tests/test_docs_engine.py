@@ -11,15 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _stat_names() -> list[str]:
-    """The keys of ``STAT_NAMES`` in embresume/integrations/vllm.py (read, not
-    imported: the module needs vLLM)."""
+def _stat_names(table: str = "STAT_NAMES") -> list[str]:
+    """The keys of ``STAT_NAMES`` (or ``GAUGE_NAMES``) in embresume/integrations/vllm.py
+    (read, not imported: the module needs vLLM)."""
     tree = ast.parse((ROOT / "embresume/integrations/vllm.py").read_text())
     for node in tree.body:
         target = getattr(node, "target", None) or (node.targets[0] if isinstance(node, ast.Assign) else None)
-        if isinstance(target, ast.Name) and target.id == "STAT_NAMES":
+        if isinstance(target, ast.Name) and target.id == table:
             return [k.value for k in node.value.keys]
-    raise AssertionError("STAT_NAMES not found in embresume/integrations/vllm.py")
+    raise AssertionError(f"{table} not found in embresume/integrations/vllm.py")
 
 
 def _metrics_section() -> str:
@@ -35,6 +35,14 @@ def test_every_vllm_connector_counter_is_documented():
     section = _metrics_section()
     missing = [n for n in names if f"`{n}`" not in section]
     assert not missing, f"counters missing from docs/integrations.md's metric list: {missing}"
+
+
+def test_every_vllm_connector_gauge_is_documented():
+    names = _stat_names("GAUGE_NAMES")
+    assert "pool_blocks_used" in names
+    section = _metrics_section()
+    missing = [n for n in names if f"`vllm:embresume_ec_{n}`" not in section]
+    assert not missing, f"gauges missing from docs/integrations.md's metric list: {missing}"
 
 
 def test_make_tiny_qwen2vl_says_which_environment():

@@ -204,12 +204,12 @@ def step_until(sched, ranks, requests, deadline_s=60.0, freed=()):
 
 
 # ------------------------------------------------------------------ producer process
-def producer_main(port: int, cmds, results) -> None:
+def producer_main(port: int, cmds, results, more: Optional[dict] = None) -> None:
     """The encoder instance: scheduler- and worker-role connectors, driven like vLLM's engine."""
     import signal
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        extra = dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{port}")
+        extra = dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{port}", **(more or {}))
         cfg = vllm_config("ec_producer", extra)
         ec_transfer_state.ensure_ec_transfer_initialized(cfg)       # the worker's connector (factory)
         assert isinstance(ec_transfer_state.get_ec_transfer(), EmbresumeECConnector)
@@ -239,12 +239,18 @@ def producer_main(port: int, cmds, results) -> None:
         results.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
 
+#: the producers this module started: a consumer allows them in ec_transfer_params
+#: (``allowed_encoders``; params naming any other encoder are refused)
+PRODUCERS: list[str] = []
+
+
 class Producer:
-    def __init__(self):
+    def __init__(self, extra: Optional[dict] = None):
         self.port = free_port()
+        PRODUCERS.append(self.address)
         ctx = mp.get_context("spawn")
         self.cmds, self.results = ctx.Queue(), ctx.Queue()
-        self.proc = ctx.Process(target=producer_main, args=(self.port, self.cmds, self.results), daemon=True)
+        self.proc = ctx.Process(target=producer_main, args=(self.port, self.cmds, self.results, extra), daemon=True)
         self.proc.start()
         assert self._get(120)[0] == "ready"
 
@@ -310,7 +316,8 @@ def consumer_parts(request, receive):
     made = []
 
     def make(extra, tp=1):
-        cfg = vllm_config("ec_consumer", {**BASE_EXTRA, "receive": receive, "landing_bytes": "4MiB", **extra}, tp=tp)
+        cfg = vllm_config("ec_consumer", {**BASE_EXTRA, "receive": receive, "landing_bytes": "4MiB",
+                                          "allowed_encoders": list(PRODUCERS), **extra}, tp=tp)
         sched = ECConnectorFactory.create_connector(cfg, ECConnectorRole.SCHEDULER)
         ranks = []
         for rank in range(tp):
@@ -627,6 +634,7 @@ def test_deepstack_width_comes_from_the_encoder(consumer_parts):
     port = free_port()
     extra = {k: v for k, v in BASE_EXTRA.items() if k != "hidden_size"}
     pcfg = vllm_config("ec_producer", dict(extra, encoder_address=f"tcp://127.0.0.1:{port}"))
+    PRODUCERS.append(f"tcp://127.0.0.1:{port}")
     pcfg.ec_transfer_config.mm_encoder_output_widths = {"image": wide}    # measured by vLLM at start-up
     producer_worker = EmbresumeECConnector(pcfg, ECConnectorRole.WORKER)
     producer_sched = EmbresumeECConnector(pcfg, ECConnectorRole.SCHEDULER)
@@ -636,7 +644,9 @@ def test_deepstack_width_comes_from_the_encoder(consumer_parts):
         producer_worker.save_caches({"deep": tensor}, "deep")
         _, params = producer_sched.request_finished(make_request("enc-d", [("deep", 30)]))
         assert params["deep"]["width"] == wide
-        sched, ranks = consumer_parts({})
+        # the consumer's model would give the width (hidden x (1 + DeepStack levels): the
+        # Qwen3-VL test below); this config has no model, so the option names it
+        sched, ranks = consumer_parts({"item_widths": [wide]})
         if sched._region is None:
             pytest.skip("receive='worker' pools have the configured width")
         done, failed = step_until(sched, ranks, [make_request("lm-d", [("deep", 30)], params=params)],
@@ -717,14 +727,61 @@ def test_two_instances_ask_for_one_item_at_once(producer, consumer_parts):
 
 
 def test_an_announced_width_is_bounded(consumer_parts):
-    """ec_transfer_params come with the request: a width out of [1, MAX_WIDTH] is not
-    believed (no pool of that width is made); the item is asked for at the configured width."""
-    sched, _ = consumer_parts({})
-    for bad in (10 ** 9, -3, "wide", None):
+    """ec_transfer_params come with the request (a client can send them through the OpenAI
+    server): a width that is not one of the model's (here: hidden_size and ``item_widths``)
+    is refused, not believed; no pool of that width is made.  Before: any width in
+    [1, 65536] made a receive pool of its own (up to 3 more) for the process's life."""
+    sched, _ = consumer_parts({"item_widths": [2 * HIDDEN]})
+    for bad in (10 ** 9, 65536, 3 * HIDDEN, -3, "wide"):
         req = make_request("lm-bw", [("bw", 5)], params={"bw": {"width": bad}})
-        assert sched._item_width(req, "bw") == HIDDEN, bad
-    req = make_request("lm-ok", [("ok", 5)], params={"ok": {"width": 2 * HIDDEN}})
-    assert sched._item_width(req, "ok") == 2 * HIDDEN
+        encoder, width, refusal = sched._ask(req, "bw")
+        assert refusal and "width" in refusal, bad
+    for ok in (None, HIDDEN, 2 * HIDDEN):
+        req = make_request("lm-ok", [("ok", 5)], params={"ok": {"width": ok}})
+        assert sched._ask(req, "ok")[1:] == (ok or HIDDEN, ""), ok
+
+
+def test_hostile_params_connect_nowhere_and_make_no_pool(consumer_parts):
+    """A request whose ec_transfer_params name an encoder outside the allow-list
+    (encoder_addresses, allowed_encoders), or a width that is not the model's: nothing is
+    connected to (a listening socket sees no connection), no pool is made, the item is
+    recomputed where the request carries its media and the request fails where it does
+    not; the refusal is counted once per request and item (``params_refused``).  Before:
+    the consumer dialled any address a client named (a port-scan oracle) and made a
+    receive pool for any width."""
+    import socket
+    trap = socket.socket()
+    trap.bind(("127.0.0.1", 0))
+    trap.listen(8)
+    trap.settimeout(0.5)
+    port = trap.getsockname()[1]
+    hostile = f"tcp://127.0.0.1:{port}"
+    # a loopback address is dialled first on the same host's abstract Unix socket: trap both
+    local = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    local.bind(f"\0embresume/tcp/{port}")
+    local.listen(8)
+    local.settimeout(0.5)
+    try:
+        sched, ranks = consumer_parts({"on_failure": "recompute"})
+        cases = [make_request("lm-h1", [("h1", 20)], params={"h1": {adapter.PARAM_KEY: hostile}}),
+                 make_request("lm-h2", [("h2", 20)], params={adapter.PARAM_KEY: hostile}),
+                 make_request("lm-h3", [("h3", 20)], params={"h3": {"width": 65536}})]
+        done, failed = step_until(sched, ranks, cases, deadline_s=20)
+        assert not failed and all(done[r.request_id] == ([], [r.mm_features[0].identifier]) for r in cases)
+        meta_only = make_request("lm-h4", [("h4", 20)], params={"h4": {adapter.PARAM_KEY: hostile}}, media="meta")
+        done, failed = step_until(sched, ranks, [meta_only], deadline_s=20)
+        assert failed == {"lm-h4"}
+        for listener in (trap, local):
+            with pytest.raises(socket.timeout):
+                listener.accept()                           # nobody ever dialled it
+        assert sched.stats["params_refused"] == 4, sched.stats
+        assert sched.stats["items_received"] == 0 and sched.stats["unavailable"] == 1
+        assert hostile not in getattr(receiving_endpoint(sched, ranks), "_encoders", {})
+        if sched._region is not None:
+            assert set(sched._langs) == {HIDDEN}            # no pool for the announced width
+    finally:
+        trap.close()
+        local.close()
 
 
 def test_an_item_larger_than_the_landing_region_fails_at_once(producer, consumer_parts):
@@ -744,7 +801,9 @@ def test_an_item_larger_than_the_landing_region_fails_at_once(producer, consumer
 # ------------------------------------------------------------------ refusal codes
 def _in_process_producer():
     """A producer's worker (encoder endpoint, publisher) and scheduler (params) in this process."""
-    pcfg = vllm_config("ec_producer", dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{free_port()}"))
+    address = f"tcp://127.0.0.1:{free_port()}"
+    PRODUCERS.append(address)
+    pcfg = vllm_config("ec_producer", dict(BASE_EXTRA, encoder_address=address))
     return EmbresumeECConnector(pcfg, ECConnectorRole.WORKER), EmbresumeECConnector(pcfg, ECConnectorRole.SCHEDULER)
 
 
@@ -761,7 +820,8 @@ def test_an_item_the_producer_let_go_of_is_given_up_at_once(consumer_parts, rece
         while producer_worker.stats["items_published"] < 1:
             assert time.monotonic() < deadline, producer_worker.stats
             time.sleep(0.01)
-        assert producer_worker._enc.withdraw("let-go")       # what the publisher does past its bound
+        # what the publisher does past its bound (on its thread: here nothing else runs on it)
+        assert producer_worker._publisher.withdraw("let-go")
         _, params = producer_sched.request_finished(make_request("enc-lg", [("let-go", 30)]))
         assert params["let-go"][adapter.PARAM_KEY]
         # without the code this would wait 60 s per attempt: the step loop's deadline is far shorter
@@ -1015,7 +1075,7 @@ def test_pipeline_parallel_loads_are_unpinned(producer, runner, monkeypatch):
     from vllm.config import VllmConfig as _VC
     monkeypatch.setattr(_VC, "use_v2_model_runner", property(lambda self: runner == "v2"))
     params = producer.encode(f"enc-pp-{runner}", [(f"pp-{runner}", 20)])
-    cfg = vllm_config("ec_consumer", {**BASE_EXTRA, "landing_bytes": "4MiB"})
+    cfg = vllm_config("ec_consumer", {**BASE_EXTRA, "landing_bytes": "4MiB", "allowed_encoders": [producer.address]})
     cfg.parallel_config.pipeline_parallel_size = 2
     cfg.parallel_config.distributed_executor_backend = "mp"
     sched = EmbresumeECConnector(cfg, ECConnectorRole.SCHEDULER)
@@ -1062,3 +1122,364 @@ def test_pipeline_parallel_loads_are_unpinned(producer, runner, monkeypatch):
         for w, _ in stages:
             w.shutdown()
         sched.shutdown()
+
+
+# ------------------------------------------------------------------ issue 26's table, rows 1, 4, 6, 10
+def test_deepstack_width_from_the_model_without_params():
+    """Row 1: a consumer routed by encoder_addresses alone (no ec_transfer_params) receives at
+    the encoder's width, which for Qwen3-VL is the LM width x (1 + DeepStack levels), as vLLM
+    measures it on a producer; it accepts the LM width too and nothing else.  Before: the
+    pool took the LM width, every handshake with the 4x-wide encoder was refused."""
+    import types
+
+    from transformers import Qwen3VLConfig
+    from embresume.integrations._vllm_roles import Options, model_encoder_width
+
+    hf = Qwen3VLConfig()
+    hidden = hf.text_config.hidden_size
+    levels = len(hf.vision_config.deepstack_visual_indexes)
+    model = types.SimpleNamespace(hf_config=hf, get_inputs_embeds_size=lambda: hidden, dtype=DTYPE,
+                                  multimodal_config=None)
+    assert model_encoder_width(model) == hidden * (1 + levels) == 4 * hidden
+    flat = types.SimpleNamespace(hf_config=types.SimpleNamespace(vision_config=types.SimpleNamespace()),
+                                 get_inputs_embeds_size=lambda: hidden)
+    assert model_encoder_width(flat) == hidden                     # Qwen2.5-VL: no DeepStack
+    cfg = vllm_config("ec_consumer", {k: v for k, v in BASE_EXTRA.items() if k != "hidden_size"})
+    cfg.model_config = model
+    opts = Options(cfg, False, False, adapter.OWN_KEYS)
+    assert opts.config.hidden_size == 4 * hidden
+    assert opts.widths == {hidden, 4 * hidden}
+
+
+def test_data_parallel_engines_get_a_port_and_a_group_each():
+    """Row 4: every DP engine of an instance gets the instance's config, engine_id included.
+    Each DP rank's producer binds encoder_address's port + its DP index and its endpoints
+    form their own TP group.  Before: every DP engine's producer bound the same address
+    (address in use, inside the model runner) and all DP engines were one TP group."""
+    from embresume.integrations._vllm_roles import Options
+
+    port = free_port()
+    parts, groups = [], set()
+    try:
+        for dp_index in (0, 1):
+            cfg = vllm_config("ec_producer", dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{port}"))
+            cfg.parallel_config.data_parallel_size = 2
+            cfg.parallel_config.data_parallel_index = dp_index
+            cfg.ec_transfer_config.engine_id = "one-instance"
+            opts = Options(cfg, True, True, adapter.OWN_KEYS)
+            assert opts.bind == f"tcp://127.0.0.1:{port + dp_index}"
+            groups.add(opts.group)
+            worker = EmbresumeECConnector(cfg, ECConnectorRole.WORKER)
+            parts.append(worker)
+            worker.save_caches({f"dp{dp_index}": embedding(f"dp{dp_index}", 8)}, f"dp{dp_index}")
+            assert worker._enc is not None and worker._enc.address.endswith(f":{port + dp_index}")
+        assert len(groups) == 2
+    finally:
+        for w in parts:
+            w.shutdown()
+
+
+def test_a_worker_that_cannot_reach_the_landing_region_refuses_at_start(monkeypatch):
+    """Row 6: workers map the scheduler's landing region through /proc/<pid>/fd.  Where they
+    cannot (a non-dumpable scheduler, a ptrace policy, another user or host) the connector
+    says so with one clear error when it starts, naming the remedy.  Before: an OSError at
+    the first landed item, inside the model runner, killed the engine."""
+    import ctypes
+    import os
+
+    from embresume.errors import ConfigError
+    cfg = vllm_config("ec_consumer", dict(BASE_EXTRA, landing_bytes="1MiB"))
+    cfg.parallel_config.distributed_executor_backend = "mp"
+    real_listdir = os.listdir
+
+    def listdir(path):
+        if str(path) == f"/proc/{os.getppid()}/fd":
+            raise PermissionError(13, "Permission denied")
+        return real_listdir(path)
+    monkeypatch.setattr(os, "listdir", listdir)
+    with pytest.raises(ConfigError, match="receive='worker'"):
+        EmbresumeECConnector(cfg, ECConnectorRole.WORKER)
+    monkeypatch.setattr(os, "listdir", real_listdir)
+    EmbresumeECConnector(cfg, ECConnectorRole.WORKER).shutdown()      # reachable: starts
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(4, 0, 0, 0, 0) == 0                           # PR_SET_DUMPABLE 0
+    try:
+        with pytest.raises(ConfigError, match="not dumpable"):
+            EmbresumeECConnector(cfg, ECConnectorRole.SCHEDULER)
+    finally:
+        libc.prctl(4, 1, 0, 0, 0)
+
+
+def test_landing_across_nodes_is_refused_at_start():
+    """Row 6: receive='scheduler' shares host memory with the engine's workers; an engine
+    whose workers span nodes (multi-node TP/PP) is refused at start with the remedy."""
+    from embresume.errors import ConfigError
+    cfg = vllm_config("ec_consumer", dict(BASE_EXTRA), tp=2)
+    cfg.parallel_config.nnodes = 2
+    with pytest.raises(ConfigError, match="spans 2 nodes.*receive='worker'"):
+        EmbresumeECConnector(cfg, ECConnectorRole.SCHEDULER)
+
+
+def test_producer_threads_are_not_bound_to_the_engines_cores():
+    """Row 10: vLLM's CPU build pins each worker's threads to cores it picks; with two
+    instances on one host both land on the same cores, and the encoder endpoint's threads
+    (which inherited the pin) starved: handshakes timed out and the consumer silently
+    recomputed everything.  The producer's endpoint and publisher threads now run on every
+    core the process may use, while the engine's own thread keeps its binding."""
+    import os
+    import threading
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs thread affinity and 2 cores")
+    cfg = vllm_config("ec_producer", dict(BASE_EXTRA, encoder_address=f"tcp://127.0.0.1:{free_port()}"))
+    out = {}
+
+    def engine_worker():                      # what vLLM's CPU worker does to its thread first
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        w = EmbresumeECConnector(cfg, ECConnectorRole.WORKER)
+        w.save_caches({"pin": embedding("pin", 8)}, "pin")
+        out["worker"], out["after"] = w, os.sched_getaffinity(0)
+    t = threading.Thread(target=engine_worker)
+    t.start()
+    t.join(30)
+    worker = out["worker"]
+    try:
+        ours = [th for th in threading.enumerate() if th.name.startswith(("embresume", "mooncake"))
+                and th.native_id is not None]
+        assert ours, [th.name for th in threading.enumerate()]
+        cpus = {}
+        for th in ours:
+            with open(f"/proc/self/task/{th.native_id}/status") as f:
+                line = next(x for x in f if x.startswith("Cpus_allowed_list"))
+            cpus[th.name] = line.split(":", 1)[1].strip()
+        assert len(out["after"]) == 1                                    # the engine's thread: as pinned
+        narrow = {n: c for n, c in cpus.items() if "-" not in c and "," not in c}
+        assert not narrow, f"embresume threads bound to one core: {narrow}"
+    finally:
+        worker.shutdown()
+
+
+def test_recomputing_because_transfers_fail_is_loud(caplog):
+    """Row 10: a consumer that recomputes because transfers fail answers correctly, so
+    nothing looked wrong; now one ERROR line per interval says so, with the count and the
+    last reason (and the recomputes / transfer_failures counters for a dashboard)."""
+    import logging
+
+    from embresume.integrations._vllm_roles import FailureAlarm
+    now = [0.0]
+    alarm = FailureAlarm(interval=30.0, clock=lambda: now[0])
+    with caplog.at_level(logging.ERROR, logger="embresume.integrations.vllm"):
+        alarm.failed("handshake timed out")
+        alarm.recomputed("a")
+        alarm.recomputed("b")
+        now[0] = 31.0
+        alarm.recomputed("c")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(lines) == 2 and "1 item(s)" in lines[0] and "2 item(s)" in lines[1], lines
+    assert all("handshake timed out" in x and "not coming through embresume" in x for x in lines)
+
+
+def test_totals_are_logged_when_the_engine_is_told_to_stop(caplog):
+    """Row 11: the totals line docs/integrations.md promises appears when the server stops
+    (SIGTERM / SIGINT), not only if vLLM reaches the connector's shutdown before its
+    process manager kills the engine process.  vLLM's own handler still runs after it."""
+    import logging
+    import os
+    import signal
+
+    seen = []
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))   # vLLM's, in its engine
+    try:
+        cfg = vllm_config("ec_consumer", dict(BASE_EXTRA, landing_bytes="1MiB"))
+        sched = EmbresumeECConnector(cfg, ECConnectorRole.SCHEDULER)
+        try:
+            sched.counters.add("items_received", 3)
+            with caplog.at_level(logging.INFO, logger="embresume.integrations.vllm"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+            assert seen == [signal.SIGTERM]                         # the engine's handler ran too
+            lines = [r.getMessage() for r in caplog.records if "totals" in r.getMessage()]
+            assert lines and "consumer, scheduler" in lines[0] and "'items_received': 3" in lines[0], lines
+        finally:
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="embresume.integrations.vllm"):
+                sched.shutdown()
+            assert not [r for r in caplog.records if "totals" in r.getMessage()]   # once
+    finally:
+        for sig, h in saved.items():
+            signal.signal(sig, h)
+
+
+# ------------------------------------------------------------------ issue 27: off the scheduler thread
+def test_a_large_item_is_copied_into_the_region_off_the_scheduler_thread(producer, consumer_parts):
+    """An item of at least ASYNC_LAND_BYTES is copied into the landing region by the lander
+    thread, not on vLLM's scheduler thread; it lands bit for bit on a later poll and loads
+    into encoder_cache as before."""
+    import threading
+
+    from embresume.integrations import _vllm_consumer as C
+    tokens = C.ASYNC_LAND_BYTES // (HIDDEN * 2) + 50                 # just over the threshold in bf16
+    params = producer.encode("enc-big", [("big", tokens)])
+    sched, ranks = consumer_parts({"landing_bytes": "8MiB"})
+    if sched._region is None:
+        pytest.skip("receive='worker' has no landing region")
+    copied_on = []
+    real_copy = C.host_copy
+
+    def host_copy(dst, src):
+        if dst.data_ptr() >= sched._region.segment.raw.data_ptr() and \
+                dst.data_ptr() < sched._region.segment.raw.data_ptr() + sched._region.size:
+            copied_on.append(threading.current_thread().name)
+        return real_copy(dst, src)
+    C.host_copy = host_copy
+    try:
+        done, failed = step_until(sched, ranks, [make_request("lm-big", [("big", tokens)], params=params)],
+                                  deadline_s=30)
+    finally:
+        C.host_copy = real_copy
+    assert not failed and done["lm-big"] == (["big"], [])
+    assert same_bits(ranks[0][1]["big"], embedding("big", tokens))
+    assert copied_on == ["embresume-vllm-land"], copied_on
+    assert sched.stats["items_received"] == 1 and not sched._copying
+
+
+def test_a_request_that_ends_while_its_item_is_copied_leaves_nothing(producer, consumer_parts):
+    """The request ends while the lander still copies its item: the result is released only
+    when the copy is done (never while it is read), the region entry is freed, the receive
+    pool's blocks are all back."""
+    import threading
+
+    from embresume.integrations import _vllm_consumer as C
+    tokens = C.ASYNC_LAND_BYTES // (HIDDEN * 2) + 50
+    params = producer.encode("enc-gone", [("gone", tokens)])
+    sched, ranks = consumer_parts({"landing_bytes": "8MiB"})
+    if sched._region is None:
+        pytest.skip("receive='worker' has no landing region")
+    gate = threading.Event()
+    real_submit = C.Lander.submit
+
+    def slow_submit(self, key, dst, src):
+        def later():
+            gate.wait(20)
+            real_submit(self, key, dst, src)
+        threading.Thread(target=later, daemon=True).start()
+    C.Lander.submit = slow_submit
+    try:
+        req = make_request("lm-gone", [("gone", tokens)], params=params)
+        deadline = time.monotonic() + 30
+        while "gone" not in sched._copying:
+            assert time.monotonic() < deadline, sched._items
+            schedule(sched, [req])
+            time.sleep(0.01)
+        res = sched._copying["gone"]
+        sched.request_finished(req)                       # Release while the copy is out
+        assert not res.released                           # the copy may still read it
+        gate.set()
+        deadline = time.monotonic() + 10
+        while sched._copying:
+            assert time.monotonic() < deadline
+            schedule(sched, [])
+            time.sleep(0.01)
+    finally:
+        C.Lander.submit = real_submit
+        gate.set()
+    assert res.released and len(sched._region) == 0 and sched._region.pinned() == 0
+    assert sched._lang.allocator.free_blocks == sched._lang.layout.num_blocks
+    assert not sched.has_pending_push_work()
+
+
+def test_requests_of_two_items_share_a_two_item_landing_region(producer, consumer_parts):
+    """Two requests of two items each on a landing region that holds two: both are served
+    through embresume, none recomputed.  Before, when the first item of each landed first,
+    neither second item found room (landed items a waiting request needs were never
+    evicted) until load_timeout failed them; now the older request's item evicts the
+    younger's (transferred again), so a request is never starved by a half-landed other."""
+    tokens = 300                                            # 300 x 256 bf16: 150 KiB, 152 KiB in the region
+    entry = -(-tokens * HIDDEN * 2 // 4096) * 4096
+    for rnd in range(2):
+        items_a = [(f"pa{rnd}-1", tokens), (f"pa{rnd}-2", tokens)]
+        items_b = [(f"pb{rnd}-1", tokens), (f"pb{rnd}-2", tokens)]
+        params = {**producer.encode(f"enc-pa{rnd}", items_a), **producer.encode(f"enc-pb{rnd}", items_b)}
+        sched, ranks = consumer_parts({"landing_bytes": 2 * entry, "load_timeout": 15.0})
+        if sched._region is None:
+            pytest.skip("receive='worker' has no landing region")
+        reqs = [make_request(f"lm-pa{rnd}", items_a, params=params), make_request(f"lm-pb{rnd}", items_b, params=params)]
+        done, failed = step_until(sched, ranks, reqs, deadline_s=40)
+        assert not failed, sched.stats
+        assert done[f"lm-pa{rnd}"] == ([h for h, _ in items_a], []) and done[f"lm-pb{rnd}"] == ([h for h, _ in items_b], [])
+        for h, n in items_a + items_b:
+            assert same_bits(ranks[0][1][h], embedding(h, n)), h
+        st = sched.stats
+        assert st["recomputes"] == 0 and st["transfer_failures"] == 0, st
+        assert 4 <= st["items_received"] <= 6, st              # an eviction costs one transfer again
+
+
+def test_gauges_show_the_pool_and_region_in_use_and_back_to_idle(producer, consumer_parts):
+    """The consumer's scheduler reports levels (vllm:embresume_ec_items_in_flight,
+    pool_blocks_used, landing_bytes_used, landing_items_pinned) when they change: up while
+    an item transfers or is loaded, back to 0 in flight, 0 pool blocks and 0 pins when its
+    request is gone (the landed item stays as a cache).  A dashboard, and the real-engine
+    test of a client that disconnects, read these."""
+    from embresume.integrations.vllm import GAUGE, EmbresumeECStats
+    params = producer.encode("enc-gauge", [("gauge", 100)])
+    sched, ranks = consumer_parts({})
+    if sched._region is None:
+        pytest.skip("receive='worker' has no landing region")
+    req = make_request("lm-gauge", [("gauge", 100)], params=params)
+    seen = EmbresumeECStats(data={})
+    so, _ = schedule(sched, [req])
+    stats = sched.get_ec_connector_stats()
+    assert stats is not None and stats.data[GAUGE + "items_in_flight"] == 1, stats.data
+    seen.aggregate(stats)
+    done, failed = step_until(sched, ranks, [req], deadline_s=30)    # finishes the request too
+    assert not failed
+    stats = sched.get_ec_connector_stats()
+    seen.aggregate(stats)
+    levels = {k[len(GAUGE):]: v for k, v in seen.data.items() if k.startswith(GAUGE)}
+    assert levels == {"items_in_flight": 0, "pool_blocks_used": 0, "landing_items_pinned": 0,
+                      "landing_bytes_used": sched._region.used}, levels
+    assert sched._region.used > 0                        # landed, kept for a later request
+    assert not seen.is_empty()
+    # unchanged levels are not reported again
+    assert sched.get_ec_connector_stats() is None
+
+
+def test_engine_timeouts_default_to_what_a_busy_engine_needs():
+    """Inside vLLM the endpoints' threads share the engine's processes, which keep them off
+    the interpreter for seconds on a busy host: the connector's defaults are 15 s of peer
+    silence, a 20 s handshake and a 15 s failover (the library's: 3 s, 10 s; the connector's
+    failover was 5 s, and 8 s of a stopped producer failed the docs' pair over twice:
+    tests/test_vllm_serving.py::test_docs_commands).  An option of the same name wins."""
+    from embresume.config import Config
+    from embresume.integrations._vllm_roles import Options
+
+    base = {k: v for k, v in BASE_EXTRA.items() if k not in ("peer_timeout", "handshake_timeout", "failover_timeout")}
+    opts = Options(vllm_config("ec_consumer", base), False, False, adapter.OWN_KEYS)
+    assert (opts.config.peer_timeout, opts.config.handshake_timeout, opts.failover) == (15.0, 20.0, 15.0)
+    assert (Config().peer_timeout, Config().handshake_timeout) == (3.0, 10.0)      # the library's own
+    mine = dict(base, peer_timeout=4.0, handshake_timeout=6.0, failover_timeout=2.0)
+    opts = Options(vllm_config("ec_consumer", mine), False, False, adapter.OWN_KEYS)
+    assert (opts.config.peer_timeout, opts.config.handshake_timeout, opts.failover) == (4.0, 6.0, 2.0)
+
+
+def test_a_published_item_outlives_the_producers_request_timeout(consumer_parts):
+    """The producer keeps an item published past its request_timeout (registered again while
+    it is held, within producer_max_bytes), so a request that waited in a consumer's queue
+    longer still gets it through embresume.  Before: the producer let go of it after
+    request_timeout and the consumer was answered NOT_PUBLISHED (the benchmark's 101 items,
+    encoded 100 s before the consumer asked, were all recomputed)."""
+    p = Producer({"request_timeout": 1.0})
+    try:
+        params = p.encode("enc-late", [("late", 24)])
+        time.sleep(3.5)                                   # three of the producer's request_timeouts
+        sched, ranks = consumer_parts({"encoder_addresses": [p.address]})
+        done, failed = step_until(sched, ranks, [make_request("lm-late", [("late", 24)], params=params)],
+                                  deadline_s=30)
+        assert not failed and done["lm-late"] == (["late"], [])
+        assert same_bits(ranks[0][1]["late"], embedding("late", 24))
+        stats = sched.stats if sched._lang is not None else ranks[0][0].stats
+        assert stats["items_received"] == 1 and stats["recomputes"] == 0 and stats["transfer_failures"] == 0
+    finally:
+        p.stop()

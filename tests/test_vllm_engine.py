@@ -30,30 +30,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-ENGINE_DIR = ROOT / "tests" / "engine"
-ROLES = ENGINE_DIR / "vllm_roles.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
+from harness import ENGINE_DIR, ROLES, EngineShmSweep, Proc, Server as _Server, _free_port, engine_python  # noqa: E402
 
-
-def _engine_python() -> str | None:
-    env = os.environ.get("EMBRESUME_VLLM_PYTHON")
-    if env:
-        return env
-    local = ROOT / ".venv-vllm" / "bin" / "python"
-    return str(local) if local.exists() else None
-
-
-ENGINE_PY = _engine_python()
+ENGINE_PY = engine_python()
 _why = None
 if ENGINE_PY is None or not Path(ENGINE_PY).exists():
     _why = ("no vLLM engine environment (set EMBRESUME_VLLM_PYTHON or run "
@@ -78,71 +64,12 @@ EXTRA = {"block_size": 4, "max_chunk_tokens": 8, "failover_timeout": 30, "reques
          "handshake_timeout": 30, "peer_timeout": 30}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ENGINE_DIR)          # swap_connector for the swapped-payload run
-    # vLLM's CPU build pins each instance's worker process, every thread in it (embresume's
-    # too), to cores it picks alone: on 2 cores both instances land on core 0, where the
-    # consumer's worker spins while it waits, starving the producer's encoder threads.
-    # Unpinned, the kernel shares both cores (deployments give each instance its own cores)
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               VLLM_LOGGING_LEVEL="INFO", PYTHONUNBUFFERED="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
-    return env
-
-
-class Proc:
-    """A child in its own process group: killed with its engine processes, always."""
-
-    def __init__(self, args, log: Path, stdin=subprocess.DEVNULL):
-        self.log = log
-        self._f = open(log, "w")
-        self.p = subprocess.Popen(args, stdout=self._f, stderr=subprocess.STDOUT, stdin=stdin,
-                                  cwd=str(log.parent), env=_env(), start_new_session=True)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"{self.log.name}: still running after {timeout}s\n{self.tail()}")
-
-    def wait_for(self, text: str, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if text in self.log.read_text(errors="replace"):
-                return
-            if self.p.poll() is not None:
-                raise AssertionError(f"{self.log.name} exited ({self.p.returncode}) before {text!r}\n{self.tail()}")
-            time.sleep(0.5)
-        raise AssertionError(f"{self.log.name}: no {text!r} within {timeout}s\n{self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        lines = self.log.read_text(errors="replace").splitlines()
-        return "\n".join(lines[-n:])
-
-    def kill(self) -> None:
-        if self.p.poll() is None:
-            try:
-                os.killpg(self.p.pid, signal.SIGTERM)
-                self.p.wait(timeout=20)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.p.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.p.wait(timeout=10)
-        self._f.close()
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("vllm-engine")
+    # the module's engine processes are all stopped when this fixture ends (it is the first
+    # every other one needs): what vLLM left in /dev/shm is swept then
+    with EngineShmSweep():
+        yield tmp_path_factory.mktemp("vllm-engine")
 
 
 @pytest.fixture(scope="module")
@@ -255,64 +182,8 @@ def test_swapped_payload_swaps_the_tokens(work, model, reference):
     assert_came_through_embresume(got["embresume"], SWAP_IMAGES)
 
 
-def _post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _get(url: str, timeout: float = 10) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-class Server:
-    """``python -m vllm.entrypoints.openai.api_server`` (``vllm serve`` needs the
-    distribution to be called vllm; the CPU build's is vllm-cpu)."""
-
-    def __init__(self, work: Path, model: Path, name: str, ec: dict):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [ENGINE_PY, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
-                "--max-model-len", "512", "--limit-mm-per-prompt", json.dumps({"image": 1, "video": 0}),
-                "--seed", "0", "--ec-transfer-config", json.dumps(ec)]
-        self.proc = Proc(args, work / f"{name}.log")
-        deadline = time.monotonic() + 400
-        while True:
-            try:
-                _get(self.url + "/health", timeout=2)
-                return
-            except OSError:
-                if self.proc.p.poll() is not None or time.monotonic() > deadline:
-                    self.proc.kill()
-                    raise AssertionError(f"{name} did not come up\n{self.proc.tail()}")
-                time.sleep(1)
-
-    def chat(self, model: Path, image_spec: str, max_tokens: int) -> dict:
-        sys.path.insert(0, str(ENGINE_DIR))
-        try:
-            from vllm_roles import chat_message, images   # PIL and numpy only
-        except ImportError as e:
-            pytest.skip(f"the test's own interpreter lacks PIL ({e})")
-        finally:
-            sys.path.remove(str(ENGINE_DIR))
-        (image,) = images(image_spec)
-        return _post(self.url + "/v1/chat/completions", {
-            "model": str(model), "messages": [chat_message(image)], "max_tokens": max_tokens,
-            "temperature": 0.0})
-
-    def counters(self) -> dict:
-        out = {}
-        for line in _get(self.url + "/metrics").splitlines():
-            if line.startswith("vllm:embresume_ec_") and "_total" in line:
-                name, value = line.split("{")[0], float(line.rsplit(" ", 1)[1])
-                key = name[len("vllm:embresume_ec_"):].replace("_total", "")
-                out[key] = out.get(key, 0) + int(value)
-        return out
-
-    def stop(self) -> None:
-        self.proc.kill()
+def Server(work: Path, model: Path, name: str, ec: dict) -> _Server:
+    return _Server(work, model, name, ec, engine_py=ENGINE_PY)
 
 
 def test_openai_server_pair(work, model, reference):

@@ -77,7 +77,8 @@ class Harness:
         if self.hold_landing:
             return self.t.handle(I.NoRoom(h, self.now))
         while len(self.region) >= SLOTS:
-            victim = next((k for k, pins in self.region.items() if pins == 0 and self.t.evictable(k)), None)
+            victim = next((k for k, pins in self.region.items()
+                           if pins == 0 and self.t.evictable(k, for_hash=h)), None)
             if victim is None:
                 return out + self.t.handle(I.NoRoom(h, self.now))
             assert self.t.phase(victim) is P.LANDED      # a pinned item is never evicted
@@ -157,6 +158,13 @@ class ItemMachine(RuleBasedStateMachine):
                         "waiting": (Status.WaitingForInput, None), "running": (Status.Transferring, None)}[outcome]
         if outcome == "success":
             self.h.results.add(h)
+        it = self.t.get(h)
+        if not self.t.poll_matters(it, status, self.h.now):
+            # the shell makes no event of such a poll: it must be one that changes nothing
+            before = (it.phase, it.attempts, it.reason, it.started, it.deadline)
+            assert self.t.handle(I.Polled(h, self.h.now, status, code, outcome)) == []
+            assert (it.phase, it.attempts, it.reason, it.started, it.deadline) == before
+            return
         self.h.handle(I.Polled(h, self.h.now, status, code, outcome))
 
     @rule(h=st.sampled_from(HASHES))
@@ -184,6 +192,14 @@ class ItemMachine(RuleBasedStateMachine):
             assert it.mm_hash == h and isinstance(it.phase, P)
         # the region holds exactly the landed and pinned items
         assert set(self.h.region) == {h for h, it in self.t.items.items() if it.phase in (P.LANDED, P.PINNED)}
+
+    @invariant()
+    def phase_index_matches(self):
+        # the tracker's by-phase index (what the hooks read) is the items, grouped by phase
+        for ph in P:
+            assert {it.mm_hash for it in self.t.in_phase(ph)} == {h for h, it in self.t.items.items()
+                                                                  if it.phase is ph}
+        assert self.t.busy() == any(it.phase is not P.LANDED for it in self.t.items.values())
 
     @invariant()
     def pins_match(self):
@@ -268,3 +284,40 @@ def test_busy_refusals_are_no_attempts_and_not_published_is_final():
         t.handle(I.Started("h", k + 0.5))
     out = t.handle(I.Polled("h", 6.0, Status.Failed, FailCode.NOT_PUBLISHED, "withdrawn"))
     assert t.phase("h") is P.FAILED and [type(a) for a in out] == [I.GaveUp]
+
+
+def test_two_requests_of_two_items_on_a_two_item_region_do_not_deadlock():
+    """A's first item and B's first item fill a region of two; before, neither second item
+    could land (each landed item was needed by a waiting request, so not evictable) and
+    both requests waited out load_timeout, then recomputed or failed.  Now the oldest
+    request gets its room: B's landed item makes way (transferred again later, no attempt
+    counted) and B's second item waits for A's loads instead of evicting A's items."""
+    h = Harness()
+    t = h.t
+    for rid, items, now in (("A", ("a1", "a2"), 0.0), ("B", ("b1", "b2"), 1.0)):
+        h.now = now
+        for item in items:
+            h.handle(I.Need(rid, item, "tcp://e", 10, 8, now))
+    h.now = 2.0
+    for item in ("a1", "b1", "a2"):
+        h.results.add(item)
+        h.handle(I.Polled(item, h.now, Status.Success))
+    assert t.present("a1") and t.present("a2")               # A's items: both landed
+    assert t.phase("b1") is P.TRANSFERRING and h.starts["b1"] == 2 and t.get("b1").attempts == 1
+    h.results.add("b2")
+    h.handle(I.Polled("b2", h.now, Status.Success))
+    assert t.phase("b2") is P.RECEIVED                         # younger: waits, evicts none of A's
+    assert set(h.region) == {"a1", "a2"}
+    # A is scheduled: reserved, allocated, loaded, finished; then B's items land
+    for item in ("a1", "a2"):
+        h.handle(I.Reserve(item))
+        h.handle(I.Alloc("A", item, {"a1": 1, "a2": 2}[item], 1, 3))
+    h.handle(I.StepEnd())
+    h.handle(I.LoadReported(1))
+    h.handle(I.LoadReported(2))
+    h.handle(I.RequestFinished("A", ("a1", "a2")))
+    h.handle(I.Tick(3.0))
+    h.results.add("b1")
+    h.handle(I.Polled("b1", 3.0, Status.Success))
+    assert t.present("b1") and t.present("b2") and set(h.region) == {"b1", "b2"}
+    assert h.starts == {"a1": 1, "a2": 1, "b1": 2, "b2": 1}     # one extra transfer, no failure

@@ -125,3 +125,59 @@ def advertised_address(address: str) -> str:
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
+
+
+_WIDE_CPUS: Optional[frozenset] = None
+
+
+def process_cpus() -> Optional[frozenset]:
+    """Every core this process may run on (its cgroup's cpuset), found once: the kernel
+    intersects a requested affinity with what the cgroup allows."""
+    global _WIDE_CPUS
+    if _WIDE_CPUS is None and hasattr(os, "sched_setaffinity"):
+        try:
+            before = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, range(os.cpu_count() or 1))
+            try:
+                _WIDE_CPUS = frozenset(os.sched_getaffinity(0))
+            finally:
+                os.sched_setaffinity(0, before)
+        except OSError:
+            return None
+    return _WIDE_CPUS
+
+
+class unpinned:
+    """``with unpinned():`` threads started inside run on every core the process may use.
+
+    An engine may pin the thread that calls the connector to a few cores (vLLM's CPU build
+    binds each worker's OpenMP threads, the calling thread included, and a thread inherits
+    its creator's affinity): embresume's own threads started from it would then share
+    those cores with the engine's spinning workers (and, with two instances bound to the
+    same cores, starve: handshakes time out).  The calling thread's own affinity is put
+    back on exit.  Linux only; elsewhere, or when not pinned, nothing happens."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled
+        self._before = None
+
+    def __enter__(self) -> "unpinned":
+        if not self._enabled or not hasattr(os, "sched_getaffinity"):
+            return self
+        wide = process_cpus()
+        try:
+            before = os.sched_getaffinity(0)
+            if wide and before != wide:
+                os.sched_setaffinity(0, wide)
+                self._before = before
+        except OSError:
+            log.debug("could not widen this thread's CPU affinity", exc_info=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._before is not None:
+            try:
+                os.sched_setaffinity(0, self._before)
+            except OSError:
+                log.debug("could not restore this thread's CPU affinity", exc_info=True)
+            self._before = None

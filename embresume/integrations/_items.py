@@ -3,7 +3,7 @@
 Written like :mod:`embresume.rooms`: events in (:meth:`ItemTracker.handle`),
 actions out, no I/O, no clock (every event that needs the time carries
 ``now``).  The scheduler-side role object
-(:class:`embresume.integrations._vllm_roles.LandingConsumerScheduler`) feeds it
+(:class:`embresume.integrations._vllm_consumer.LandingScheduler`) feeds it
 what vLLM and the endpoint tell it and carries out what it returns: starting
 and aborting transfers, copying a received item into the landing region,
 pinning and unpinning region entries, counting and logging.
@@ -54,7 +54,7 @@ TRANSITIONS: dict[Phase, frozenset] = {
     P.TRANSFERRING: frozenset({P.RECEIVED, P.RETRY_WAIT, P.FAILED}),
     P.RETRY_WAIT: frozenset({P.PENDING, P.FAILED}),
     P.RECEIVED: frozenset({P.LANDED, P.FAILED}),
-    P.LANDED: frozenset({P.PINNED}),
+    P.LANDED: frozenset({P.PINNED, P.PENDING}),
     P.PINNED: frozenset({P.LANDED}),
     P.FAILED: frozenset(),
 }
@@ -277,6 +277,11 @@ class ItemTracker:
         self.failover_timeout = float(failover_timeout)
         self.load_timeout = float(load_timeout)
         self.items: dict[str, Item] = {}
+        # the same items by phase (kept at the one place phases change): the scheduler's hooks
+        # look at the few items in one phase, never scan every item the region holds
+        self._by_phase: dict[Phase, dict[str, Item]] = {ph: {} for ph in P}
+        self._since: dict[str, float] = {}        # live request -> when it first needed an item
+        self._needs: dict[str, set] = {}          # live request -> the items it asked for
         self._loads: dict[int, str] = {}          # load id -> mm_hash
         self._leases: dict[int, int] = {}         # load id -> steps left (loads nobody reports)
         self._handlers: dict[type, Callable] = {
@@ -298,17 +303,56 @@ class ItemTracker:
         """In the landing region (landed or pinned)."""
         return self.phase(mm_hash) in (P.LANDED, P.PINNED)
 
-    def evictable(self, mm_hash: str) -> bool:
-        """Whether the region may reuse this item's room: landed, unpinned, nobody waiting."""
+    def evictable(self, mm_hash: str, for_hash: Optional[str] = None) -> bool:
+        """Whether the region may reuse this item's room: landed and unpinned, and nobody
+        waits for it, or (to land ``for_hash``) only requests that still wait for another
+        item and are younger than the oldest one waiting for ``for_hash``.  Without that
+        second rule requests of several items deadlock on a small region: A's first item
+        and B's first item fill it, and neither second item can land.  The oldest waiting
+        request always gets its room, so the younger one's item is transferred again later
+        instead (never the other way round: no ping-pong); an item whose requests have
+        everything landed is about to be loaded and stays."""
         it = self.items.get(mm_hash)
-        return it is None or (it.phase is P.LANDED and not it.waiting)
+        if it is None:
+            return True
+        if it.phase is not P.LANDED:
+            return False
+        if not it.waiting:
+            return True
+        other = self.items.get(for_hash) if for_hash is not None else None
+        return (other is not None and self._age(it) > self._age(other)
+                and all(self._incomplete(r) for r in it.waiting))
+
+    def _incomplete(self, rid: str) -> bool:
+        """Whether request ``rid`` still waits for an item that is not in the region."""
+        for h in self._needs.get(rid, ()):
+            x = self.items.get(h)
+            if x is not None and rid in x.waiting and x.phase not in (P.LANDED, P.PINNED):
+                return True
+        return False
+
+    def _age(self, it: Item) -> float:
+        """When the oldest request waiting for ``it`` first needed an item (inf: nobody)."""
+        return min((self._since.get(r, float("inf")) for r in it.waiting), default=float("inf"))
 
     def in_phase(self, *phases: Phase) -> list[Item]:
+        if len(phases) == 1:
+            return list(self._by_phase[phases[0]].values())
         return [it for it in self.items.values() if it.phase in phases]
+
+    def poll_matters(self, it: Item, status: Status, now: float) -> bool:
+        """Whether a :class:`Polled` of ``it`` with ``status`` at ``now`` can change anything
+        (a final status, or a deadline passed): the shell polls every open transfer and
+        makes an event only of those, so a poll that changes nothing costs no event."""
+        return (status in (Status.Success, Status.Failed)
+                or now > min(it.deadline, it.started + self.failover_timeout))
+
+    def count(self, phase: Phase) -> int:
+        return len(self._by_phase[phase])
 
     def busy(self) -> bool:
         """Anything but idle landed items: transfers, results, loads, failed items still needed."""
-        return any(it.phase is not P.LANDED for it in self.items.values())
+        return len(self.items) != len(self._by_phase[P.LANDED])
 
     # ------------------------------------------------------------ entry
     def handle(self, event: Event) -> list[Action]:
@@ -320,12 +364,15 @@ class ItemTracker:
     def _to(self, it: Item, phase: Phase) -> None:
         if phase not in TRANSITIONS[it.phase]:
             raise TransitionError(f"{it.mm_hash}: {it.phase.value} -> {phase.value} is not a transition")
+        del self._by_phase[it.phase][it.mm_hash]
         it.phase = phase
+        self._by_phase[phase][it.mm_hash] = it
 
     def _remove(self, it: Item) -> None:
         if it.phase not in REMOVABLE:
             raise TransitionError(f"{it.mm_hash}: an item {it.phase.value} cannot be dropped")
         del self.items[it.mm_hash]
+        del self._by_phase[it.phase][it.mm_hash]
 
     def _start(self, it: Item, out: list) -> None:
         if it.phase is not P.PENDING:
@@ -360,10 +407,13 @@ class ItemTracker:
 
     # ------------------------------------------------------------ handlers
     def _need(self, ev: Need, out: list) -> None:
+        self._since.setdefault(ev.rid, ev.now)
+        self._needs.setdefault(ev.rid, set()).add(ev.mm_hash)
         it = self.items.get(ev.mm_hash)
         if it is None:
             it = self.items[ev.mm_hash] = Item(ev.mm_hash, ev.encoder, ev.num_embeds, ev.width, born=ev.now,
                                                deadline=ev.now + self.load_timeout)
+            self._by_phase[it.phase][it.mm_hash] = it
             it.waiting.add(ev.rid)
             self._start(it, out)
             return
@@ -432,10 +482,16 @@ class ItemTracker:
         it = self.items.get(ev.mm_hash)
         if it is None:
             return
-        if not (it.phase is P.LANDED and not it.waiting):
-            raise TransitionError(f"{it.mm_hash}: evicted while {it.phase.value} "
-                                  f"({len(it.waiting)} request(s) waiting)")
-        self._remove(it)
+        if it.phase is not P.LANDED:
+            raise TransitionError(f"{it.mm_hash}: evicted while {it.phase.value}")
+        if not it.waiting:
+            self._remove(it)
+            return
+        # made room for an older request's item: transferred again for its younger requests
+        # (not a failed attempt)
+        it.attempts -= 1
+        it.reason = "evicted from the landing region for an older request's item"
+        self._start(it, out)
 
     def _reserve(self, ev: Reserve, out: list) -> None:
         it = self.items[ev.mm_hash]
@@ -466,7 +522,7 @@ class ItemTracker:
             self._remove(it)
 
     def _step_end(self, ev: StepEnd, out: list) -> None:
-        for it in list(self.items.values()):
+        for it in list(self._by_phase[P.PINNED].values()):     # reserved items are pinned
             if it.reserved:
                 it.reserved = False
                 self._unpin_if_idle(it, out)
@@ -490,6 +546,8 @@ class ItemTracker:
             self._unpin_if_idle(it, out)
 
     def _request_finished(self, ev: RequestFinished, out: list) -> None:
+        self._since.pop(ev.rid, None)
+        self._needs.pop(ev.rid, None)
         for h in ev.hashes:
             it = self.items.get(h)
             if it is None:
@@ -504,7 +562,8 @@ class ItemTracker:
             self._remove(it)
 
     def _tick(self, ev: Tick, out: list) -> None:
-        for it in sorted(self.items.values(), key=lambda i: i.born):
+        due = [*self._by_phase[P.RETRY_WAIT].values(), *self._by_phase[P.RECEIVED].values()]
+        for it in sorted(due, key=lambda i: i.born):
             if it.phase is P.RETRY_WAIT and ev.now >= it.retry_at:
                 self._start(it, out)
             elif it.phase is P.RECEIVED:

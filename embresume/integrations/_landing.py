@@ -187,3 +187,46 @@ class LandingView:
 
     def close(self) -> None:
         self.segment.close()
+
+
+#: what a consumer whose workers cannot map the landing region should do instead
+USE_WORKER_RECEIVE = ("use receive='worker' (each worker receives its own copy into its own pool; "
+                      "needs vLLM's V2 model runner)")
+
+
+def dumpable() -> bool:
+    """Whether this process is dumpable (``prctl(PR_GET_DUMPABLE)``): a process that is not
+    (set by a security policy, a setuid start, or the process itself) keeps even its own
+    user's other processes out of ``/proc/<pid>/fd``, so no worker could map its region."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(3, 0, 0, 0, 0) != 0       # PR_GET_DUMPABLE
+    except (OSError, AttributeError):
+        return True                                 # not Linux: nothing to tell
+
+
+def check_scheduler_side() -> None:
+    """Raises ``PermissionError`` with the remedy where the workers could not map this
+    process's region (checked when the scheduler-side connector starts)."""
+    if not dumpable():
+        raise PermissionError(
+            f"this scheduler process (pid {os.getpid()}) is not dumpable, so its workers cannot "
+            f"open its landing region through /proc/{os.getpid()}/fd; {USE_WORKER_RECEIVE}")
+
+
+def check_worker_side(scheduler_pid: int) -> None:
+    """Raises ``PermissionError`` with the remedy where this worker cannot reach the
+    scheduler process's fds (checked when the worker-side connector starts; the first
+    landed item would otherwise fail inside the model runner)."""
+    if scheduler_pid == os.getpid():
+        return
+    path = f"/proc/{scheduler_pid}/fd"
+    try:
+        os.listdir(path)
+    except OSError as e:
+        raise PermissionError(
+            f"this worker (pid {os.getpid()}) cannot open {path} ({e.strerror}): the scheduler's landing "
+            f"region would be out of its reach (another user, a ptrace policy such as "
+            f"kernel.yama.ptrace_scope=3, a non-dumpable scheduler, or another host); "
+            f"{USE_WORKER_RECEIVE}") from None

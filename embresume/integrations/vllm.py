@@ -21,8 +21,8 @@ request needs, through ``start_save_caches`` where the runner calls it) is
 on the producing stream) under its hash.  A published item serves every
 consumer request for it, one after the other, while the producer keeps it:
 at most ``producer_max_bytes`` are held, least recently used first out
-(:meth:`~embresume.EncoderEndpoint.withdraw`), and an item nobody asks for
-goes at ``request_timeout``.  ``request_finished`` returns
+(:meth:`~embresume.EncoderEndpoint.withdraw`); an item nobody asks for within
+``request_timeout`` is registered again, not let go.  ``request_finished`` returns
 ``ec_transfer_params`` naming the encoder, the width and the dtype of each
 item the producer can publish.
 
@@ -35,9 +35,10 @@ engine maps, :mod:`embresume.integrations._landing`):
 1. ``ensure_cache_available`` starts a transfer for every item a request
    needs that is neither in vLLM's encoder cache nor landed, and defers the
    request while any is on its way.  Transfers progress on the endpoint's own
-   threads, not in vLLM's steps; each call polls them.
+   threads, not in vLLM's steps; the connector polls them once per scheduler step.
 2. A finished transfer is copied into the landing region (written once per
-   host, whatever the TP size) when the region has room; otherwise it waits
+   host, whatever the TP size; items of 1 MiB or more by the connector's lander
+   thread, not vLLM's scheduler thread) when the region has room; otherwise it waits
    in the receive pool.  Landing evicts only items no waiting request needs
    and nobody has pinned.  ``has_cache_item`` is then true, lands nothing,
    and pins the item it reports present until this step's loads are out.
@@ -55,7 +56,7 @@ engine maps, :mod:`embresume.integrations._landing`):
    from its text: a room the producer is sending to another instance right
    now (BUSY, TP_GROUP) is asked again shortly, not counted as an attempt; an
    item the producer let go of (NOT_PUBLISHED: withdrawn past
-   ``producer_max_bytes``, or expired) is given up at once, without waiting
+   ``producer_max_bytes``) is given up at once, without waiting
    out ``failover_timeout`` or trying again.
 
 ``receive: "worker"`` keeps the direct path: each worker's own
@@ -114,6 +115,12 @@ OWN_KEYS = {
                           "least recently used items are withdrawn past it",
     "encoder_addresses": "consumer: the producers (list or comma-separated); an item goes to the "
                          "one its request's ec_transfer_params names, else pick_encoder(mm_hash, list)",
+    "allowed_encoders": "consumer: more producers a request's ec_transfer_params may name, besides "
+                        "encoder_addresses (list or comma-separated); params naming any other are refused",
+    "item_widths": "consumer: item widths accepted besides hidden_size and the model's own (the LM width "
+                   "and its encoder's output width, hidden x (1 + DeepStack levels)); list of ints",
+    "unpin_threads": "both: run embresume's own threads on every core the process may use, not the "
+                     "cores the engine pinned its worker to (default true; vLLM's CPU build pins)",
     "receive": "consumer: 'scheduler' (default: the scheduler process receives each item once into "
                "a host region every worker maps; V1 and V2 runners) or 'worker' (each worker receives "
                "its own copy into its own pool, CUDA IPC on GPUs; needs the V2 model runner)",
@@ -122,7 +129,7 @@ OWN_KEYS = {
     "on_failure": "consumer: 'recompute' (default: encode locally when the request still carries "
                   "its media) or 'fail' (fail the request, a retryable error)",
     "failover_timeout": "consumer: seconds a transfer may go without data before it is given up "
-                        "and tried again or failed over (default 5)",
+                        "and tried again or failed over (default 15)",
     "max_attempts": "consumer: transfers tried per item before it counts as failed (default 3)",
     "load_timeout": "consumer: seconds one item may take in all, attempts included "
                     "(default request_timeout + 30)",
@@ -139,10 +146,21 @@ STAT_NAMES = {
     "recomputes": "items encoded locally after a failed transfer",
     "local_encodes": "items the consumer's own vision tower encoded",
     "unavailable": "requests failed: an item could neither be received nor recomputed",
+    "params_refused": "items whose ec_transfer_params named an encoder not allowed or a width not the model's",
     "items_published": "producer: items offered to consumers",
     "items_not_published": "producer: items the producer could not offer",
     "items_withdrawn": "producer: items let go to stay within producer_max_bytes",
 }
+
+
+#: gauges of the consumer's scheduler (``vllm:embresume_ec_<name>``), reported when they change
+GAUGE_NAMES = {
+    "items_in_flight": "consumer: items being transferred, retried or waiting for landing room",
+    "pool_blocks_used": "consumer: receive-pool blocks held (transfers in flight, results not landed yet)",
+    "landing_bytes_used": "consumer: bytes of the landing region holding items (landed items stay as a cache)",
+    "landing_items_pinned": "consumer: landed items pinned (reported present, or loads not all reported)",
+}
+GAUGE = "gauge:"
 
 
 def _placement() -> tuple[int, int, bool]:
@@ -169,11 +187,15 @@ class EmbresumeECStats(ECConnectorStats):
 
     def aggregate(self, other: ECConnectorStats) -> "EmbresumeECStats":
         for k, v in (other.data or {}).items():
-            self.data[k] = self.data.get(k, [] if isinstance(v, list) else 0) + v
+            if k.startswith(GAUGE):
+                self.data[k] = v                    # a level, not a count: the latest report
+            else:
+                self.data[k] = self.data.get(k, [] if isinstance(v, list) else 0) + v
         return self
 
     def reduce(self) -> dict:
-        out = {k: v for k, v in self.data.items() if v and not isinstance(v, list)}
+        out = {k.removeprefix(GAUGE): v for k, v in self.data.items()
+               if (v or k.startswith(GAUGE)) and not isinstance(v, list)}
         times = sorted(self.data.get("transfer_seconds") or ())
         if times:
             out["transfer_ms_p50"] = round(1e3 * times[len(times) // 2], 3)
@@ -181,7 +203,8 @@ class EmbresumeECStats(ECConnectorStats):
         return out
 
     def is_empty(self) -> bool:
-        return not any(self.data.values())
+        # a gauge back at 0 is news too
+        return not any(v or k.startswith(GAUGE) for k, v in self.data.items())
 
 
 #: buckets of the ``vllm:embresume_ec_transfer_seconds`` histogram (0.1 ms to 30 s)
@@ -202,9 +225,19 @@ class EmbresumeECPromMetrics(ECConnectorPromMetrics):
                                 documentation="embresume: per-item transfer time, request to landed",
                                 labelnames=labelnames, buckets=list(TRANSFER_BUCKETS))
         self._transfer = {idx: h.labels(*values) for idx, values in per_engine_labelvalues.items()}
+        self._gauges = {}
+        for name, doc in GAUGE_NAMES.items():
+            g = self._gauge_cls(name=f"vllm:embresume_ec_{name}", documentation=f"embresume: {doc}",
+                                labelnames=labelnames, multiprocess_mode="mostrecent")
+            self._gauges[name] = {idx: g.labels(*values) for idx, values in per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict, engine_idx: int = 0) -> None:
         for name, value in (transfer_stats_data or {}).items():
+            if name.startswith(GAUGE):
+                per_engine = self._gauges.get(name[len(GAUGE):])
+                if per_engine is not None and engine_idx in per_engine:
+                    per_engine[engine_idx].set(value)
+                continue
             if name == "transfer_seconds":
                 if engine_idx in self._transfer:
                     for t in value:
@@ -271,6 +304,41 @@ class EmbresumeECConnector(ECConnectorBase):
         if not parts:
             parts.append(roles.Role(self, opts, self.counters))
         self._impl: roles.Role = parts[0] if len(parts) == 1 else roles.Both(*parts)
+        self._totals_logged = False
+        self._last_gauges: dict = {}
+        self._log_totals_on_stop_signals()
+
+    def _log_totals_on_stop_signals(self) -> None:
+        """The totals line when the engine's process is told to stop (SIGTERM, SIGINT).
+
+        vLLM shuts the connector down only after its executor, and the server's process
+        manager kills an engine process that takes longer than a few seconds: the line
+        ``shutdown`` logs would often never appear.  vLLM's engine process installs its
+        handlers before it builds the scheduler (and the connector), so they are chained
+        here, in the process's main thread: the totals are logged, then vLLM's handler runs
+        as before.  A signal left at its default disposition is not touched."""
+        import signal
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                prev = signal.getsignal(sig)
+            except (ValueError, OSError):
+                continue
+            if not callable(prev) or getattr(prev, "_embresume_totals", False):
+                continue
+
+            def handler(signum, frame, prev=prev):
+                try:
+                    self._log_totals()
+                finally:
+                    prev(signum, frame)
+            handler._embresume_totals = True
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError):
+                continue
 
     def __getattr__(self, name: str):
         # the role object's state (tests and tools look at it: _lang, _region, _items, _enc, ...)
@@ -281,7 +349,14 @@ class EmbresumeECConnector(ECConnectorBase):
 
     # ============================================================ stats
     def get_ec_connector_stats(self) -> Optional[EmbresumeECStats]:
-        return self.counters.take()
+        stats = self.counters.take()
+        gauges = self._impl.gauges()
+        if gauges and gauges != self._last_gauges:
+            self._last_gauges = gauges
+            if stats is None:
+                stats = EmbresumeECStats(data={})
+            stats.data.update({GAUGE + k: v for k, v in gauges.items()})
+        return stats
 
     @classmethod
     def build_ec_connector_stats(cls, data: Optional[dict] = None) -> EmbresumeECStats:
@@ -344,7 +419,15 @@ class EmbresumeECConnector(ECConnectorBase):
         if self._closed:
             return
         self._closed = True
+        self._log_totals()
         self._impl.close()
+
+    def _log_totals(self) -> None:
+        # once: at the stop signal, else first thing in shutdown (before anything that could
+        # block: an engine stopping on a signal may be killed while it tears down)
+        if self._totals_logged:
+            return
+        self._totals_logged = True
         times = sorted(self.counters.recent)
         summary = (f"; transfer time p50 {1e3 * times[len(times) // 2]:.2f} ms, "
                    f"p99 {1e3 * times[min(len(times) - 1, int(len(times) * 0.99))]:.2f} ms "

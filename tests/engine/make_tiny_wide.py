@@ -22,6 +22,11 @@ Both in bf16, processors taking up to 1344x1344 pixels: a 448x448 image is 256
 tokens (2 MiB at 3584 in bf16) for Qwen2.5-VL, a 1344x1344 one 2304 tokens
 (16 MiB); for Qwen3-VL (patch 16) 196 and 1764 tokens of 16384 (6 and 55 MiB).
 
+``--small`` makes the same layouts narrow, for tests: the LM 128 wide (4 heads
+of 32, 2 KV heads), fp32, processors taking up to 128x128 pixels (Qwen3-VL: a
+128x128 image is 16 tokens, 64x64 is 4; each token 128 x (1 + 3) = 512 wide,
+DeepStack levels included).
+
 The tokenizer and chat template are those of ``make_tiny_qwen2vl.py``; the
 weights come from ``torch.manual_seed(SEED)``: the same directory every run.
 """
@@ -38,23 +43,34 @@ from make_tiny_qwen2vl import CHAT_TEMPLATE, SEED, SPECIAL, VOCAB, build_tokeniz
 MAX_PIXELS = 1344 * 1344
 MIN_PIXELS = 56 * 56
 KINDS = ("qwen2_5_vl", "qwen3_vl")
+#: --small: (LM width, heads, KV heads, max pixels, dtype) instead of the real models' widths
+SMALL = dict(hidden=128, heads=4, kv_heads=2, max_pixels=128 * 128, min_pixels=32 * 32, dtype="float32")
+WIDE = None
 
 
 def _ids(tok) -> dict:
     return {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
 
 
+def _dtype() -> str:
+    return SMALL["dtype"] if WIDE is False else "bfloat16"
+
+
 def _text(ids: dict, **kw) -> dict:
     return dict(vocab_size=VOCAB, num_hidden_layers=1, intermediate_size=256, max_position_embeddings=4096,
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, torch_dtype="bfloat16", **kw)
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, torch_dtype=_dtype(), **kw)
 
 
 def _tokens(ids: dict) -> dict:
     return dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                 vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, torch_dtype="bfloat16")
+                pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False, torch_dtype=_dtype())
+
+
+def _pixels() -> tuple[int, int]:
+    return (SMALL["min_pixels"], SMALL["max_pixels"]) if WIDE is False else (MIN_PIXELS, MAX_PIXELS)
 
 
 def _save(model, out: str, ids: dict) -> None:
@@ -65,7 +81,7 @@ def _save(model, out: str, ids: dict) -> None:
         for name, p in model.named_parameters():
             if p.dim() >= 2 and "embed" not in name:
                 p.mul_(4.0)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    model.to(getattr(torch, _dtype())).save_pretrained(out, safe_serialization=True)
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
                    "pad_token_id": ids["<|endoftext|>"], "do_sample": False}, f)
@@ -78,17 +94,22 @@ def build_qwen2_5_vl(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     tok = build_tokenizer(out)
     ids = _ids(tok)
+    if WIDE is False:
+        hidden, heads, kv_heads, mrope = SMALL["hidden"], SMALL["heads"], SMALL["kv_heads"], [4, 6, 6]
+    else:
+        hidden, heads, kv_heads, mrope = 3584, 28, 4, [16, 24, 24]
     config = Qwen2_5_VLConfig(
-        text_config=_text(ids, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
+        text_config=_text(ids, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                           "mrope_section": [16, 24, 24]}),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=3584,
+                                           "mrope_section": mrope}),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                            fullatt_block_indexes=[1]),
         **_tokens(ids))
     torch.manual_seed(SEED)
     _save(Qwen2_5_VLForConditionalGeneration(config).eval(), out, ids)
-    kw = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=14, merge_size=2, temporal_patch_size=2)
+    lo, hi = _pixels()
+    kw = dict(min_pixels=lo, max_pixels=hi, patch_size=14, merge_size=2, temporal_patch_size=2)
     Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**kw), tokenizer=tok,
                         video_processor=Qwen2VLVideoProcessor(**kw), chat_template=CHAT_TEMPLATE).save_pretrained(out)
 
@@ -101,17 +122,23 @@ def build_qwen3_vl(out: str) -> None:
     os.makedirs(out, exist_ok=True)
     tok = build_tokenizer(out)
     ids = _ids(tok)
+    if WIDE is False:    # head_dim 32: mrope sections sum to 16
+        hidden, heads, kv_heads, head_dim, mrope = SMALL["hidden"], SMALL["heads"], SMALL["kv_heads"], 32, [6, 5, 5]
+    else:
+        hidden, heads, kv_heads, head_dim, mrope = 4096, 32, 4, 128, [24, 20, 20]
     config = Qwen3VLConfig(
-        text_config=_text(ids, hidden_size=4096, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        text_config=_text(ids, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          head_dim=head_dim,
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                           "mrope_section": [24, 20, 20], "mrope_interleaved": True}),
-        vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=4096,
+                                           "mrope_section": mrope, "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=hidden,
                            patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
                            num_position_embeddings=2304, deepstack_visual_indexes=[0, 1, 2]),
         **_tokens(ids))
     torch.manual_seed(SEED)
     _save(Qwen3VLForConditionalGeneration(config).eval(), out, ids)
-    kw = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, patch_size=16, merge_size=2, temporal_patch_size=2)
+    lo, hi = _pixels()
+    kw = dict(min_pixels=lo, max_pixels=hi, patch_size=16, merge_size=2, temporal_patch_size=2)
     image = Qwen2VLImageProcessor(**kw)
     video = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
     Qwen3VLProcessor(image_processor=image, tokenizer=tok, video_processor=video,
@@ -119,7 +146,11 @@ def build_qwen3_vl(out: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] not in KINDS:
-        sys.exit(f"usage: make_tiny_wide.py {{{'|'.join(KINDS)}}} OUT_DIR")
-    {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl}[sys.argv[1]](sys.argv[2])
-    print(sys.argv[2])
+    argv = sys.argv[1:]
+    if "--small" in argv:
+        argv.remove("--small")
+        WIDE = False
+    if len(argv) != 2 or argv[0] not in KINDS:
+        sys.exit(f"usage: make_tiny_wide.py [--small] {{{'|'.join(KINDS)}}} OUT_DIR")
+    {"qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl}[argv[0]](argv[1])
+    print(argv[1])

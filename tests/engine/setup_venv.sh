@@ -38,4 +38,8 @@ else
   "$PY" -m pip install -q --no-deps -e .
 fi
 "$PY" -m pip install -q -c <(echo "torch==2.13.0") rich "tqdm>=4.60"
-"$PY" -c "import vllm, embresume.integrations.vllm, torchvision; print('vLLM', vllm.__version__, 'ready in $VENV')"
+# checked from outside the checkout: from its root, `import embresume` would find the source
+# folder first, where the installed packages mapped from other folders (embresume.kernels,
+# embresume.ipc) are not
+case "$PY" in /*) ABS_PY="$PY" ;; *) ABS_PY="$PWD/$PY" ;; esac
+(cd / && "$ABS_PY" -c "import vllm, embresume.integrations.vllm, torchvision; print('vLLM', vllm.__version__, 'ready in $VENV')")

@@ -136,13 +136,24 @@ def main() -> int:
     ap.add_argument("--extra", default="")
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--batch", action="store_true", help="submit every image at once (default: one by one)")
+    ap.add_argument("--concurrency", type=int, default=0,
+                    help="submit the images in groups of N at once (0: one by one, or all with --batch)")
+    ap.add_argument("--throughput", default="",
+                    help="after the images, for each 'N=SPEC' (';'-separated) submit SPEC's images at once, "
+                         "N at a time, and report images per second (the producer encodes them with the rest)")
+    ap.add_argument("--stepwise", action="store_true",
+                    help="reference/consumer: print READY once up, then make each request (each image, "
+                         "each throughput set) only when a line arrives on stdin, and print 'STEP <k>' after it "
+                         "(a driver interleaves several instances request by request)")
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--dtype", default="float32")
     ap.add_argument("--chat", type=int, default=0,
                     help="also answer the first N images through LLM.chat (the server's prompt format)")
     args = ap.parse_args()
 
     from vllm import LLM, SamplingParams
 
-    kw = dict(model=args.model, enforce_eager=True, max_model_len=512, dtype="float32",
+    kw = dict(model=args.model, enforce_eager=True, max_model_len=args.max_model_len, dtype=args.dtype,
               limit_mm_per_prompt={"image": 1, "video": 0}, disable_log_stats=False, seed=0)
     if args.role != "reference":
         kw["ec_transfer_config"] = ec_config(args)
@@ -151,24 +162,68 @@ def main() -> int:
     started = time.monotonic() - t0
     params = SamplingParams(max_tokens=1 if args.role == "producer" else args.max_tokens, temperature=0.0)
     prompts = [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images(args.images)]
-    tokens, latency = [], []
-    if args.batch:
-        t = time.monotonic()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        latency = [time.monotonic() - t] * len(outs)
-        tokens = [list(o.outputs[0].token_ids) for o in outs]
+    tokens, latency, transfer = [], [], []
+    stepwise = args.stepwise and args.role != "producer"
+    steps = iter(range(1 << 30))
+
+    def go() -> None:
+        if stepwise and not sys.stdin.readline():
+            raise SystemExit("stepwise: the driver closed our standard input")
+
+    def done() -> None:
+        if stepwise:
+            print(f"STEP {next(steps)}", flush=True)
+
+    if stepwise:
+        print("READY", flush=True)
+    group = len(prompts) if args.batch else args.concurrency
+    if group > 0:
+        # groups of `group` requests at once: each request's latency is its group's time
+        for i in range(0, len(prompts), group):
+            t = time.monotonic()
+            outs = llm.generate(prompts[i:i + group], params, use_tqdm=False)
+            latency += [time.monotonic() - t] * len(outs)
+            tokens += [list(o.outputs[0].token_ids) for o in outs]
     else:
+        # one by one; an embresume consumer also records each item's transfer time (request to
+        # landed), from the change of vLLM's transfer histogram across the request
+        per_item = args.role == "consumer" and args.connector.startswith("embresume")
+        seen = (0, 0.0)
         for p in prompts:
+            go()
             t = time.monotonic()
             o = llm.generate([p], params, use_tqdm=False)[0]
             latency.append(time.monotonic() - t)
             tokens.append(list(o.outputs[0].token_ids))
+            if per_item:
+                h = embresume_counters(llm).get("transfer_seconds") or {}
+                now = (int(h.get("count", 0)), float(h.get("sum", 0.0)))
+                transfer.append(now[1] - seen[1] if now[0] == seen[0] + 1 else None)
+                seen = now
+            done()
+    # throughput: each set submitted N requests at a time (vLLM batches what its budget allows)
+    passes = [(int(n), spec) for n, spec in (part.split("=", 1) for part in args.throughput.split(";") if part)]
+    throughput = []
+    for n, spec in passes:
+        batch = [{"prompt": PROMPT, "multi_modal_data": {"image": im}} for im in images(spec)]
+        if args.role == "producer":
+            llm.generate(batch, params, use_tqdm=False)
+            continue
+        go()
+        t = time.monotonic()
+        got = []
+        for i in range(0, len(batch), n):
+            got += [list(o.outputs[0].token_ids) for o in llm.generate(batch[i:i + n], params, use_tqdm=False)]
+        wall = time.monotonic() - t
+        done()
+        throughput.append({"concurrency": n, "images": len(batch), "seconds": wall,
+                           "images_per_s": len(batch) / wall, "tokens": got})
     chat = []
     for im in images(args.images)[:args.chat]:
         o = llm.chat([chat_message(im)], params, use_tqdm=False)[0]
         chat.append(o.outputs[0].text)
     result = {"chat_text": chat, "role": args.role, "connector": args.connector, "tokens": tokens, "latency_s": latency,
-              "start_s": started}
+              "start_s": started, "throughput": throughput, "transfer_s": transfer}
     if args.role == "producer":
         print("READY", flush=True)
         # keep serving consumers until the test closes our standard input (bounded by the test)
