@@ -123,16 +123,24 @@ def sigint_ignored():
     must neither die on its own nor print a ``KeyboardInterrupt`` traceback.
     SIG_IGN survives the exec of a 'spawn' child, and Python leaves an ignored
     SIGINT ignored at start-up, so even the child's imports are covered.
-    Only the main thread may change signal handlers: elsewhere this does nothing.
+    The main thread also blocks SIGINT for the block: a signal that is blocked
+    is not ignored but kept pending, so a Ctrl-C while the child starts reaches
+    the parent's own handler when the block ends instead of being dropped (it
+    was: a bench interrupted one second in, while it started its encoder, ran to
+    its end).  A Ctrl-C that the kernel hands to another thread of the parent
+    meanwhile is still ignored.  Only the main thread may change signal
+    handlers: elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class Terminated(KeyboardInterrupt):

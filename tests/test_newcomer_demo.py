@@ -241,6 +241,14 @@ def test_ctrl_c_while_starting_is_one_line(args, tmp_path):
     try:
         time.sleep(1.0)
         os.killpg(run.p.pid, signal.SIGINT)
+        # a Ctrl-C that the kernel hands to another thread of the parent while it starts a
+        # child is ignored (procutil.sigint_ignored): a user presses it again, so does this test
+        for _ in range(5):
+            try:
+                run.p.wait(5)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(run.p.pid, signal.SIGINT)
         rc = run.finish(60)
         assert "Traceback" not in run.err, run.err
         # 130 with one line; only a machine too slow to have started Python within a second dies by the signal

@@ -120,3 +120,40 @@ def test_cli_sigterm_is_one_line_and_143(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_main", reports_itself)
     assert cli.main(["bench"]) == 143
+
+
+def _ctrl_c_in_child_start(out) -> None:
+    """(a spawned process, so the test's own SIGINT handling is untouched) A SIGINT sent
+    while sigint_ignored() is in force reaches the handler when the block ends."""
+    import signal as s
+    import time as t
+
+    from embresume.procutil import sigint_ignored
+    s.signal(s.SIGINT, s.default_int_handler)
+    got = []
+    try:
+        with sigint_ignored():
+            os.kill(os.getpid(), s.SIGINT)
+            t.sleep(0.05)
+            got.append("block ran to its end")
+        t.sleep(0.5)
+        got.append("not interrupted")
+    except KeyboardInterrupt:
+        got.append("KeyboardInterrupt after the block")
+    out.put(got)
+
+
+def test_a_ctrl_c_while_a_child_starts_is_not_lost():
+    """sigint_ignored() (children started in it ignore SIGINT) keeps a Ctrl-C that comes
+    meanwhile pending for the parent.  Before: SIGINT was ignored in the parent too, and a
+    bench interrupted one second in, while starting its encoder, ran to its end (exit 0)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    p = ctx.Process(target=_ctrl_c_in_child_start, args=(out,))
+    p.start()
+    try:
+        assert out.get(timeout=60) == ["block ran to its end", "KeyboardInterrupt after the block"]
+    finally:
+        p.join(10)
+        if p.is_alive():
+            p.kill()
