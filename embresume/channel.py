@@ -194,6 +194,15 @@ class ZmqHub:
             self._push.send_multipart([identity, data], copy=False)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            # the sockets are this thread's: closed here, never under its feet by another
+            # thread (which made the poll or a receive fail with ENOTSOCK)
+            for s in (self._push, self._pull, self.sock):
+                s.close(linger=0)
+
+    def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self._pull, zmq.POLLIN)
@@ -204,7 +213,7 @@ class ZmqHub:
             except zmq.ZMQError:
                 break
             if self._pull in events:
-                while True:
+                while not self._stop:
                     try:
                         ident, data = self._pull.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -222,7 +231,7 @@ class ZmqHub:
                             except Exception:
                                 log.exception("send-error handler failed")
             if self.sock in events:
-                while True:
+                while not self._stop:      # a handler may close the hub
                     try:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
@@ -243,12 +252,16 @@ class ZmqHub:
                         log.exception("ZeroMQ frame handler failed")
 
     def close(self) -> None:
+        """Stops the hub's thread, which closes the sockets on its way out (within its
+        100 ms poll); waits up to 2 s for that unless called from the hub's own thread
+        (a frame handler), which closes them once the handler returns."""
         with self._push_lock:
             self._stop = True
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
-        for s in (self._push, self._pull, self.sock):
-            s.close(linger=0)
+            if self._thread.is_alive():
+                log.warning("the ZeroMQ hub's thread %s did not stop within 2 s: its sockets close "
+                            "when it does", self._thread.name)
         if self._zap_domain is not None:
             from . import auth
             auth.forget_server(self._zap_domain)

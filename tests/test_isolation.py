@@ -491,6 +491,50 @@ def test_row4_over_zeromq_the_queue_to_a_peer_that_does_not_read_is_bounded():
         deaf.close()
 
 
+def test_hub_closed_by_its_own_frame_handler():
+    """A frame handler that closes its hub (an endpoint closed on a peer's message) ends the
+    hub's thread cleanly: its sockets closed by that thread once the handler returns, no
+    exception in it, the frames queued behind left unread.  Before: close() closed the
+    sockets under the running thread, whose next receive failed with ENOTSOCK ("Socket
+    operation on non-socket") as an unhandled exception in the thread."""
+    import threading
+
+    import zmq
+    from embresume.channel import ZmqHub
+    from embresume.harness import free_port
+    ctx = zmq.Context.instance()
+    peer = ctx.socket(zmq.ROUTER)
+    peer.setsockopt(zmq.LINGER, 0)
+    port = free_port()
+    peer.bind(f"tcp://127.0.0.1:{port}")
+    seen, failures = [], []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: failures.append(args.exc_value)
+    hub = None
+
+    def on_frames(ident, data):
+        seen.append(data)
+        hub.close()
+
+    try:
+        hub = ZmqHub(zmq.DEALER, connect=f"tcp://127.0.0.1:{port}", on_frames=on_frames, name="t")
+        hub.send(b"", b"hello")
+        assert peer.poll(5000), "the hub never connected"
+        ident, _ = peer.recv_multipart()
+        for i in range(5):
+            peer.send_multipart([ident, b"frame %d" % i])
+        hub._thread.join(5)
+        assert not hub._thread.is_alive()
+        assert seen == [b"frame 0"]
+        assert hub.sock.closed and hub._pull.closed and hub._push.closed
+        assert failures == []
+    finally:
+        threading.excepthook = old_hook
+        if hub is not None:
+            hub.close()
+        peer.close()
+
+
 # ---------------------------------------------------------------- sessions per encoder
 def test_sessions_per_encoder_are_bounded(monkeypatch):
     """An encoder serves at most MAX_SESSIONS language sessions at once: one past it is
