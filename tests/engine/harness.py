@@ -272,3 +272,23 @@ class EngineShmSweep:
                 os.unlink(os.path.join("/dev/shm", name))
             except OSError:
                 pass
+
+
+def engine_workdir(tmp_path_factory, name: str):
+    """A module's work folder for its engine processes (a generator for a module-scoped
+    fixture to ``yield from``): when the fixture ends, every engine process of the module
+    has stopped, and what vLLM left in /dev/shm is swept (:class:`EngineShmSweep`)."""
+    with EngineShmSweep():
+        yield tmp_path_factory.mktemp(name)
+
+
+def build_tiny_model(engine_py: str, out: Path, *args: str, timeout: float = 300) -> Path:
+    """A tiny random-weight model built offline by one of this folder's scripts:
+    ``args`` are the script's name and its arguments before the output folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    p = Proc([engine_py, str(ENGINE_DIR / args[0]), *args[1:], str(out)], out.parent / f"make-{out.name}.log")
+    try:
+        assert p.wait(timeout) == 0, p.tail()
+    finally:
+        p.kill()
+    return out
