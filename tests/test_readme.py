@@ -109,4 +109,4 @@ def test_time_claims_agree_with_help():
     assert "about six minutes" in help_text
     assert "`embresume bench --quick` (about a minute on 2 cores" in text
     assert "full profile, about six minutes" in text
-    assert "Tests** (about 10 minutes on 2 cores)" in text
+    assert "Tests** (about 20 minutes on 2 cores; about 35 with the engines" in text
