@@ -198,7 +198,10 @@ class ZmqHub:
             self._serve()
         finally:
             # the sockets are this thread's: closed here, never under its feet by another
-            # thread (which made the poll or a receive fail with ENOTSOCK)
+            # thread (which made the poll or a receive fail with ENOTSOCK); a thread that
+            # ended on an error closes the hub too, so that no sender is mid-send on _push
+            with self._push_lock:
+                self._stop = True
             for s in (self._push, self._pull, self.sock):
                 s.close(linger=0)
 
