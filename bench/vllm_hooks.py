@@ -486,7 +486,9 @@ def _landing(producer: Producer, repeats: int, say) -> list:
     rows = []
     tag = f"{os.getpid()}-{time.monotonic_ns() % 10**9}"
     big = max(t for _, t in LAND_SIZES)
-    c = _consumer(producer, {"landing_bytes": 3 * big * HIDDEN * 2, "pool_blocks": 2 * (big // 16 + 2) + 16})
+    # the connector's default region (512 MiB): as in serving, the items land on pages the
+    # region has not held an item in before (a region of a few items would reuse warm pages)
+    c = _consumer(producer, {"pool_blocks": 2 * (big // 16 + 2) + 16})
     try:
         impl = getattr(c, "_impl", c)
         land_ns: list = []

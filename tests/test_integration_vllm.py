@@ -603,6 +603,41 @@ def test_landing_region_evicts_unpinned_items_first():
         region.close()
 
 
+def test_landing_region_lands_and_loads_without_page_faults():
+    """The scheduler's region and a worker's view of it are mapped up front: landing an
+    item into pages the region has not used yet, and a worker's first read of them, take
+    no fault per page (4096 of them for this 16 MiB item; 10 ms of a 16.5 MB item's landing
+    on the bench machine)."""
+    import resource
+    import numpy as np
+    from embresume.integrations._landing import LandingRegion, LandingView
+    from embresume.integrations._vllm_consumer import host_copy
+
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    src = torch.ones(2048, 4096, dtype=torch.bfloat16)      # 16 MiB
+    region = LandingRegion(64 << 20)
+    try:
+        e = region.alloc("big", tuple(src.shape), src.dtype)
+        f0 = faults()
+        host_copy(region.tensor(e), src)
+        landed = faults() - f0
+        view = LandingView(region.descriptor())
+        try:
+            dst = torch.zeros_like(src)
+            dst.fill_(2)
+            f0 = faults()
+            np.copyto(dst.view(torch.int16).numpy(), view.tensor(e.offset, e.shape, e.dtype).view(torch.int16).numpy())
+            loaded = faults() - f0
+        finally:
+            view.close()
+        assert torch.equal(dst, src)
+        assert landed < 256 and loaded < 64, (landed, loaded)
+    finally:
+        region.close()
+
+
 def test_producer_holds_at_most_producer_max_bytes():
     """Every output is published for consumers, but the producer holds at most
     producer_max_bytes: the least recently used idle items are withdrawn."""
