@@ -404,6 +404,60 @@ def test_two_processes_bit_exact(producer, consumer_parts, receive):
         assert lang.config.zero_copy and lang.allocator.free_blocks == lang.layout.num_blocks
 
 
+def test_load_from_pool_workers_read_the_receive_pool(producer, consumer_parts, receive):
+    """load_from_pool: one-chunk items are not copied into the landing region; both ranks read
+    them from the scheduler's receive pool bit for bit, and once loaded (and no request waits
+    for them) their blocks go back to the pool."""
+    if receive == "worker":
+        pytest.skip("receive='worker' has no landing region")
+    items = [("pool-a", 7), ("pool-b", 300)]
+    params = producer.encode("enc-pool", items)
+    sched, ranks = consumer_parts({"load_from_pool": True}, tp=2)
+    req = make_request("lm-pool", items, params=params)
+    done, failed = step_until(sched, ranks, [req])
+    assert not failed and sorted(done["lm-pool"][0]) == sorted(h for h, _ in items)
+    for _, cache in ranks:
+        for h, n in items:
+            assert same_bits(cache[h], embedding(h, n)), h
+    assert sched._region.used == 0                       # nothing went through the region
+    assert sched.stats["items_held_in_pool"] == 2 and sched.stats["items_received"] == 2
+    # the next step's load reports let the items go: the pool is whole again
+    finish_step(sched, run_workers(ranks, *schedule(sched, [])))
+    schedule(sched, [])
+    lang = receiving_endpoint(sched, ranks)
+    assert not sched._in_pool and not sched._items
+    assert lang.allocator.free_blocks == lang.layout.num_blocks
+    assert not sched.has_pending_push_work()
+
+
+def test_load_from_pool_items_move_into_the_region_when_the_pool_runs_short(producer, consumer_parts, receive,
+                                                                           monkeypatch):
+    """An item held in the pool for a request vLLM does not schedule yet moves into the landing
+    region once the pool runs short of free blocks (here: always), and loads from there."""
+    if receive == "worker":
+        pytest.skip("receive='worker' has no landing region")
+    from embresume.integrations import _vllm_consumer
+    items = [("spill-a", 100)]
+    params = producer.encode("enc-spill", items)
+    sched, ranks = consumer_parts({"load_from_pool": True})
+    impl = getattr(sched, "_impl", sched)
+    req = make_request("lm-spill", items, params=params)
+    deadline = time.monotonic() + 30
+    while not sched.ensure_cache_available(req, 0):      # landed (held in the pool) ...
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert "spill-a" in impl._in_pool and impl._region.used == 0
+    monkeypatch.setattr(_vllm_consumer, "POOL_SPILL_FREE", 2.0)
+    so = SchedulerOutput.make_empty()
+    so.ec_connector_metadata = sched.build_connector_meta(so)   # ... but not scheduled this step
+    assert not impl._in_pool and "spill-a" in impl._region and sched.stats["items_spilled"] == 1
+    lang = receiving_endpoint(sched, ranks)
+    assert lang.allocator.free_blocks == lang.layout.num_blocks
+    done, failed = step_until(sched, ranks, [req])
+    assert not failed and done["lm-spill"] == (["spill-a"], [])
+    assert same_bits(ranks[0][1]["spill-a"], embedding("spill-a", 100))
+
+
 def test_transfers_progress_without_any_worker_step(producer, consumer_parts):
     """receive="scheduler": vLLM's V1 runner calls no EC connector on steps that run no tokens,
     so while every request waits for its items nothing runs on the workers.  The items must
@@ -823,7 +877,7 @@ def test_an_item_larger_than_the_landing_region_fails_at_once(producer, consumer
     """An item that can never fit the landing region is given up (recomputed, its pool
     blocks back) instead of holding the receive pool while it waits for room."""
     params = producer.encode("enc-xl", [("xl", 2000)])                # 2000 x 256 bf16 = 1000 KiB
-    sched, ranks = consumer_parts({"landing_bytes": "512KiB"})
+    sched, ranks = consumer_parts({"landing_bytes": "512KiB", "load_from_pool": False})
     if sched._region is None:
         pytest.skip("receive='worker' has no landing region")
     done, failed = step_until(sched, ranks, [make_request("lm-xl", [("xl", 2000)], params=params)],
@@ -831,6 +885,20 @@ def test_an_item_larger_than_the_landing_region_fails_at_once(producer, consumer
     assert not failed and done["lm-xl"] == ([], ["xl"])
     assert sched.stats["transfer_failures"] == 1 and sched.stats["recomputes"] == 1
     assert sched._lang.allocator.free_blocks == sched._lang.layout.num_blocks
+
+
+def test_an_item_larger_than_the_landing_region_is_read_from_the_pool(producer, consumer_parts):
+    """With load_from_pool (the default) the same item arrives in one chunk and the workers
+    read it from the receive pool: the region's size does not matter to it."""
+    params = producer.encode("enc-xl2", [("xl2", 2000)])
+    sched, ranks = consumer_parts({"landing_bytes": "512KiB"})
+    if sched._region is None:
+        pytest.skip("receive='worker' has no landing region")
+    done, failed = step_until(sched, ranks, [make_request("lm-xl2", [("xl2", 2000)], params=params)],
+                              deadline_s=30)
+    assert not failed and done["lm-xl2"] == (["xl2"], [])
+    assert same_bits(ranks[0][1]["xl2"], embedding("xl2", 2000))
+    assert sched.stats["items_held_in_pool"] == 1 and sched.stats["recomputes"] == 0
 
 
 # ------------------------------------------------------------------ refusal codes
@@ -1145,7 +1213,8 @@ def test_pipeline_parallel_loads_are_unpinned(producer, runner, monkeypatch):
                 assert same_bits(c0[f"pp-{runner}"], embedding(f"pp-{runner}", 20))
                 sched.request_finished(req)
             steps += 1
-            if loaded_at is not None and sched._region.pinned() == 0:
+            if loaded_at is not None and sched._region.pinned() == 0 and not any(
+                    p.pins for p in sched._in_pool.values()):
                 break
             assert loaded_at is None or steps - loaded_at <= 8, f"{runner}: the pin never ends"
             time.sleep(0.01)
@@ -1459,7 +1528,7 @@ def test_gauges_show_the_pool_and_region_in_use_and_back_to_idle(producer, consu
     test of a client that disconnects, read these."""
     from embresume.integrations.vllm import GAUGE, EmbresumeECStats
     params = producer.encode("enc-gauge", [("gauge", 100)])
-    sched, ranks = consumer_parts({})
+    sched, ranks = consumer_parts({"load_from_pool": False})       # landed into the region
     if sched._region is None:
         pytest.skip("receive='worker' has no landing region")
     req = make_request("lm-gauge", [("gauge", 100)], params=params)
@@ -1474,7 +1543,7 @@ def test_gauges_show_the_pool_and_region_in_use_and_back_to_idle(producer, consu
     seen.aggregate(stats)
     levels = {k[len(GAUGE):]: v for k, v in seen.data.items() if k.startswith(GAUGE)}
     assert levels == {"items_in_flight": 0, "pool_blocks_used": 0, "landing_items_pinned": 0,
-                      "landing_bytes_used": sched._region.used}, levels
+                      "landing_bytes_used": sched._region.used, "pool_items_held": 0}, levels
     assert sched._region.used > 0                        # landed, kept for a later request
     assert not seen.is_empty()
     # unchanged levels are not reported again

@@ -132,6 +132,9 @@ def assert_came_through_embresume(counters: dict, images: str) -> None:
     assert counters.get("items_received") == n, counters
     assert counters.get("bytes_received") == tokens * WIDTH * ITEMSIZE, counters
     assert counters.get("resumes", 0) >= resumed, counters
+    # the items that arrived in one chunk were read by the worker straight from the receive
+    # pool (load_from_pool, the default); the resumed ones from the landing region
+    assert counters.get("items_held_in_pool", 0) == n - resumed, counters
     # the consumer's own vision tower never ran, and nothing failed over to it
     assert counters.get("local_encodes", 0) == 0, counters
     assert counters.get("recomputes", 0) == 0, counters

@@ -14,6 +14,11 @@ of the scheduler process (same user, same host: they are one engine)::
                                                                -> encoder_cache[mm_hash] (copy)
     unpin after every rank reported  <--- worker metadata ----
 
+An item that arrived in one chunk (the default ``load_from_pool``) skips the landing copy:
+its rows are one byte range of the scheduler's receive pool, itself a sealed memfd, and the
+workers map that pool the same way (a :class:`LandingView` over its descriptor) and read the
+rows there; the scheduler keeps the item's blocks lent until the loads are reported.
+
 Items are contiguous byte ranges (first fit over a free list kept sorted and
 coalesced, 4 KiB granularity).  Entries nobody has pinned are evicted least
 recently used first when space is needed; a pinned entry is never moved or
@@ -171,7 +176,7 @@ def _view(raw: torch.Tensor, offset: int, shape: tuple, dtype: str) -> torch.Ten
 class LandingView:
     """The worker side: the scheduler's region, mapped once per process."""
 
-    def __init__(self, descriptor: tuple[int, int, int]):
+    def __init__(self, descriptor: tuple[int, int, int], prefault: bool = True):
         pid, fd, size = (int(x) for x in descriptor)
         path = f"/proc/{pid}/fd/{fd}"
         try:
@@ -183,7 +188,7 @@ class LandingView:
             # the worker's mapping populated once too, for reading (its scheduler's region: a
             # first read of each page would fault, 3.8 ms instead of 2.5 ms to read 16.5 MB on
             # the bench machine; 60 ms for 512 MiB once, at the worker's first load)
-            self.segment = ShmSegment.from_fd(own, size, prefault=True, what="landing region")
+            self.segment = ShmSegment.from_fd(own, size, prefault=prefault, what="landing region")
         finally:
             os.close(own)
         self.descriptor = (pid, fd, size)

@@ -99,7 +99,8 @@ class EmbresumeECMetadata(ECConnectorMetadata):
 
     # receive="scheduler": the landing region and the landed items to load this step
     region: Optional[tuple] = None                   # (pid, fd, size) of the scheduler's region
-    landed: dict = field(default_factory=dict)       # mm_hash -> (load_id, offset, shape, dtype)
+    landed: dict = field(default_factory=dict)       # mm_hash -> (load_id, offset, shape, dtype, pool)
+    #                                                  pool: None (in the region) or a receive pool's (pid, fd, size)
     # receive="worker": transfers the workers run themselves
     loads: list = field(default_factory=list)        # [LoadSpec]: start receiving (re-sent until started)
     installs: list = field(default_factory=list)     # [mm_hash]: move into encoder_cache now
@@ -208,6 +209,7 @@ class Options:
         self.failover = positive(own, "failover_timeout", FAILOVER_TIMEOUT)
         self.max_attempts = int(positive(own, "max_attempts", 3))
         self.landing_bytes = size(own.get("landing_bytes", "512MiB"))
+        self.load_from_pool = bool(own.get("load_from_pool", True))
         self.producer_max_bytes = size(own.get("producer_max_bytes", "1GiB"))
         self.tp_size = pc.tensor_parallel_size
         # one load report per worker that runs the connector: the tp x pcp ranks of the first

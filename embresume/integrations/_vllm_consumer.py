@@ -1,7 +1,7 @@
 """The consumer's roles for ``receive="scheduler"`` (the default): the landing scheduler
 (receive endpoints, the landing region, the pure :class:`~._items.ItemTracker`, the mirror
-of vLLM's encoder cache) and the landing worker (maps the region, copies into
-``encoder_cache``); :class:`_ConsumerScheduler` is what both consumer schedulers share
+of vLLM's encoder cache, the items held in the receive pool) and the landing worker (maps
+the region and the receive pools, copies into ``encoder_cache``); :class:`_ConsumerScheduler` is what both consumer schedulers share
 (routing within the allow-list, recompute decisions, the loud failure line)."""
 
 from __future__ import annotations
@@ -240,6 +240,43 @@ class Lander:
         self._thread.join(timeout)
 
 
+#: items held in a receive pool for the workers take at most this share of its blocks
+POOL_HOLD_SHARE = 0.5
+#: below this share of free blocks, unpinned items held in a pool move into the landing region
+POOL_SPILL_FREE = 0.25
+
+
+@dataclasses.dataclass
+class PoolItem:
+    """An item the workers read straight from the receive pool (``load_from_pool``): it
+    arrived in one chunk in consecutive blocks, so its rows are one byte range of the pool's
+    memfd; the result (its lease on those blocks) is kept until the item is let go."""
+
+    res: Any
+    ep: Any                      # the endpoint whose pool holds it
+    region: tuple                # (pid, fd, size) of that pool's memfd
+    offset: int                  # byte offset of its rows in the memfd
+    shape: tuple
+    dtype: str
+    blocks: int                  # pool blocks it holds
+    pins: int = 0
+
+
+def pool_place(ep, emb: torch.Tensor) -> Optional[tuple]:
+    """((pid, fd, size), byte offset) of ``emb`` inside ``ep``'s receive pool, where the
+    workers can map it (a host pool in a memfd, ``emb`` contiguous rows of it); None
+    otherwise (a merged result, a GPU pool)."""
+    backing = getattr(getattr(ep, "pool", None), "backing", None)
+    seg = getattr(backing, "segment", None)
+    if seg is None or getattr(seg, "fd", None) is None or emb.device.type != "cpu" or not emb.is_contiguous():
+        return None
+    base = backing.raw.data_ptr()
+    off = emb.data_ptr() - base
+    if off < 0 or off + emb.numel() * emb.element_size() > backing.raw.numel():
+        return None
+    return (os.getpid(), int(seg.fd), int(seg.size)), off
+
+
 class LandingScheduler(_ConsumerScheduler):
     """Consumer, ``receive="scheduler"``, scheduler process: one receive endpoint per item
     width, the landing region, the item tracker, and a mirror of what vLLM's encoder
@@ -266,6 +303,7 @@ class LandingScheduler(_ConsumerScheduler):
         self._pumped_at = -1e9
         self._eps: tuple = ()                     # the endpoints, for _changed
         self._region = LandingRegion(opts.landing_bytes)
+        self._in_pool: dict[str, PoolItem] = {}   # mm_hash -> item the workers read from the pool
         with unpinned(opts.unpin_threads):
             self._lang = self._endpoint_for(int(self.config.hidden_size))
         log.info("embresume EC consumer: items land in %.0f MiB of shared memory for %s",
@@ -337,10 +375,14 @@ class LandingScheduler(_ConsumerScheduler):
             return
         load_id = None
         if h not in self._landed_out:
-            e = self._region.get(h)
             load_id = self._next_load
             self._next_load += 1
-            self._landed_out[h] = (load_id, e.offset, e.shape, e.dtype)
+            p = self._in_pool.get(h)
+            if p is not None:
+                self._landed_out[h] = (load_id, p.offset, p.shape, p.dtype, p.region)
+            else:
+                e = self._region.get(h)
+                self._landed_out[h] = (load_id, e.offset, e.shape, e.dtype, None)
         self._run(self.tracker.handle(I.Alloc(rid, h, load_id, self.opts.load_reports,
                                               self.opts.load_lease_steps)))
 
@@ -349,6 +391,8 @@ class LandingScheduler(_ConsumerScheduler):
         self._pump()
         self._step += 1
         self._run(self.tracker.handle(I.StepEnd()))
+        if self._in_pool:
+            self._pool_sweep()
         meta = EmbresumeECMetadata(region=self._region.descriptor())
         meta.landed, self._landed_out = self._landed_out, {}
         return meta
@@ -377,6 +421,7 @@ class LandingScheduler(_ConsumerScheduler):
                                                                I.P.RECEIVED)),
                 "pool_blocks_used": sum(ep.layout.num_blocks - ep.allocator.free_blocks for ep in self._langs.values()),
                 "landing_bytes_used": self._region.used,
+                "pool_items_held": len(self._in_pool),
                 "landing_items_pinned": t.count(I.P.PINNED)}
 
     def close(self) -> None:
@@ -386,6 +431,10 @@ class LandingScheduler(_ConsumerScheduler):
             if not res.released:
                 res.release()
         self._copying.clear()
+        for p in self._in_pool.values():
+            if not p.res.released:
+                p.res.release()
+        self._in_pool.clear()
         for res in self._results.values():
             if not res.released:
                 res.release()
@@ -475,9 +524,18 @@ class LandingScheduler(_ConsumerScheduler):
                 if res is not None and a.mm_hash not in self._copying:
                     res.release()                  # (a copy in flight releases it when done)
             elif isinstance(a, I.Pin):
-                self._region.pin(a.mm_hash)
+                p = self._in_pool.get(a.mm_hash)
+                if p is not None:
+                    p.pins += 1
+                else:
+                    self._region.pin(a.mm_hash)
             elif isinstance(a, I.Unpin):
-                self._region.unpin(a.mm_hash)
+                p = self._in_pool.get(a.mm_hash)
+                if p is not None:
+                    p.pins = max(0, p.pins - 1)
+                    todo.extend(self._pool_let_go(a.mm_hash))
+                else:
+                    self._region.unpin(a.mm_hash)
             elif isinstance(a, I.Retrying):
                 self.counters.add("failovers")
                 log.info("embresume EC transfer of %s: attempt %d failed (%s); trying again",
@@ -514,6 +572,8 @@ class LandingScheduler(_ConsumerScheduler):
         if it.num_embeds and emb.shape[0] != it.num_embeds:
             return self.tracker.handle(I.Rejected(h, f"the encoder sent {emb.shape[0]} embeddings for {h}, "
                                                      f"the request has {it.num_embeds} placeholders"))
+        if self.opts.load_from_pool and self._hold_in_pool(h, it, res):
+            return self._landed(h, it, res, keep=True)
         evicted: list[str] = []
         e = self._region.alloc(h, tuple(emb.shape), self.opts.dtype,
                                evictable=lambda victim: self.tracker.evictable(victim, for_hash=h),
@@ -551,7 +611,9 @@ class LandingScheduler(_ConsumerScheduler):
             return self.tracker.handle(I.Rejected(h, f"copy into the landing region failed: {error}"))
         return []
 
-    def _landed(self, h: str, it, res) -> list:
+    def _landed(self, h: str, it, res, keep: bool = False) -> list:
+        """``h`` is in the landing region (``keep``: held in the receive pool instead, its
+        result kept until :meth:`_pool_let_go`)."""
         emb = res.embeddings
         del self._results[h]
         self.counters.add("items_received")
@@ -559,8 +621,65 @@ class LandingScheduler(_ConsumerScheduler):
         self.counters.transfer(time.monotonic() - it.born)
         if res.resumes:
             self.counters.add("resumes", res.resumes)
-        res.release()
+        if keep:
+            self.counters.add("items_held_in_pool")
+        else:
+            res.release()
         return self.tracker.handle(I.Landed(h))
+
+    # ------------------------------------------------------------ items held in the pool
+    def _hold_in_pool(self, h: str, it, res) -> bool:
+        """Keep a one-chunk result where it is, for the workers to read from the pool (no
+        landing copy), while the pool's held items stay within POOL_HOLD_SHARE of its blocks."""
+        ep = self._langs.get(it.width, self._lang)
+        emb = res.embeddings
+        place = pool_place(ep, emb)
+        if place is None:
+            return False
+        layout = ep.layout
+        blocks = -(-int(emb.shape[0]) // layout.block_size)
+        held = sum(p.blocks for p in self._in_pool.values() if p.ep is ep)
+        if held + blocks > POOL_HOLD_SHARE * layout.num_blocks:
+            return False
+        self._in_pool[h] = PoolItem(res, ep, place[0], place[1], tuple(int(x) for x in emb.shape),
+                                    str(emb.dtype).replace("torch.", ""), blocks)
+        return True
+
+    def _pool_let_go(self, h: str) -> list:
+        """Give ``h``'s blocks back to its pool once nothing needs it there: unpinned (no load
+        out) and no request waiting for it (the region's cache role is vLLM's encoder cache's
+        here: an item asked for again is transferred again)."""
+        p = self._in_pool.get(h)
+        it = self.tracker.get(h)
+        if p is None or p.pins or (it is not None and it.waiting):
+            return []
+        del self._in_pool[h]
+        p.res.release()
+        if it is not None and it.phase is I.P.LANDED:
+            return self.tracker.handle(I.Evicted(h))
+        return []
+
+    def _pool_sweep(self) -> None:
+        """Once a step: let go of held items nobody needs, and, where a pool runs short of free
+        blocks (below POOL_SPILL_FREE), move its unpinned held items into the landing region so
+        new transfers are never held up by items that wait for their requests."""
+        for h in list(self._in_pool):
+            self._run(self._pool_let_go(h))
+        for h, p in list(self._in_pool.items()):
+            if p.pins or p.ep.allocator.free_blocks >= POOL_SPILL_FREE * p.ep.layout.num_blocks:
+                continue
+            evicted: list[str] = []
+            e = self._region.alloc(h, p.shape, p.res.embeddings.dtype,
+                                   evictable=lambda victim: self.tracker.evictable(victim, for_hash=h),
+                                   on_evict=evicted.append)
+            for victim in evicted:
+                self._run(self.tracker.handle(I.Evicted(victim)))
+            if e is None:
+                continue
+            host_copy(self._region.tensor(e), p.res.embeddings)
+            del self._in_pool[h]
+            p.res.release()
+            self.counters.add("items_spilled")
 
     # ------------------------------------------------------------ endpoints
     def _endpoint_for(self, width: int):
@@ -593,6 +712,7 @@ class LandingWorker(Role):
         super().__init__(conn, opts, counters)
         self._target = target
         self._view = None
+        self._pool_views: dict = {}           # (pid, fd, size) of a scheduler's receive pool -> its view
         self._loaded: list[int] = []
         # the scheduler process is this worker's parent under the multiprocessing executor,
         # this process itself in-process ("uni"); other executors are checked at first use
@@ -613,9 +733,23 @@ class LandingWorker(Role):
         if self._view is None or self._view.descriptor != tuple(meta.region):
             if self._view is not None:
                 self._view.close()
+            for v in self._pool_views.values():
+                v.close()
+            self._pool_views.clear()
             self._view = LandingView(meta.region)
-        for h, (load_id, offset, shape, dtype) in meta.landed.items():
-            src = self._view.tensor(offset, shape, dtype)
+        for h, (load_id, offset, shape, dtype, pool) in meta.landed.items():
+            if pool is None:
+                view = self._view
+            else:
+                # an item held in a receive pool (load_from_pool): the scheduler's pools, one
+                # per item width, mapped once each (not prefaulted: a pool is GiBs)
+                pool = tuple(pool)
+                view = self._pool_views.get(pool)
+                if view is None:
+                    if len(self._pool_views) >= MAX_WIDTHS:
+                        raise ValueError(f"more than {MAX_WIDTHS} receive pools named by the scheduler")
+                    view = self._pool_views[pool] = LandingView(pool, prefault=False)
+            src = view.tensor(offset, shape, dtype)
             if self._target.type == "cpu" and src.dtype == self.opts.dtype:
                 dst = torch.empty(src.shape, dtype=src.dtype)
                 host_copy(dst, src)
@@ -632,6 +766,9 @@ class LandingWorker(Role):
     def close(self) -> None:
         if self._view is not None:
             self._view.close()
+        for v in self._pool_views.values():
+            v.close()
+        self._pool_views.clear()
 
 
 # ---------------------------------------------------------------- helpers

@@ -126,6 +126,10 @@ OWN_KEYS = {
                "its own copy into its own pool, CUDA IPC on GPUs; needs the V2 model runner)",
     "landing_bytes": "consumer, receive=scheduler: size of the shared host region landed items wait "
                      "in for the workers (default 512 MiB); unpinned items are evicted LRU first",
+    "load_from_pool": "consumer, receive=scheduler: the workers read an item that arrived in one chunk "
+                      "straight from the receive pool, no copy into the landing region (default true); "
+                      "held items take at most half the pool's blocks and move into the region when it "
+                      "runs short",
     "on_failure": "consumer: 'recompute' (default: encode locally when the request still carries "
                   "its media) or 'fail' (fail the request, a retryable error)",
     "failover_timeout": "consumer: seconds a transfer may go without data before it is given up "
@@ -147,6 +151,8 @@ STAT_NAMES = {
     "local_encodes": "items the consumer's own vision tower encoded",
     "unavailable": "requests failed: an item could neither be received nor recomputed",
     "params_refused": "items whose ec_transfer_params named an encoder not allowed or a width not the model's",
+    "items_held_in_pool": "items the workers read straight from the receive pool (load_from_pool)",
+    "items_spilled": "items held in the receive pool moved into the landing region (the pool ran short)",
     "items_published": "producer: items offered to consumers",
     "items_not_published": "producer: items the producer could not offer",
     "items_withdrawn": "producer: items let go to stay within producer_max_bytes",
@@ -159,6 +165,7 @@ GAUGE_NAMES = {
     "pool_blocks_used": "consumer: receive-pool blocks held (transfers in flight, results not landed yet)",
     "landing_bytes_used": "consumer: bytes of the landing region holding items (landed items stay as a cache)",
     "landing_items_pinned": "consumer: landed items pinned (reported present, or loads not all reported)",
+    "pool_items_held": "consumer: items held in the receive pool for the workers (load_from_pool)",
 }
 GAUGE = "gauge:"
 
