@@ -1,8 +1,9 @@
 """The consumer's roles for ``receive="scheduler"`` (the default): the landing scheduler
 (receive endpoints, the landing region, the pure :class:`~._items.ItemTracker`, the mirror
 of vLLM's encoder cache, the items held in the receive pool) and the landing worker (maps
-the region and the receive pools, copies into ``encoder_cache``); :class:`_ConsumerScheduler` is what both consumer schedulers share
-(routing within the allow-list, recompute decisions, the loud failure line)."""
+the region and the receive pools, copies into ``encoder_cache``);
+:class:`_ConsumerScheduler` is what both consumer schedulers share (routing within the
+allow-list, recompute decisions, the loud failure line)."""
 
 from __future__ import annotations
 
