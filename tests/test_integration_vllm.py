@@ -430,6 +430,33 @@ def test_load_from_pool_workers_read_the_receive_pool(producer, consumer_parts, 
     assert not sched.has_pending_push_work()
 
 
+def test_load_from_pool_holds_the_blocks_until_every_rank_reported(producer, consumer_parts, receive):
+    """TP 2: after the first rank's load report the item is still held in the pool (the other
+    rank may be reading it); the second report lets it go."""
+    if receive == "worker":
+        pytest.skip("receive='worker' has no landing region")
+    params = producer.encode("enc-tp-pool", [("tp-pool", 40)])
+    sched, ranks = consumer_parts({}, tp=2)
+    req = make_request("lm-tp-pool", [("tp-pool", 40)], params=params)
+    deadline = time.monotonic() + 30
+    while True:
+        assert time.monotonic() < deadline
+        so, scheduled = schedule(sched, [req])
+        if scheduled:
+            break
+        finish_step(sched, run_workers(ranks, so, scheduled))
+        time.sleep(0.01)
+    assert "tp-pool" in sched._in_pool and sched._region.used == 0
+    sched.request_finished(req)
+    finish_step(sched, run_workers(ranks[:1], so, scheduled))      # rank 0 reports
+    assert "tp-pool" in sched._in_pool and sched._in_pool["tp-pool"].pins == 1
+    finish_step(sched, run_workers(ranks[1:], so, scheduled))      # rank 1 reports
+    lang = receiving_endpoint(sched, ranks)
+    assert not sched._in_pool and lang.allocator.free_blocks == lang.layout.num_blocks
+    for _, cache in ranks:
+        assert same_bits(cache["tp-pool"], embedding("tp-pool", 40))
+
+
 def test_load_from_pool_items_move_into_the_region_when_the_pool_runs_short(producer, consumer_parts, receive,
                                                                            monkeypatch):
     """An item held in the pool for a request vLLM does not schedule yet moves into the landing
@@ -666,6 +693,13 @@ def test_landing_region_lands_and_loads_without_page_faults():
     import numpy as np
     from embresume.integrations._landing import LandingRegion, LandingView
     from embresume.integrations._vllm_consumer import host_copy
+    from embresume.ipc.shm import ShmSegment, _populate
+    probe = ShmSegment.create(4096, tag="probe", prefault=False)
+    try:
+        if not _populate(probe._mm, write=False):
+            pytest.skip("this kernel has no MADV_POPULATE_* (before 5.14)")
+    finally:
+        probe.close()
 
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -235,6 +235,19 @@ def _minor_faults() -> int:
 PAGES = 4096                                     # 16 MiB: about one item of a 7B-wide model
 
 
+def _populate_works() -> bool:
+    """madvise(MADV_POPULATE_*) exists here (Linux 5.14 and later)."""
+    import mmap
+    m = mmap.mmap(-1, 4096)
+    try:
+        return S._populate(m, write=False)
+    finally:
+        m.close()
+
+
+needs_populate = pytest.mark.skipif(not _populate_works(), reason="this kernel has no MADV_POPULATE_* (before 5.14)")
+
+
 def _write_faults(raw: torch.Tensor) -> int:
     import numpy as np
     src = np.ones(PAGES * 4096, np.uint8)
@@ -252,6 +265,7 @@ def _read_faults(raw: torch.Tensor) -> int:
     return _minor_faults() - f0
 
 
+@needs_populate
 def test_prefault_maps_a_new_segment_up_front():
     """A prefaulted segment takes no page fault on its first write (a fault per 4 KiB page
     made a 16.5 MB copy 6x slower); without prefault the same write faults on every page,
@@ -266,6 +280,7 @@ def test_prefault_maps_a_new_segment_up_front():
         warm.close()
 
 
+@needs_populate
 def test_prefault_of_a_mapped_fd_is_for_reading_and_opt_in():
     """``from_fd(prefault=True)`` (a worker's view of its scheduler's region) reads without
     faults; a peer's pool is mapped without prefault (``ShmBacking.from_fd``'s default), so
