@@ -403,7 +403,11 @@ def _hooks(producer: Producer, prof: dict, admit: int, say, profile_cell=None) -
             # landing room: every running item, the admitted ones, spare
             landing = (rmax + ADMIT_ITEMS + 16) * RUN_TOKENS * HIDDEN * 2
             pool = rmax + ADMIT_ITEMS + T + 64
-            c = _consumer(producer, {"landing_bytes": max(landing, 8 << 20), "pool_blocks": pool})
+            # load_from_pool off: the cells time the hooks with items landed in the region and
+            # kept there as a cache, asked for again and again (an item held in the pool is let
+            # go once loaded; vLLM's own encoder cache then holds it, which this bench has not)
+            c = _consumer(producer, {"landing_bytes": max(landing, 8 << 20), "pool_blocks": pool,
+                                     "load_from_pool": False})
             try:
                 say(f"T={T}: bringing in {rmax} running items and {ADMIT_ITEMS} admit items")
                 run_h = [f"run-{tag}-{i}" for i in range(rmax)]
