@@ -572,6 +572,8 @@ class EncoderEndpoint:
         with self._lock:
             if not peer.alive:
                 return
+            # while this endpoint closes, its own Bye makes the peer hang up: a goodbye, not an error
+            clean = clean or self._closed
             plog(logging.INFO if clean else logging.ERROR, "peer_gone", "language rank %d (%s) gone: %s",
                  peer.tp_rank, peer.session_id, reason)
             self._drop_peer(peer, reason)

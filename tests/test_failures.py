@@ -378,3 +378,31 @@ def test_send_tensors_checks_its_arguments_at_the_call():
         assert not enc._rooms
         enc.send_tensors(1, e, f, m, d)
         assert data.verify(1, lang.recv(1, timeout=10))
+
+
+def test_encoder_close_is_not_reported_as_a_lost_peer(caplog):
+    """The encoder's Bye makes the language rank hang up at once; when that
+    hang-up is seen before the encoder has dropped the peer itself, it is the
+    goodbye the encoder asked for, not an error (a Ctrl-C of the demo printed
+    "language rank 0 (...) gone: control channel closed" beside its one line)."""
+    import logging
+    cfg, data = _inproc(pool_blocks=16)
+    with EncoderEndpoint(cfg) as enc, LanguageEndpoint(cfg) as lang:
+        _send(enc, data, 1, 100)
+        assert data.verify(1, lang.recv(1, timeout=10))
+        (peer,) = enc._peers.values()
+        real_send = peer.channel.send
+
+        def send_then_wait(msg):
+            real_send(msg)
+            if isinstance(msg, P.Bye):   # the peer hangs up before close() drops it
+                deadline = time.monotonic() + 5
+                while peer.alive and time.monotonic() < deadline:
+                    time.sleep(0.01)
+
+        peer.channel.send = send_then_wait
+        with caplog.at_level(logging.INFO, logger="embresume"):
+            enc.close()
+        gone = [r for r in caplog.records if "gone" in r.getMessage()]
+        assert gone, "the language rank did not hang up on the Bye"
+        assert all(r.levelno == logging.INFO for r in gone), [(r.levelname, r.getMessage()) for r in gone]
