@@ -1602,6 +1602,27 @@ def test_engine_timeouts_default_to_what_a_busy_engine_needs():
     assert (opts.config.peer_timeout, opts.config.handshake_timeout, opts.failover) == (4.0, 6.0, 2.0)
 
 
+def test_the_producer_writes_an_item_in_one_piece_inside_vllm():
+    """The consumer reads a one-chunk item straight from its receive pool, so the
+    producer's pieces and PROGRESS reports (Config.pipeline_bytes) only wake its threads:
+    inside vLLM the producer writes a chunk in one piece unless pipeline_bytes is set."""
+    from embresume.config import Config
+    from embresume.integrations._vllm_roles import Options
+    from embresume.pieces import pieces
+    from embresume.planner import ChunkPlan
+    from embresume.blocks import BlockLayout
+
+    base = {k: v for k, v in BASE_EXTRA.items() if k != "pipeline_bytes"}
+    opts = Options(vllm_config("ec_producer", base), True, True, adapter.OWN_KEYS)
+    assert opts.config.pipeline_bytes == 0 and Config().pipeline_bytes == 8 << 20
+    layout = BlockLayout(64, 64, 3584, torch.bfloat16, 16)
+    plan = ChunkPlan(0, 37, tuple(range(37)), 2340, 2340, False)       # a 16.5 MB item
+    assert len(pieces(plan, layout, Config().pipeline_bytes, True)) == 4
+    assert pieces(plan, layout, opts.config.pipeline_bytes, True) == [plan]
+    opts = Options(vllm_config("ec_producer", dict(base, pipeline_bytes=4 << 20)), True, True, adapter.OWN_KEYS)
+    assert opts.config.pipeline_bytes == 4 << 20
+
+
 def test_a_published_item_outlives_the_producers_request_timeout(consumer_parts):
     """The producer keeps an item published past its request_timeout (registered again while
     it is held, within producer_max_bytes), so a request that waited in a consumer's queue
