@@ -41,8 +41,8 @@ MAX_WIDTHS = 4
 #: pipeline_bytes 0: the producer writes a chunk in one piece, with no PROGRESS reports.  The
 #: consumer reads an item that comes in one chunk straight from its receive pool
 #: (load_from_pool), so it never copies pieces out while the rest lands; the reports only
-#: woke its threads (16 MB items, plain endpoints in two processes on 2 cores: request to
-#: result 3.0-3.3 ms p50 in one piece, 3.3-4.4 ms in four).
+#: woke its threads (16.8 MB items, plain endpoints in two processes on 2 cores: request to
+#: result 3.3-3.5 ms p50 in one piece, 3.9-4.0 ms in four; bench/pieces_ab.py).
 ENGINE_DEFAULTS = {"peer_timeout": 15.0, "handshake_timeout": 20.0, "pipeline_bytes": 0}
 #: consumer: seconds a transfer may go without data before it is tried again
 FAILOVER_TIMEOUT = 15.0
