@@ -9,8 +9,9 @@ takes the result as views of its pool (``zero_copy``, or the vLLM consumer's
 Two pairs run side by side, each an encoder in a spawned child and a language
 endpoint in this process (zero-copy receive, shm): one with the default
 ``pipeline_bytes``, one with 0.  Every item is published before the clock
-starts; one sample is ``request()`` to ``recv()`` returned, taking turns
-between the pairs, the first of each size left out::
+starts (synthetic data, verified bit-exact on arrival); one sample is
+``request()`` to ``recv()`` returned, taking turns between the pairs, the
+first of each size left out::
 
     python -m embresume.bench.pieces_ab [--items 25] [--hidden 3584] [--json out.json]
 """
@@ -18,8 +19,8 @@ between the pairs, the first of each size left out::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import multiprocessing as mp
 import statistics
 import time
 
@@ -27,84 +28,57 @@ import time
 SIZES = (2340, 292)
 
 
-def _encoder(cfg, back, stop, items) -> None:
-    import torch
-    from embresume.encoder import EncoderEndpoint
-    from embresume.procutil import die_with_parent
-    die_with_parent()
-    enc = EncoderEndpoint(cfg)
-    try:
-        g = torch.Generator().manual_seed(0)
-        for room, tokens in items:
-            e = torch.randn(tokens, cfg.hidden_size, generator=g).to(torch.bfloat16)
-            enc.send_tensors(room, e, torch.zeros(tokens, dtype=torch.int32),
-                             torch.zeros(3, tokens, dtype=torch.int32), 0)
-        back.put(enc.address)
-        stop.get()
-    finally:
-        enc.close()
-
-
 def run(items: int, hidden: int) -> dict:
     import numpy as np
     import torch
     from embresume import Config
-    from embresume.harness import free_port
+    from embresume.harness import EncoderProcess, free_port
     from embresume.language import LanguageEndpoint
+    from embresume.synthetic import SyntheticData
 
     rooms = [(f"{t}-{i}", t) for t in SIZES for i in range(items)]
-    ctx = mp.get_context("spawn")
+    alloc = -(-max(SIZES) // 64) * 64
+    spec = (hidden, "bf16", 4 * max(SIZES), 0, "cpu")
+    data = SyntheticData(*spec)
     pairs = {}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, pb in (("pieces", Config().pipeline_bytes), ("one piece", 0)):
-            cfg = Config(hidden_size=hidden, dtype="bf16", block_size=64, default_allocate_tokens=-(-max(SIZES) // 64) * 64,
-                         pool_blocks=4 * (-(-max(SIZES) // 64)), zero_copy=True, pipeline_bytes=pb,
+            cfg = Config(hidden_size=hidden, dtype="bf16", block_size=64, default_allocate_tokens=alloc,
+                         pool_blocks=4 * alloc // 64, zero_copy=True, pipeline_bytes=pb,
                          encoder_endpoint=f"tcp://127.0.0.1:{free_port()}")
-            q, back = ctx.Queue(), ctx.Queue()
-            p = ctx.Process(target=_encoder, args=(cfg, back, q, rooms), daemon=True)
-            p.start()
-            pairs[name] = [p, q, back, cfg, None]
-        for pair in pairs.values():
-            pair[2].get(timeout=120)
-            pair[4] = LanguageEndpoint(pair[3])
+            enc = stack.enter_context(EncoderProcess(cfg, data_spec=spec))
+            enc.send_many(rooms)
+            enc.stats(timeout=120)                    # answered after every item is published
+            pairs[name] = stack.enter_context(LanguageEndpoint(cfg))
         times = {(name, t): [] for name in pairs for t in SIZES}
         for room, tokens in rooms:
-            for name, (_, _, _, _, lang) in pairs.items():
+            for name, lang in pairs.items():
                 t0 = time.perf_counter_ns()
                 lang.request(room)
                 res = lang.recv(room, timeout=30)
                 times[name, tokens].append((time.perf_counter_ns() - t0) / 1e6)
-                if res.total_tokens != tokens or res.embeddings.shape != (tokens, hidden):
-                    raise RuntimeError(f"{name}: {room} came back as {tuple(res.embeddings.shape)}")
+                if not data.verify(room, res):
+                    raise RuntimeError(f"{name}: {room} did not come back bit-exact")
                 res.release()
                 time.sleep(0.02)                      # every thread parked when the next request comes
-        src = torch.randn(max(SIZES), hidden).to(torch.bfloat16).view(torch.int16).numpy()
-        dst = np.ones_like(src)
-        memcpy = {}
-        for t in SIZES:
-            m = []
-            for _ in range(20):
-                t0 = time.perf_counter_ns()
-                np.copyto(dst[:t], src[:t])
-                m.append((time.perf_counter_ns() - t0) / 1e6)
-            memcpy[t] = statistics.median(m)
-        out = {"hidden": hidden, "items": items, "sizes": {}}
-        for t in SIZES:
-            row = {"mb": round(t * hidden * 2 / 1e6, 1), "memcpy_ms": round(memcpy[t], 3)}
-            for name in pairs:
-                v = times[name, t][1:]
-                row[name] = {"p50_ms": round(statistics.median(v), 3), "max_ms": round(max(v), 3)}
-            out["sizes"][t] = row
-        return out
-    finally:
-        for p, q, _, _, lang in pairs.values():
-            if lang is not None:
-                lang.close()
-            q.put(None)
-            p.join(10)
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    src = torch.randn(max(SIZES), hidden).to(torch.bfloat16).view(torch.int16).numpy()
+    dst = np.ones_like(src)
+    memcpy = {}
+    for t in SIZES:
+        m = []
+        for _ in range(20):
+            t0 = time.perf_counter_ns()
+            np.copyto(dst[:t], src[:t])
+            m.append((time.perf_counter_ns() - t0) / 1e6)
+        memcpy[t] = statistics.median(m)
+    out = {"hidden": hidden, "items": items, "sizes": {}}
+    for t in SIZES:
+        row = {"mb": round(t * hidden * 2 / 1e6, 1), "memcpy_ms": round(memcpy[t], 3)}
+        for name in pairs:
+            v = times[name, t][1:]
+            row[name] = {"p50_ms": round(statistics.median(v), 3), "max_ms": round(max(v), 3)}
+        out["sizes"][t] = row
+    return out
 
 
 def main(argv=None) -> int:
