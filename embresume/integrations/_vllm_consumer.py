@@ -736,11 +736,7 @@ class LandingWorker(Role):
             return
         from ._landing import LandingView
         if self._view is None or self._view.descriptor != tuple(meta.region):
-            if self._view is not None:
-                self._view.close()
-            for v in self._pool_views.values():
-                v.close()
-            self._pool_views.clear()
+            self._close_views()      # another scheduler (a restarted engine core): its pools too
             self._view = LandingView(meta.region)
         for h, (load_id, offset, shape, dtype, pool) in meta.landed.items():
             if pool is None:
@@ -769,8 +765,12 @@ class LandingWorker(Role):
         return EmbresumeECWorkerMetadata(loaded=loaded, staged=frozenset(), started=frozenset())
 
     def close(self) -> None:
+        self._close_views()
+
+    def _close_views(self) -> None:
         if self._view is not None:
             self._view.close()
+            self._view = None
         for v in self._pool_views.values():
             v.close()
         self._pool_views.clear()
