@@ -5,8 +5,9 @@ process of the engine by ``sitecustomize.py`` (beside this file), then summarise
     python tests/engine/timeline/run.py --report /tmp/x.embresume   # summarise a probe file again
 
 Per request (the first, which warms the engine up, left out), from ``LLM.generate``'s start:
-when the request reaches the engine core (``add_request``), when its item has landed (the
-connector's ``_landed``), when the step that runs the model starts and how long it takes, and
+when the request reaches the engine core (``add_request``), the transfer hop by hop (the
+consumer's INIT, the producer's worker process reading it, its write, the consumer reading
+the STATUS), when its item has landed (the connector's ``_landed``), when the step that runs the model starts and how long it takes, and
 what follows it.  The engine runs with vLLM's defaults (separate engine-core and worker
 processes), as ``python -m embresume.bench.vllm_engine`` runs it.
 """
@@ -38,23 +39,37 @@ def report(path: Path) -> dict:
         t0 = tend - float(d.split("us")[0]) * 1e3
         win = [x for x in ev if t0 <= x[0] <= tend]
 
-        def first(name):
-            return next(((t - t0) / 1e6 for t, _, e, _ in win if e == name), None)
+        def first(name, has="", start=False):
+            # the first such event of the window (ms from t0); start=True: when its call began
+            return next(((t - t0) / 1e6 - (float(dd.split("us")[0]) / 1e3 if start else 0)
+                         for t, _, e, dd in win if e == name and has in dd), None)
         steps = [(t, float(dd.split("us")[0]) / 1e3) for t, _, e, dd in win
                  if e == "EngineCore.step" and "executed=True" in dd]
         if not steps:
             continue
         end, dur = (steps[0][0] - t0) / 1e6, steps[0][1]
         rows.append({"total": (tend - t0) / 1e6, "to engine core": first("EngineCore.add_request"),
+                     # the transfer, hop by hop: INIT on the ring, read by the producer's worker
+                     # process, written, its STATUS read by the consumer's scheduler process
+                     "INIT sent": first("LanguageEndpoint.request"),
+                     "producer reads INIT": first("EncoderEndpoint._on_message", "Init", start=True),
+                     "write starts": first("EncoderEndpoint._write", start=True),
+                     "write ends": first("EncoderEndpoint._write"),
+                     "STATUS read": first("LanguageEndpoint._on_message", "StatusMsg", start=True),
                      "to landed": first("LandingScheduler._landed"), "model step starts": end - dur,
                      "model step": dur, "after the step": (tend - t0) / 1e6 - end})
     out = {}
     print(f"{path.name}: {len(rows)} requests, ms from LLM.generate's start (p50 / max)")
+    for r in rows:                      # between consecutive steps, for the hop-by-hop view
+        seq = ["to engine core", "INIT sent", "producer reads INIT", "write starts", "write ends",
+               "STATUS read", "to landed", "model step starts"]
+        for a, b in zip(seq, seq[1:]):
+            r[f"  {a} -> {b}"] = None if r[a] is None or r[b] is None else r[b] - r[a]
     for k in rows[0]:
         v = [r[k] for r in rows if r[k] is not None]
         if v:
             out[k] = (_q(v, .5), max(v))
-            print(f"  {k:18s} {out[k][0]:7.2f} / {out[k][1]:7.2f}")
+            print(f"  {k:44s} {out[k][0]:7.2f} / {out[k][1]:7.2f}")
     v = [r["model step starts"] - r["to engine core"] for r in rows]
     out["engine core -> model step"] = (_q(v, .5), max(v))
     print(f"  {'engine core -> model step':26s} {out['engine core -> model step'][0]:7.2f} / {max(v):7.2f}")

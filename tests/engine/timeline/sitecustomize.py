@@ -3,7 +3,8 @@
 With ``EMBRESUME_PROBE=<file>`` set, every Python process started with this directory on
 ``PYTHONPATH`` (vLLM's client, its engine-core process and its workers) appends
 ``t_ns pid event detail`` lines (``time.monotonic_ns``: one clock for every process of the
-host) for the landing consumer's hooks, vLLM's engine steps and ``LLM.generate``.  Each
+host) for the landing consumer's hooks, the endpoints' message handlers on both sides of a
+transfer, vLLM's engine steps and ``LLM.generate``.  Each
 module is patched right after it is imported, so nothing is imported early.  Driven by
 ``run.py`` beside it."""
 import os, sys, time, functools, importlib.abc, importlib.util
@@ -53,6 +54,37 @@ def patch_consumer(m):
     wrap(m.LandingWorker, "start_load_caches", lambda a, k, r: "")
 
 
+def msg_kind(a, k, r):
+    return type(a[2]).__name__
+
+
+def patch_encoder(m):
+    # the producer's side of a transfer: the INIT read off the ring (the write runs inline
+    # in the same call on a same-host ring), the write itself, the STATUS handed to the ring
+    E = m.EncoderEndpoint
+    wrap(E, "_on_message", msg_kind)
+    wrap(E, "_write", lambda a, k, r: "")
+    wrap(E, "_post", lambda a, k, r: type(a[2]).__name__)
+
+
+def patch_language(m):
+    L = m.LanguageEndpoint
+    wrap(L, "request", lambda a, k, r: "")
+    wrap(L, "_on_message", msg_kind)
+
+
+def patch_ring(m):
+    wrap(m.ShmRing, "try_send", lambda a, k, r: f"{len(a[1])}B -> {r}")
+
+
+def patch_language_rooms(m):
+    wrap(m.LanguageRooms, "request", lambda a, k, r: "")
+
+
+def patch_tally(m):
+    wrap(m.Tally, "record", lambda a, k, r: "")
+
+
 def patch_core(m):
     E = m.EngineCore
 
@@ -68,6 +100,11 @@ def patch_llm(m):
 
 TARGETS = {
     "embresume.integrations._vllm_consumer": patch_consumer,
+    "embresume.encoder": patch_encoder,
+    "embresume.language": patch_language,
+    "embresume.ipc.ring": patch_ring,
+    "embresume.rooms.language": patch_language_rooms,
+    "embresume.rooms": patch_tally,
     "vllm.v1.engine.core": patch_core,
     "vllm.entrypoints.llm": patch_llm,
 }
