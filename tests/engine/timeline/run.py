@@ -56,7 +56,10 @@ def report(path: Path) -> dict:
                      "write starts": first("EncoderEndpoint._write", start=True),
                      "write ends": first("EncoderEndpoint._write"),
                      "STATUS read": first("LanguageEndpoint._on_message", "StatusMsg", start=True),
-                     "to landed": first("LandingScheduler._landed"), "model step starts": end - dur,
+                     "to landed": first("LandingScheduler._landed"),
+                     # the worker's load of the item: the model's forward starts right after it
+                     "worker loads the item": first("LandingWorker.start_load_caches", start=True),
+                     "model step starts": end - dur,
                      "model step": dur, "after the step": (tend - t0) / 1e6 - end})
     out = {}
     print(f"{path.name}: {len(rows)} requests, ms from LLM.generate's start (p50 / max)")
@@ -72,7 +75,12 @@ def report(path: Path) -> dict:
             print(f"  {k:44s} {out[k][0]:7.2f} / {out[k][1]:7.2f}")
     v = [r["model step starts"] - r["to engine core"] for r in rows]
     out["engine core -> model step"] = (_q(v, .5), max(v))
-    print(f"  {'engine core -> model step':26s} {out['engine core -> model step'][0]:7.2f} / {max(v):7.2f}")
+    print(f"  {'engine core -> model step':44s} {out['engine core -> model step'][0]:7.2f} / {max(v):7.2f}")
+    v = [r["worker loads the item"] - r["to engine core"] for r in rows if r["worker loads the item"] is not None]
+    if v:
+        out["engine core -> worker loads the item"] = (_q(v, .5), max(v))
+        print(f"  {'engine core -> worker loads the item':44s} {_q(v, .5):7.2f} / {max(v):7.2f}"
+              f"  (mean {sum(v) / len(v):.2f}, n={len(v)})")
     return out
 
 
