@@ -6,9 +6,10 @@ process of the engine by ``sitecustomize.py`` (beside this file), then summarise
 
 Per request (the first, which warms the engine up, left out), from ``LLM.generate``'s start:
 when the request reaches the engine core (``add_request``), the transfer hop by hop (the
-consumer's INIT, the producer's worker process reading it, its write, the consumer reading
-the STATUS), when its item has landed (the connector's ``_landed``), when the step that runs the model starts and how long it takes, and
-what follows it.  The engine runs with vLLM's defaults (separate engine-core and worker
+consumer's ``request()`` called, the producer's worker process reading the INIT, its write,
+the consumer reading the STATUS), when its item has landed (the connector's ``_landed``),
+when the step that runs the model starts and how long it takes, when the worker starts
+loading the item, and what follows the step.  The engine runs with vLLM's defaults (separate engine-core and worker
 processes), as ``python -m embresume.bench.vllm_engine`` runs it.
 """
 from __future__ import annotations
@@ -49,9 +50,10 @@ def report(path: Path) -> dict:
             continue
         end, dur = (steps[0][0] - t0) / 1e6, steps[0][1]
         rows.append({"total": (tend - t0) / 1e6, "to engine core": first("EngineCore.add_request"),
-                     # the transfer, hop by hop: INIT on the ring, read by the producer's worker
-                     # process, written, its STATUS read by the consumer's scheduler process
-                     "INIT sent": first("LanguageEndpoint.request"),
+                     # the transfer, hop by hop: request() puts the INIT on the ring, the
+                     # producer's worker process reads it and writes, the consumer's scheduler
+                     # process reads the STATUS
+                     "request() called": first("LanguageEndpoint.request", start=True),
                      "producer reads INIT": first("EncoderEndpoint._on_message", "Init", start=True),
                      "write starts": first("EncoderEndpoint._write", start=True),
                      "write ends": first("EncoderEndpoint._write"),
@@ -64,7 +66,7 @@ def report(path: Path) -> dict:
     out = {}
     print(f"{path.name}: {len(rows)} requests, ms from LLM.generate's start (p50 / max)")
     for r in rows:                      # between consecutive steps, for the hop-by-hop view
-        seq = ["to engine core", "INIT sent", "producer reads INIT", "write starts", "write ends",
+        seq = ["to engine core", "request() called", "producer reads INIT", "write starts", "write ends",
                "STATUS read", "to landed", "model step starts"]
         for a, b in zip(seq, seq[1:]):
             r[f"  {a} -> {b}"] = None if r[a] is None or r[b] is None else r[b] - r[a]

@@ -64,7 +64,7 @@ def patch_encoder(m):
     E = m.EncoderEndpoint
     wrap(E, "_on_message", msg_kind)
     wrap(E, "_write", lambda a, k, r: "")
-    wrap(E, "_post", lambda a, k, r: type(a[2]).__name__)
+    wrap(E, "_post", msg_kind)
 
 
 def patch_language(m):
